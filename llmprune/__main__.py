@@ -1,0 +1,5 @@
+"""`python -m llmprune` is the `llmprune` command."""
+
+from llmprune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Calibration and evaluation text: sources (Hub datasets, local files) and token windows."""

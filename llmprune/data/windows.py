@@ -1,0 +1,130 @@
+"""Token windows: N random calibration windows of L tokens (seeded) and non-overlapping eval windows."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from llmprune.data.sources import Corpus
+from llmprune.errors import LLMPruneError
+
+HELD_OUT_FRACTION = 0.1
+
+
+@dataclass
+class Windows:
+    """A [N, L] tensor of token ids plus where they came from."""
+
+    ids: torch.Tensor
+    source: str
+    seed: int | None = None
+    description: dict = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.ids.shape[1])
+
+    def fingerprint(self) -> str:
+        """sha256 of the token ids: identical windows give identical fingerprints."""
+        return hashlib.sha256(self.ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "count": self.count,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "sha256": self.fingerprint(),
+            **self.description,
+        }
+
+
+class TokenizedCorpus:
+    """A corpus with its token stream computed once (the documents joined by blank lines)."""
+
+    def __init__(self, corpus: Corpus, tokenizer) -> None:
+        self.corpus = corpus
+        self.tokenizer = tokenizer
+        self._tokens: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = _encode(self.tokenizer, "\n\n".join(self.corpus.documents))
+        return self._tokens
+
+    def split_point(self) -> int:
+        """First held-out token of a local corpus (its last 10% are kept for evaluation)."""
+        return int(len(self.tokens) * (1 - HELD_OUT_FRACTION))
+
+
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "sequence longer than model max length"
+    try:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return ids.to(torch.int64)
+
+
+def calibration_windows(source: TokenizedCorpus, samples: int, seqlen: int, seed: int) -> Windows:
+    """Draw `samples` windows of `seqlen` tokens, deterministically from `seed`."""
+    if samples < 1:
+        raise LLMPruneError(f"--samples must be at least 1 (got {samples})")
+    if seqlen < 2:
+        raise LLMPruneError(f"--seqlen must be at least 2 (got {seqlen})")
+    generator = torch.Generator().manual_seed(seed)
+    corpus = source.corpus
+    if corpus.sample_documents:
+        return _document_windows(source, samples, seqlen, seed, generator)
+    tokens = source.tokens[: source.split_point()] if corpus.local else source.tokens
+    if len(tokens) < seqlen:
+        raise LLMPruneError(
+            f"calibration source {corpus.name} has {len(tokens)} tokens for calibration, fewer than --seqlen {seqlen}"
+        )
+    starts = torch.randint(0, len(tokens) - seqlen + 1, (samples,), generator=generator)
+    ids = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    held_out = "last 10% of tokens held out for evaluation" if corpus.local else None
+    return Windows(ids, corpus.name, seed, {"corpus_tokens": len(source.tokens), "held_out": held_out})
+
+
+def _document_windows(source: TokenizedCorpus, samples: int, seqlen: int, seed: int, generator) -> Windows:
+    """C4 style (as in the SparseGPT reference): a random window of a random document longer than seqlen."""
+    docs = source.corpus.documents
+    rows: list[torch.Tensor] = []
+    attempts = 0
+    while len(rows) < samples:
+        attempts += 1
+        if attempts > 100 * samples:
+            raise LLMPruneError(f"{source.corpus.name}: too few documents longer than --seqlen {seqlen}")
+        doc = docs[int(torch.randint(0, len(docs), (1,), generator=generator))]
+        ids = _encode(source.tokenizer, doc)
+        if len(ids) <= seqlen:
+            continue
+        start = int(torch.randint(0, len(ids) - seqlen, (1,), generator=generator))
+        rows.append(ids[start : start + seqlen])
+    return Windows(torch.stack(rows), source.corpus.name, seed, {"documents": len(docs)})
+
+
+def evaluation_windows(source: TokenizedCorpus, seqlen: int, max_windows: int | None = None) -> Windows:
+    """Non-overlapping windows over the eval tokens (the held-out 10% for a local corpus)."""
+    tokens = source.tokens[source.split_point() :] if source.corpus.local else source.tokens
+    count = len(tokens) // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise LLMPruneError(
+            f"evaluation source {source.corpus.name} has {len(tokens)} tokens, fewer than one window of {seqlen}"
+        )
+    ids = tokens[: count * seqlen].view(count, seqlen)
+    part = "held-out last 10%" if source.corpus.local else "all"
+    return Windows(ids.clone(), source.corpus.name, None, {"tokens_used": part})

@@ -1,0 +1,1 @@
+"""The layer-streaming engine: input capture, per-layer streaming, per-layer pruning, devices."""

@@ -1,0 +1,61 @@
+"""Device choice, compute dtype, free memory and peak-memory readings."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from llmprune.errors import LLMPruneError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LLMPruneError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        return torch.device(name)
+    raise LLMPruneError(f"--device must be auto, cpu or cuda (got {name!r})")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise LLMPruneError(f"--dtype must be one of auto, {', '.join(DTYPES)} (got {name!r})")
+    return DTYPES[name]
+
+
+def compute_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
+    """The model's own dtype on a GPU; float32 on a CPU (half-precision CPU matmuls are slow and lossy)."""
+    return weights if device.type == "cuda" else torch.float32
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this process on `device` (MemAvailable for the CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_cuda(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None

@@ -1,0 +1,148 @@
+"""Stream token windows through a model one decoder layer at a time.
+
+The stream owns the non-layer modules (embeddings, final norm, head) on the compute device, the
+arguments each layer needs (caught from the model's own forward), and chunked forwards of a
+layer over the activations of all windows, written back in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune.engine.capture import LayerCall, catch_first_inputs, catch_layer_calls, run_tail, unwrap
+from llmprune.models.skeleton import Skeleton
+
+
+class LayerStream:
+    """One model, one set of token windows, streamed layer by layer."""
+
+    def __init__(
+        self,
+        skeleton: Skeleton,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        batch_size: int,
+        act_device: torch.device | None = None,
+    ) -> None:
+        self.sk = skeleton
+        self.device = device
+        self.dtype = compute_dtype
+        self.batch_size = max(1, batch_size)
+        self.act_device = act_device or device
+        self.ids: torch.Tensor | None = None
+        self._first_calls: dict[int, LayerCall] = {}
+        self._calls: dict[int, list[LayerCall]] = {}
+        self._example: Any = None  # output structure of a real layer (tensor or tuple)
+        self._rest_loaded = False
+
+    def _ensure_rest(self) -> None:
+        if not self._rest_loaded:
+            self.sk.load_rest(self.device, self.dtype)
+            self._rest_loaded = True
+
+    def begin(self, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering layer 0 for every window, as an [N, L, D] tensor on act_device."""
+        self._ensure_rest()
+        self.ids = ids
+        hidden: torch.Tensor | None = None
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], self.batch_size):
+                chunk = ids[start : start + self.batch_size].to(self.device)
+                h, call = catch_first_inputs(self.sk.model, self.sk.layers, chunk)
+                self._first_calls.setdefault(chunk.shape[0], call)
+                if hidden is None:
+                    hidden = torch.empty((ids.shape[0], *h.shape[1:]), dtype=self.dtype, device=self.act_device)
+                hidden[start : start + chunk.shape[0]] = h.to(self.act_device, self.dtype)
+        assert hidden is not None
+        return hidden
+
+    def attach(self, ids: torch.Tensor) -> None:
+        """Use `ids` for argument capture without computing layer-0 inputs (a resumed run has them)."""
+        self._ensure_rest()
+        self.ids = ids
+
+    def call(self, index: int, size: int) -> LayerCall:
+        """Non-hidden arguments of layer `index` for a chunk of `size` windows."""
+        assert self.ids is not None, "begin() or attach() first"
+        if self._example is None:
+            if index == 0:
+                if size not in self._first_calls:
+                    _, self._first_calls[size] = catch_first_inputs(
+                        self.sk.model, self.sk.layers, self.ids[:size].to(self.device)
+                    )
+                return self._first_calls[size]
+            self._probe_output_format()
+        if size not in self._calls:
+            with torch.no_grad():
+                self._calls[size] = catch_layer_calls(
+                    self.sk.model, self.sk.layers, self.ids[:size].to(self.device), self._example
+                )
+        return self._calls[size][index]
+
+    def _probe_output_format(self) -> None:
+        """Learn whether layers return a tensor or a tuple by running layer 0 on one window."""
+        was_meta = any(p.is_meta for p in self.sk.layers[0].parameters())
+        layer = self.sk.load_layer(0, self.device, self.dtype) if was_meta else self.sk.layers[0]
+        with torch.no_grad():
+            hidden, (rest, kwargs) = catch_first_inputs(self.sk.model, self.sk.layers, self.ids[:1].to(self.device))
+            self._note_output(layer(hidden, *rest, **kwargs))
+        if was_meta:
+            self.sk.unload_layer(0)
+
+    def _note_output(self, output: Any) -> None:
+        if self._example is None:
+            self._example = tuple([None] * len(output)) if isinstance(output, (tuple, list)) else torch.empty(0)
+
+    def run(self, index: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Layer `index` on one chunk of hidden states (moved to the compute device)."""
+        rest, kwargs = self.call(index, x.shape[0])
+        output = layer(x.to(self.device, self.dtype), *rest, **kwargs)
+        self._note_output(output)
+        return unwrap(output)
+
+    def forward(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer `index` over all windows in chunks, written back into `hidden` in place."""
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], self.batch_size):
+                chunk = hidden[start : start + self.batch_size]
+                chunk.copy_(self.run(index, layer, chunk).to(hidden.device, hidden.dtype))
+        return hidden
+
+    def nll(self, hidden: torch.Tensor, batch: int = 1) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood and token count, through the model's own head."""
+        assert self.ids is not None
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], batch):
+                ids = self.ids[start : start + batch].to(self.device)
+                last = hidden[start : start + batch].to(self.device, self.dtype)
+                loss = run_tail(self.sk.model, self.sk.layers, ids, last, self._example, labels=ids).loss
+                count = ids.shape[0] * (ids.shape[1] - 1)
+                total += float(loss.double()) * count
+                tokens += count
+        return total, tokens
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for all windows (small inputs only: tests and spot checks)."""
+        assert self.ids is not None
+        with torch.no_grad():
+            return (
+                run_tail(
+                    self.sk.model,
+                    self.sk.layers,
+                    self.ids.to(self.device),
+                    hidden.to(self.device, self.dtype),
+                    self._example,
+                )
+                .logits.float()
+                .cpu()
+            )
+
+    def close(self) -> None:
+        """Free the non-layer modules."""
+        if self._rest_loaded:
+            self.sk.unload_rest()
+            self._rest_loaded = False

@@ -1,0 +1,1 @@
+"""Evaluation: streamed perplexity."""

@@ -1,0 +1,1 @@
+"""Export: the output folder, shards, reports."""

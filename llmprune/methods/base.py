@@ -1,0 +1,98 @@
+"""The one pruning interface: a method sees a Linear's weight and its input statistics, and
+returns the mask and the updated weight. The engine owns streaming, devices and I/O."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from llmprune.errors import LLMPruneError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Unstructured sparsity, or N:M (keep N weights in every M consecutive inputs; 2:4 = 50%)."""
+
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+    @classmethod
+    def parse(cls, pattern: str, sparsity: float | None) -> Pattern:
+        """Validate --pattern and --sparsity together (N:M implies its own sparsity)."""
+        if pattern == "unstructured":
+            value = 0.5 if sparsity is None else float(sparsity)
+            if not 0.0 <= value < 1.0:
+                raise LLMPruneError(f"--sparsity must be in [0, 1) (got {sparsity})")
+            return cls(value)
+        match = re.fullmatch(r"(\d+):(\d+)", pattern)
+        if not match:
+            raise LLMPruneError(f"--pattern must be 'unstructured' or N:M such as 2:4 (got {pattern!r})")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise LLMPruneError(f"--pattern {pattern}: need 0 < N < M")
+        implied = 1.0 - n / m
+        if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+            raise LLMPruneError(f"--pattern {pattern} implies sparsity {implied:g}; drop --sparsity {sparsity}")
+        return cls(implied, n, m)
+
+    def check_width(self, in_features: int, name: str) -> None:
+        if self.is_nm and in_features % self.m:
+            raise LLMPruneError(f"--pattern {self}: M={self.m} does not divide the input width {in_features} of {name}")
+
+
+class InputStats:
+    """Statistics of the inputs seen by one or more Linear modules that share them.
+
+    `hessian` is the fp32 sum of x xᵀ over tokens (SparseGPT); `sqnorm` the fp32 sum of x² per
+    input feature (Wanda). Only what the method asks for is accumulated.
+    """
+
+    def __init__(self, dim: int, kind: str, device: torch.device) -> None:
+        self.kind = kind
+        self.tokens = 0
+        self.hessian = torch.zeros(dim, dim, dtype=torch.float32, device=device) if kind == "hessian" else None
+        self.sqnorm = torch.zeros(dim, dtype=torch.float32, device=device) if kind == "sqnorm" else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.tokens += x.shape[0]
+        if self.hessian is not None:
+            xf = x.float()
+            self.hessian.addmm_(xf.T, xf)
+        elif self.sqnorm is not None:
+            self.sqnorm += x.float().pow(2).sum(0)
+
+
+@dataclass
+class Pruned:
+    """A method's answer for one Linear: the new weight (same dtype), the pruned mask, and notes."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor  # bool, True where a weight was pruned
+    info: dict = field(default_factory=dict)
+
+
+class PruningMethod(ABC):
+    """Subclass, set `name` and `statistics` ("none", "sqnorm" or "hessian"), implement `prune`."""
+
+    name: ClassVar[str]
+    statistics: ClassVar[str] = "none"
+
+    def __init__(self, **options) -> None:
+        self.options = options
+
+    @abstractmethod
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
+        """Return the mask and the updated weight for one Linear weight [out, in]."""

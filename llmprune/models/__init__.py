@@ -1,0 +1,1 @@
+"""Model resolution (aliases, Hub, GGUF), safetensors checkpoints and the meta-device skeleton."""

@@ -1,0 +1,209 @@
+"""A model skeleton on the meta device whose decoder layers are loaded from the shards one at a time.
+
+Parameters start on `meta` (no memory); buffers such as rotary frequencies are real, because they
+are computed at construction and are not in the checkpoint. Only the modules outside the decoder
+layers (embeddings, final norm, head) and the one layer being processed are ever materialized.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from llmprune.errors import LLMPruneError
+from llmprune.models.checkpoint import Checkpoint
+
+
+@dataclass
+class Skeleton:
+    """A meta-device causal LM plus what the engine needs to know about its layout."""
+
+    folder: Path
+    config: PretrainedConfig
+    model: PreTrainedModel
+    layers: nn.ModuleList
+    layers_prefix: str
+    checkpoint: Checkpoint
+    dtype: torch.dtype
+    key_map: dict[str, str]  # model state-dict name -> checkpoint name
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_keys(self, index: int) -> list[str]:
+        """State-dict names (model naming) of decoder layer `index`."""
+        prefix = f"{self.layers_prefix}.{index}."
+        return [k for k in self.key_map if k.startswith(prefix)]
+
+    def rest_keys(self) -> list[str]:
+        """State-dict names outside the decoder layers (embeddings, final norm, head)."""
+        prefix = f"{self.layers_prefix}."
+        return [k for k in self.key_map if not k.startswith(prefix)]
+
+    def read(self, keys: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Read tensors by model name from the shards."""
+        raw = self.checkpoint.read([self.key_map[k] for k in keys], device)
+        return {k: raw[self.key_map[k]] for k in keys}
+
+    def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+        """Materialize decoder layer `index` from the shards on `device` in `dtype`."""
+        layer = self.layers[index]
+        prefix = f"{self.layers_prefix}.{index}."
+        tensors = self.read(self.layer_keys(index), device)
+        for name, tensor in tensors.items():
+            _assign(layer, name[len(prefix) :], _cast(tensor, dtype))
+        layer.to(device)
+        return layer
+
+    def unload_layer(self, index: int) -> None:
+        """Return layer `index`'s parameters to the meta device so their memory is freed."""
+        _move_except(self.layers[index], None, "meta")
+
+    def load_rest(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Materialize everything outside the decoder layers (small: embeddings, norms, head)."""
+        tensors = self.read(self.rest_keys(), device)
+        for name, tensor in tensors.items():
+            _assign(self.model, name, _cast(tensor, dtype))
+        output = self.model.get_output_embeddings()
+        if output is not None and output.weight.is_meta:
+            embed = self.model.get_input_embeddings()
+            if not getattr(self.config.get_text_config(), "tie_word_embeddings", False) or embed is None:
+                raise LLMPruneError("checkpoint has no output-embedding (lm_head) weight and the model does not tie it")
+            output.weight = embed.weight
+        for name, param in self.model.named_parameters():
+            if param.is_meta and not name.startswith(self.layers_prefix + "."):
+                raise LLMPruneError(f"checkpoint {self.folder} has no tensor for {name}")
+        _move_except(self.model, self.layers, device)
+
+    def unload_rest(self) -> None:
+        """Free the non-layer modules (embeddings, head)."""
+        _move_except(self.model, self.layers, "meta")
+
+
+def _move_except(module: nn.Module, skip: nn.Module | None, device: torch.device | str) -> None:
+    """Move parameters (and, unless to meta, buffers) of `module` except those under `skip`.
+
+    Buffers never go to meta: non-persistent ones (rotary frequencies) are not in the checkpoint.
+    """
+    if module is skip:
+        return
+    for child in module.children():
+        _move_except(child, skip, device)
+    for key, param in module._parameters.items():
+        if param is not None and param.device != torch.device(device):
+            module._parameters[key] = nn.Parameter(param.to(device), requires_grad=False)
+    for key, buf in module._buffers.items():
+        if buf is not None and device != "meta":
+            module._buffers[key] = buf.to(device)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace parameter or buffer `name` (dotted) of `root` with `tensor`."""
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+        module = getattr(module, part)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        raise LLMPruneError(f"model has no parameter {name}")
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder layers: the largest one of length num_hidden_layers."""
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0
+    ]
+    if not candidates:
+        raise LLMPruneError(
+            f"{type(model).__name__} has no ModuleList of {num_layers} decoder layers; "
+            "llmprune supports decoder-only *ForCausalLM models"
+        )
+    return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def _key_map(model: PreTrainedModel, checkpoint: Checkpoint) -> dict[str, str]:
+    """Map model state-dict names to checkpoint names.
+
+    Uses transformers' own checkpoint renamings (e.g. GPT-NeoX `embed_out` -> `lm_head`) and its
+    base-model-prefix rule, so any checkpoint that `from_pretrained` loads maps the same way.
+    Many-to-one conversions (fused MoE experts) are not streamable and are refused.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    meta = model.state_dict(keep_vars=True)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    mapping: dict[str, str] = {}
+    for key in checkpoint.keys():
+        renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if converted is not None:
+            raise LLMPruneError(
+                f"checkpoint tensor {key} needs a many-to-one conversion; llmprune streams "
+                "checkpoints whose tensors map one to one onto the model"
+            )
+        if renamed in meta:
+            mapping[renamed] = key
+    return mapping
+
+
+def read_config(folder: Path) -> PretrainedConfig:
+    """Load config.json, with a clear error for unknown or broken configs."""
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        raise LLMPruneError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def config_dtype(config: PretrainedConfig, checkpoint: Checkpoint, probe_key: str) -> torch.dtype:
+    """The checkpoint's floating dtype (read from a shard header; config is only a hint)."""
+    dtype, _ = checkpoint.metadata(probe_key)
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def build_skeleton(folder: Path, attn_implementation: str = "sdpa") -> Skeleton:
+    """Build the meta-device model for `folder` and map its tensors to the checkpoint."""
+    folder = Path(folder)
+    config = read_config(folder)
+    checkpoint = Checkpoint(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        except ValueError as exc:
+            raise LLMPruneError(f"unsupported model in {folder}: {str(exc).splitlines()[0][:200]}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    text_config = config.get_text_config()
+    prefix, layers = find_decoder_layers(model, text_config.num_hidden_layers)
+    key_map = _key_map(model, checkpoint)
+    layer_keys = [k for k in key_map if k.startswith(prefix + ".0.")]
+    if not layer_keys:
+        raise LLMPruneError(f"checkpoint {folder} has no tensors for decoder layer 0 ({prefix}.0.*)")
+    for index in range(len(layers)):
+        expected = {k for k, _ in layers[index].named_parameters()}
+        present = {k[len(f"{prefix}.{index}.") :] for k in key_map if k.startswith(f"{prefix}.{index}.")}
+        missing = expected - present
+        if missing:
+            raise LLMPruneError(f"checkpoint {folder} lacks {prefix}.{index}.{sorted(missing)[0]} (missing shard?)")
+    dtype = config_dtype(config, checkpoint, key_map[layer_keys[0]])
+    return Skeleton(folder, config, model, layers, prefix, checkpoint, dtype, key_map)

@@ -1,0 +1,98 @@
+"""Benchmark: every method x {50% unstructured, 2:4} on SmolLM2-135M, 128 x 512-token calibration windows.
+
+Each configuration runs in a fresh process (so peak RSS is its own); prints a Markdown table of
+perplexity, wall time, peak RSS and achieved sparsity.
+
+    python scripts/bench_prune.py [--samples 128] [--seqlen 512] [--eval-samples 32] [--out bench-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+CONFIGS = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("unstructured", "2:4")]
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    model = ""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()} {model}, {cores} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-gguf")
+    parser.add_argument("--calibration", default="shakespeare")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--only", nargs="*", help="method:pattern filters, e.g. sparsegpt:2:4")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
+    args = parser.parse_args()
+    rows = []
+    for method, pattern in CONFIGS:
+        if args.only and f"{method}:{pattern}" not in args.only:
+            continue
+        out = Path(args.out) / f"{method}-{pattern.replace(':', 'of')}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmprune",
+            args.model,
+            "--method",
+            method,
+            "--pattern",
+            pattern,
+            "--calibration",
+            args.calibration,
+            "--samples",
+            str(args.samples),
+            "--seqlen",
+            str(args.seqlen),
+            "--eval-samples",
+            str(args.eval_samples),
+            "--output",
+            str(out),
+            "--overwrite",
+            "--json",
+            *args.extra,
+        ]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            sys.exit(f"{method} {pattern} failed: {proc.stderr.strip().splitlines()[-1]}")
+        summary = json.loads(proc.stdout)
+        rows.append((method, pattern, summary, wall))
+        print(
+            f"{method:9s} {pattern:12s} ppl {summary['dense_perplexity']:.2f} -> {summary['pruned_perplexity']:.2f}"
+            f"  prune {summary['prune_seconds']:.1f} s  process {wall:.1f} s"
+            f"  peak RSS {summary['peak_rss_gib']:.2f} GiB"
+            f"  sparsity {summary['achieved_sparsity']:.4f}",
+            flush=True,
+        )
+    print(f"\n{date.today()} on {machine()}; `{' '.join(['python', *sys.argv])}`\n")
+    print("| method | pattern | dense ppl | pruned ppl | pruning s | process s | peak RSS GiB | sparsity |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, pattern, s, wall in rows:
+        print(
+            f"| {method} | {pattern} | {s['dense_perplexity']:.2f} | {s['pruned_perplexity']:.2f} | "
+            f"{s['prune_seconds']:.1f} | {wall:.1f} | {s['peak_rss_gib']:.2f} | {s['achieved_sparsity']:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

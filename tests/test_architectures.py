@@ -1,0 +1,48 @@
+"""Every supported architecture family: prune, load with stock transformers, same logits as the engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import ARCHITECTURES
+from transformers import AutoModelForCausalLM
+
+import llmprune
+from llmprune.eval.perplexity import streamed_logits
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prune_load_and_match_logits(arch, tiny_models, corpus_file, tmp_path):
+    folder = tiny_models(arch, layers=2)
+    out = tmp_path / "out"
+    report = llmprune.prune(
+        str(folder),
+        method="sparsegpt",
+        pattern="2:4",
+        calibration=str(corpus_file),
+        samples=4,
+        seqlen=64,
+        output=str(out),
+        eval_samples=2,
+        quiet=True,
+    )
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    targets = [m["name"] for layer in report["layers"] for m in layer["modules"]]
+    assert targets, "no Linear was pruned"
+    state = model.state_dict()
+    for name in targets:
+        weight = state[name + ".weight"]
+        groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        assert torch.all(groups <= 2), name
+    assert "lm_head.weight" not in targets and all(".layers." in n for n in targets)
+    ids = torch.randint(0, 512, (2, 50), generator=torch.Generator().manual_seed(1))  # longer than sliding windows
+    with torch.no_grad():
+        stock = model(ids).logits
+    torch.testing.assert_close(streamed_logits(out, ids), stock, rtol=0, atol=1e-5)
+    source = json.loads((folder / "config.json").read_text())
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == source["architectures"]
+    assert written["model_type"] == source["model_type"]

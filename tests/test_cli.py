@@ -1,0 +1,168 @@
+"""The command line: bad input gets one clear line and a non-zero exit, and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from llmprune.cli import main
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if name in p.name)
+
+
+@pytest.fixture
+def model(tiny_models):
+    return tiny_models("llama", layers=2)
+
+
+def _bad_cases(model, corpus_file, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model, corrupt)
+    shard = corrupt / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(model).save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copy(model / "tokenizer.json", sharded)
+    sorted(sharded.glob("model-*.safetensors"))[-1].unlink()
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad utf8 \x81")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    base = ["--calibration", corpus_file, "--samples", 2, "--seqlen", 16, "--no-eval"]
+    return {
+        "sparsity": ([model, "--sparsity", 1.2, *base], "[0, 1)"),
+        "negative sparsity": ([model, "--sparsity", -0.5, *base], "[0, 1)"),
+        "n:m width": ([model, "--pattern", "2:7", *base], "does not divide the input width"),
+        "bad pattern": ([model, "--pattern", "half", *base], "N:M"),
+        "corrupt shard": ([corrupt, *base], "corrupt shard model.safetensors"),
+        "missing shard": ([sharded, *base], "missing shard"),
+        "unknown method": ([model, "--method", "obs", *base], "unknown --method 'obs'"),
+        "unreadable calibration": ([model, "--calibration", binary, "--no-eval"], "cannot read calibration file"),
+        "missing calibration": ([model, "--calibration", tmp_path / "nope.txt", "--no-eval"], "does not exist"),
+        "empty calibration folder": ([model, "--calibration", empty_dir, "--no-eval"], "no .txt, .md or .jsonl"),
+        "missing model": ([tmp_path / "no-such-model", *base], "cannot find model"),
+        "bad int": ([model, "--samples", "many", *base[:1]], "invalid int value"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "sparsity",
+        "negative sparsity",
+        "n:m width",
+        "bad pattern",
+        "corrupt shard",
+        "missing shard",
+        "unknown method",
+        "unreadable calibration",
+        "missing calibration",
+        "empty calibration folder",
+        "missing model",
+        "bad int",
+    ],
+)
+def test_bad_input_one_line_error_and_no_output(case, model, corpus_file, tmp_path, capsys):
+    argv, message = _bad_cases(model, corpus_file, tmp_path)[case]
+    out = tmp_path / "out"
+    code, stdout, stderr = _run([*argv, "--output", out], capsys)
+    assert code != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llmprune: error: "), stderr
+    assert message in lines[0]
+    assert not out.exists() and _leftovers(tmp_path, "out") == []
+
+
+def test_existing_output_is_kept_without_overwrite(model, corpus_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    argv = [model, "--calibration", corpus_file, "--samples", 2, "--seqlen", 16, "--no-eval", "--output", out]
+    code, _, stderr = _run(argv, capsys)
+    assert code != 0 and "--overwrite" in stderr
+    assert (out / "precious.txt").read_text() == "user data"
+    code, stdout, _ = _run([*argv, "--overwrite", "--json", "--method", "magnitude"], capsys)
+    assert code == 0
+    assert json.loads(stdout)["achieved_sparsity"] == pytest.approx(0.5)
+    assert not (out / "precious.txt").exists() and (out / "llmprune.json").exists()
+    assert _leftovers(tmp_path, ".partial") == [] and _leftovers(tmp_path, ".old") == []
+
+
+def test_summary_and_eval_subcommand(model, corpus_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run(
+        [
+            model,
+            "--method",
+            "wanda",
+            "--calibration",
+            corpus_file,
+            "--samples",
+            4,
+            "--seqlen",
+            32,
+            "--eval-samples",
+            4,
+            "--output",
+            out,
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0 and stdout == ""
+    code, stdout, _ = _run(
+        [
+            model,
+            "--method",
+            "wanda",
+            "--calibration",
+            corpus_file,
+            "--samples",
+            4,
+            "--seqlen",
+            32,
+            "--eval-samples",
+            4,
+            "--output",
+            out,
+            "--overwrite",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "perplexity       dense" in stdout and "achieved sparsity 0.5000" in stdout and "peak memory" in stdout
+    code, stdout, _ = _run(["eval", out, "--dataset", corpus_file, "--seqlen", 32, "--samples", 4, "--json"], capsys)
+    assert code == 0
+    result = json.loads(stdout)
+    report = json.loads((out / "llmprune.json").read_text())
+    assert result["windows"] == 4
+    assert result["perplexity"] > 1
+    # a local corpus is evaluated on its held-out last 10%: the same windows the prune run used
+    assert result["eval"]["sha256"] == report["perplexity"]["eval"]["sha256"]
+    assert result["perplexity"] == pytest.approx(report["perplexity"]["pruned"], rel=1e-9)
+
+
+def test_real_process_exit_code(model, tmp_path):
+    """The installed entry point itself: exit status 2 and one line on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmprune", str(model), "--sparsity", "2", "--no-eval", "--output", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["llmprune: error: --sparsity must be in [0, 1) (got 2.0)"]

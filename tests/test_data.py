@@ -1,0 +1,93 @@
+"""Calibration and evaluation sources, and deterministic token windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmprune.data.sources import resolve_source
+from llmprune.data.windows import TokenizedCorpus, calibration_windows, evaluation_windows
+from llmprune.errors import LLMPruneError
+
+
+class WordIds:
+    """A stand-in tokenizer: the text 'w0 w1 w2 ...' becomes the ids 0 1 2 ..."""
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=True):
+        return {"input_ids": torch.tensor([[int(w[1:]) for w in text.split()]])}
+
+
+def _numbered(tmp_path, n=1000):
+    path = tmp_path / "numbers.txt"
+    path.write_text(" ".join(f"w{i}" for i in range(n)))
+    return path
+
+
+def test_calibration_never_touches_the_held_out_tenth(tmp_path):
+    corpus = TokenizedCorpus(resolve_source(str(_numbered(tmp_path))), WordIds())
+    windows = calibration_windows(corpus, samples=200, seqlen=20, seed=0)
+    assert windows.ids.shape == (200, 20)
+    assert int(windows.ids.max()) < 900  # the last 10% (ids 900..999) are held out
+    assert torch.all(windows.ids[:, 1:] - windows.ids[:, :-1] == 1)  # contiguous windows
+    evals = evaluation_windows(corpus, seqlen=20)
+    assert evals.ids.shape == (5, 20) and int(evals.ids.min()) == 900
+
+
+def test_windows_are_deterministic_per_seed(tmp_path):
+    corpus = TokenizedCorpus(resolve_source(str(_numbered(tmp_path))), WordIds())
+    a = calibration_windows(corpus, 8, 10, seed=5)
+    b = calibration_windows(corpus, 8, 10, seed=5)
+    c = calibration_windows(corpus, 8, 10, seed=6)
+    assert torch.equal(a.ids, b.ids) and a.fingerprint() == b.fingerprint()
+    assert not torch.equal(a.ids, c.ids)
+
+
+def test_eval_sample_cap(tmp_path):
+    corpus = TokenizedCorpus(resolve_source(str(_numbered(tmp_path, 10_000))), WordIds())
+    assert evaluation_windows(corpus, 10, max_windows=7).count == 7
+
+
+def test_text_markdown_folder_and_jsonl(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("To be, or not to be: that is the question.")
+    (tmp_path / "b.md").write_text("# Act I\n\nNow is the winter of our discontent.")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"text": "All the world's a stage."})
+        + "\n\n"
+        + json.dumps({"text": "Brevity is the soul of wit."})
+        + "\n"
+    )
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
+    assert resolve_source(str(tmp_path / "a.txt")).documents == ["To be, or not to be: that is the question."]
+    assert resolve_source(str(tmp_path / "b.md")).documents[0].startswith("# Act I")
+    assert resolve_source(str(tmp_path / "c.jsonl")).documents == [
+        "All the world's a stage.",
+        "Brevity is the soul of wit.",
+    ]
+    folder = resolve_source(str(tmp_path))
+    assert len(folder.documents) == 4 and folder.local
+
+
+def test_jsonl_without_text_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(LLMPruneError, match=r"bad.jsonl:1: each JSONL line needs a string field \"text\""):
+        resolve_source(str(path))
+
+
+def test_shakespeare_alias(plays):
+    corpus = resolve_source("shakespeare")
+    assert corpus.local and len(corpus.documents) == 38
+
+
+@pytest.mark.parametrize("name", ["c4", "wikitext2", "allenai/c4"])
+def test_hub_source_offline_suggests_a_local_path(name):
+    with pytest.raises(LLMPruneError, match="use a local .txt/.md/.jsonl file or folder"):
+        resolve_source(name)
+
+
+def test_corpus_shorter_than_a_window(tmp_path):
+    corpus = TokenizedCorpus(resolve_source(str(_numbered(tmp_path, 30))), WordIds())
+    with pytest.raises(LLMPruneError, match="fewer than --seqlen 64"):
+        calibration_windows(corpus, 4, 64, 0)

@@ -1,0 +1,131 @@
+"""The pruning methods on their own: exact sparsity, N:M groups, the math each paper defines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune.errors import LLMPruneError
+from llmprune.methods import METHODS, InputStats, Pattern, masks
+from llmprune.methods.sparsegpt import SparseGPT, inverse_cholesky
+
+
+def _problem(rows=48, cols=64, tokens=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(tokens, cols, generator=g) * torch.linspace(0.1, 3.0, cols)  # uneven feature scales
+    return w, x
+
+
+def _stats(kind: str, x: torch.Tensor) -> InputStats | None:
+    if kind == "none":
+        return None
+    stats = InputStats(x.shape[1], kind, x.device)
+    stats.add(x[: x.shape[0] // 2])
+    stats.add(x[x.shape[0] // 2 :])
+    return stats
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.73])
+@pytest.mark.parametrize("shape", [(48, 64), (7, 33)])
+def test_exact_unstructured_sparsity(method, sparsity, shape):
+    w, x = _problem(*shape)
+    cls = METHODS[method]
+    result = cls().prune(w, _stats(cls.statistics, x), Pattern.parse("unstructured", sparsity))
+    expected = round(sparsity * w.numel())
+    assert int(result.mask.sum()) == expected
+    assert torch.all(result.weight[result.mask] == 0)
+    assert result.weight.dtype == w.dtype and result.weight.shape == w.shape
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4", "3:8"])
+def test_n_m_holds_in_every_group(method, pattern):
+    w, x = _problem(32, 64)
+    cls = METHODS[method]
+    pat = Pattern.parse(pattern, None)
+    result = cls().prune(w, _stats(cls.statistics, x), pat)
+    kept_per_group = (result.weight != 0).reshape(32, 64 // pat.m, pat.m).sum(-1)
+    assert torch.all(kept_per_group == pat.n)
+    assert int(result.mask.sum()) == w.numel() * (pat.m - pat.n) // pat.m
+
+
+def test_wanda_scores_weight_times_input_norm_per_row():
+    w, x = _problem(16, 32)
+    result = METHODS["wanda"]().prune(w, _stats("sqnorm", x), Pattern.parse("unstructured", 0.5))
+    score = w.abs() * x.norm(dim=0)
+    for row in range(16):
+        order = torch.argsort(score[row])
+        assert set(torch.nonzero(result.mask[row]).flatten().tolist()) == set(order[:16].tolist())
+
+
+def test_magnitude_is_layer_wise_global():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
+    result = METHODS["magnitude"]().prune(w, None, Pattern.parse("unstructured", 0.5))
+    assert result.mask[0].all() and not result.mask[1].any()
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
+    w, x = _problem(64, 128, tokens=2048)
+    pattern = Pattern.parse("unstructured", 0.5)
+
+    def err(method):
+        cls = METHODS[method]
+        pruned = cls().prune(w, _stats(cls.statistics, x), pattern).weight
+        return float(((x @ (w - pruned).T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+
+    assert err("sparsegpt") < err("wanda") < err("magnitude")
+
+
+def test_sparsegpt_unstructured_mask_is_exact_per_block():
+    w, x = _problem(8, 300)  # blocks of 128, 128, 44
+    result = SparseGPT(blocksize=128).prune(w, _stats("hessian", x), Pattern.parse("unstructured", 0.37))
+    assert int(result.mask.sum()) == round(0.37 * w.numel())
+
+
+def test_sparsegpt_dead_inputs_are_zeroed():
+    w, x = _problem(8, 16)
+    x[:, 3] = 0
+    result = SparseGPT().prune(w, _stats("hessian", x), Pattern.parse("unstructured", 0.25))
+    assert torch.all(result.weight[:, 3] == 0)
+
+
+def test_damping_retry_is_reported_not_silent():
+    # An indefinite "Hessian" (a negative eigenvalue) that 1% damping cannot fix.
+    h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5]))
+    upper, info = inverse_cholesky(h, 0.01, torch.float64)
+    assert info["damping_retries"] >= 1
+    assert torch.isfinite(upper).all()
+
+
+def test_hopeless_hessian_raises():
+    h = torch.diag(torch.tensor([1.0, -1e12]))
+    with pytest.raises(LLMPruneError, match="not positive definite"):
+        inverse_cholesky(h, 0.01, torch.float64)
+
+
+def test_spread_counts_sum_exactly():
+    counts = masks.spread_counts(0.37 * 7 * 33, 7)
+    assert int(counts.sum()) == round(0.37 * 7 * 33)
+    assert int(counts.max() - counts.min()) <= 1
+
+
+@pytest.mark.parametrize(
+    "pattern,sparsity,message",
+    [
+        ("unstructured", 1.0, r"\[0, 1\)"),
+        ("unstructured", -0.1, r"\[0, 1\)"),
+        ("2:4", 0.3, "implies sparsity 0.5"),
+        ("4:2", None, "0 < N < M"),
+        ("two:four", None, "N:M"),
+    ],
+)
+def test_pattern_validation(pattern, sparsity, message):
+    with pytest.raises(LLMPruneError, match=message):
+        Pattern.parse(pattern, sparsity)
+
+
+def test_n_m_width_check():
+    with pytest.raises(LLMPruneError, match="does not divide"):
+        Pattern.parse("2:4", None).check_width(30, "mlp.down_proj")
