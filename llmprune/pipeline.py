@@ -126,7 +126,7 @@ def _eval_windows(settings: Settings, calibration: TokenizedCorpus, tokenizer, s
     if settings.no_eval:
         return None
     if settings.eval is None and calibration.corpus.local:
-        source = calibration
+        source, spec = calibration, settings.calibration
     else:
         spec = settings.eval or "wikitext2"
         try:
@@ -135,7 +135,7 @@ def _eval_windows(settings: Settings, calibration: TokenizedCorpus, tokenizer, s
             if settings.eval is None:
                 raise LLMPruneError(f"{exc} (or pass --eval FILE, or --no-eval)") from exc
             raise
-    return evaluation_windows(source, seqlen, settings.eval_samples)
+    return evaluation_windows(source, seqlen, settings.eval_samples, spec=spec)
 
 
 def prune(model: str, **options) -> dict:
@@ -365,7 +365,7 @@ def evaluate(
     seqlen = min(seqlen, limit) if limit else seqlen
     tokenizer = load_tokenizer(folder)
     source = TokenizedCorpus(resolve_source(dataset, split="test"), tokenizer)
-    windows = evaluation_windows(source, seqlen, samples)
+    windows = evaluation_windows(source, seqlen, samples, spec=dataset)
     batch = batch_size or auto_batch_size(skeleton, seqlen, windows.count, dev, compute_dtype(dev, skeleton.dtype))
     result = perplexity(folder, windows, dev, batch, progress=not quiet, label="ppl")
     return {"model": model, "folder": str(folder), "eval": windows.describe(), **result.as_dict()}

@@ -91,3 +91,16 @@ def test_corpus_shorter_than_a_window(tmp_path):
     corpus = TokenizedCorpus(resolve_source(str(_numbered(tmp_path, 30))), WordIds())
     with pytest.raises(LLMPruneError, match="fewer than --seqlen 64"):
         calibration_windows(corpus, 4, 64, 0)
+
+
+def test_eval_windows_rebuild_from_their_description(tmp_path):
+    from llmprune.data.windows import rebuild_eval_windows
+
+    path = _numbered(tmp_path, 2000)
+    corpus = TokenizedCorpus(resolve_source(str(path)), WordIds())
+    original = evaluation_windows(corpus, 16, max_windows=5, spec=str(path))
+    rebuilt = rebuild_eval_windows(original.describe(), WordIds())
+    assert torch.equal(rebuilt.ids, original.ids)
+    path.write_text(" ".join(f"w{i + 1}" for i in range(2000)))
+    with pytest.raises(LLMPruneError, match="sha256 differs"):
+        rebuild_eval_windows(original.describe(), WordIds())

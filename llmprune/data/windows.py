@@ -115,8 +115,14 @@ def _document_windows(source: TokenizedCorpus, samples: int, seqlen: int, seed: 
     return Windows(torch.stack(rows), source.corpus.name, seed, {"documents": len(docs)})
 
 
-def evaluation_windows(source: TokenizedCorpus, seqlen: int, max_windows: int | None = None) -> Windows:
-    """Non-overlapping windows over the eval tokens (the held-out 10% for a local corpus)."""
+def evaluation_windows(
+    source: TokenizedCorpus, seqlen: int, max_windows: int | None = None, spec: str | None = None, split: str = "test"
+) -> Windows:
+    """Non-overlapping windows over the eval tokens (the held-out 10% for a local corpus).
+
+    `spec`/`split` (what the user typed, and the dataset split) are recorded so that the same
+    windows can be rebuilt later, e.g. by the serving perplexity check (`rebuild_eval_windows`).
+    """
     tokens = source.tokens[source.split_point() :] if source.corpus.local else source.tokens
     count = len(tokens) // seqlen
     if max_windows is not None:
@@ -127,4 +133,18 @@ def evaluation_windows(source: TokenizedCorpus, seqlen: int, max_windows: int | 
         )
     ids = tokens[: count * seqlen].view(count, seqlen)
     part = "held-out last 10%" if source.corpus.local else "all"
-    return Windows(ids.clone(), source.corpus.name, None, {"tokens_used": part})
+    description = {"tokens_used": part, "spec": spec or source.corpus.name, "split": split}
+    return Windows(ids.clone(), source.corpus.name, None, description)
+
+
+def rebuild_eval_windows(description: dict, tokenizer) -> Windows:
+    """The eval windows a report describes (source spec, split, count, seqlen), checked by sha256."""
+    from llmprune.data.sources import resolve_source
+
+    source = TokenizedCorpus(resolve_source(description["spec"], split=description.get("split", "test")), tokenizer)
+    windows = evaluation_windows(
+        source, description["seqlen"], description["count"], description["spec"], description.get("split", "test")
+    )
+    if description.get("sha256") and windows.fingerprint() != description["sha256"]:
+        raise LLMPruneError(f"eval source {description['spec']} no longer gives the recorded windows (sha256 differs)")
+    return windows
