@@ -93,6 +93,12 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")
     parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size (default 128)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    parser.add_argument(
+        "--park",
+        default="auto",
+        help="where chunks waiting for a module's statistics keep their largest tensor: auto (host RAM from a GPU, "
+        "disk on a CPU), memory, host or disk",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
