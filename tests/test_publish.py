@@ -423,6 +423,14 @@ def test_prune_with_push_to_hub_pushes_the_finished_folder(trained, corpus_file,
     assert missing_token.returncode == 2 and "no Hugging Face token" in _one_error_line(missing_token.stderr)
     assert not (tmp_path / "x").exists()
 
+    forbidden = _llmprune(
+        [*_prune_args(trained, corpus_file, tmp_path / "y", "--push-to-hub", "someone-else/model")], env
+    )
+    line = _one_error_line(forbidden.stderr)
+    assert forbidden.returncode == 2 and "no write access to someone-else/model (403)" in line
+    assert f"is complete: retry with `llmprune push {tmp_path / 'y'} someone-else/model`" in line
+    assert (tmp_path / "y" / "model.safetensors").is_file() and len(hub.commits) == 1
+
 
 def test_not_evaluated_gate_needs_force_to_push(trained, corpus_file, hub, tmp_path, capsys):
     out = tmp_path / "noeval"

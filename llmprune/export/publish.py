@@ -63,11 +63,17 @@ def push_after_run(report: dict, settings) -> dict | None:
         return {"pushed": False, "repo_id": settings.push_to_hub, "reason": "the quality gate failed"}
     from llmprune.hub.push import push_folder
 
-    result = push_folder(
-        Path(report["output"]),
-        settings.push_to_hub,
-        private=settings.private,
-        revision=settings.revision,
-        commit_message=settings.commit_message,
-    )
+    try:
+        result = push_folder(
+            Path(report["output"]),
+            settings.push_to_hub,
+            private=settings.private,
+            revision=settings.revision,
+            commit_message=settings.commit_message,
+        )
+    except LLMPruneError as exc:
+        raise type(exc)(
+            f"{exc} ({report['output']} is complete: retry with `llmprune push {report['output']} "
+            f"{settings.push_to_hub}`)"
+        ) from exc
     return {"pushed": True, **result}
