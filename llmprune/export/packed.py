@@ -252,7 +252,7 @@ def pack_into(source: Path, target: Path) -> dict:
     weight_map: dict[str, str] = {}
     for shard in shards:
         weight_map.update(pack_shard(shard, target / packed_name(shard.name), stats))
-        if source == target:
+        if source == target:  # in place (a run's partial folder, discarded on error): free the disk as we go
             shard.unlink()
     if stats.packed_tensors == 0:
         raise LLMPruneError(f"no 2:4-sparse matrix in {source}: prune with --pattern 2:4 before packing")
