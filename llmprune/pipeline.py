@@ -40,6 +40,8 @@ from llmprune.engine.prune_layer import LayerPruner, TargetRule, find_targets
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import Perplexity, perplexity
+from llmprune.export.gate import DEFAULT_MAX_PPL_INCREASE
+from llmprune.export.publish import check_options, finish_folder, push_after_run
 from llmprune.export.writer import OutputFolder, check_output, parse_size
 from llmprune.methods import METHODS, Pattern
 from llmprune.models.resolve import resolve_model
@@ -77,6 +79,13 @@ class Settings:
     max_shard_size: str = "5GB"
     park: str = "auto"
     quiet: bool = False
+    save_format: str = "dense"
+    max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+    command: str | None = None
 
 
 def load_tokenizer(folder: Path):
@@ -166,6 +175,7 @@ def prune(model: str, **options) -> dict:
     if settings.method not in METHODS:
         raise LLMPruneError(f"unknown --method {settings.method!r}: choose from {', '.join(METHODS)}")
     pattern = Pattern.parse(settings.pattern, settings.sparsity)
+    check_options(settings, pattern)
     device = resolve_device(settings.device)
     save_dtype_override = parse_dtype(settings.dtype)
     output = Path(settings.output) if settings.output else default_output(model, settings.method, pattern)
@@ -233,12 +243,13 @@ def prune(model: str, **options) -> dict:
         report["perplexity"] = _ppl_block(dense_ppl, pruned_ppl, eval_windows)
         report["timings"]["total_seconds"] = round(time.perf_counter() - started, 2)
         report["peak_memory"] = {"rss_bytes": peak_rss(), "cuda_bytes": peak_cuda(device)}
-        writer.write_json(REPORT_NAME, report)
+        finish_folder(writer, report, settings, folder, REPORT_NAME)
         report["output"] = str(writer.commit())
     except BaseException:
         if not any(writer.work.glob("layer-*.safetensors")):
             writer.discard()
         raise
+    report["hub"] = push_after_run(report, settings)
     return report
 
 
