@@ -101,6 +101,17 @@ def prune_parser() -> argparse.ArgumentParser:
         "disk on a CPU), memory, host or disk",
     )
     parser.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        default=None,
+        help="memory budget of the compute device (e.g. 8GB), or cpu=SIZE,cuda=SIZE; default: what is free. "
+        "The run adapts to it or refuses before reading weights",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the unfinished run at --output (refuse if none)"
+    )
+    parser.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (reads no weights)")
+    parser.add_argument(
         "--save-format",
         default="dense",
         choices=["dense", "packed-2:4"],
@@ -133,6 +144,10 @@ def run_prune(argv: list[str]) -> int:
     options["quiet"] = args.quiet or args.json
     options["command"] = shlex.join(["llmprune", *argv])
     report = prune(args.model, **options)
+    if args.plan_only:
+        if args.json:
+            print(json.dumps(report["memory_plan"], indent=2, default=str))
+        return 0
     if args.json:
         print(json.dumps(summary(report), indent=2))
     elif not args.quiet:

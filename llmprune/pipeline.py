@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from llmprune import __version__
 from llmprune.data.sources import resolve_source
@@ -29,15 +28,18 @@ from llmprune.data.windows import (
 from llmprune.engine.devices import (
     available_memory,
     compute_dtype,
+    current_rss,
     parse_dtype,
     peak_cuda,
     peak_rss,
     resolve_device,
     return_freed_memory,
 )
-from llmprune.engine.parking import PARK_MODES, Parking
+from llmprune.engine.loop import layer_unit, prune_layers
+from llmprune.engine.parking import Parking
+from llmprune.engine.plan import Geometry, MemoryPlan, Request, choice_from_dict, choice_to_dict, make_plan
 from llmprune.engine.prune_layer import LayerPruner, TargetRule, find_targets
-from llmprune.engine.stream import LayerStream
+from llmprune.engine.resume import RunState, check_resumable, folder_identity, make_fingerprint
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import Perplexity, perplexity
 from llmprune.export.gate import DEFAULT_MAX_PPL_INCREASE
@@ -78,6 +80,10 @@ class Settings:
     blocksize: int = 128
     max_shard_size: str = "5GB"
     park: str = "auto"
+    max_memory: str | None = None
+    activations: str = "auto"
+    resume: bool = False
+    plan_only: bool = False
     quiet: bool = False
     save_format: str = "dense"
     max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE
@@ -109,18 +115,9 @@ def context_length(skeleton: Skeleton) -> int | None:
 CHUNK_TOKENS = {"cpu": 4096, "cuda": 16384}
 
 
-def auto_batch_size(
-    skeleton: Skeleton, seqlen: int, windows: int, device: torch.device, dtype: torch.dtype, reserved: int = 0
-) -> int:
-    """Windows per forward chunk: about CHUNK_TOKENS tokens (efficient matmuls, small temporaries),
-    fewer if a chunk's activations would not fit a quarter of free memory."""
-    text = skeleton.config.get_text_config()
-    hidden = int(getattr(text, "hidden_size", 4096))
-    inter = int(getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden)
-    per_window = seqlen * (8 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8
-    budget = max(0, available_memory(device) // 4 - reserved)
-    wanted = max(1, CHUNK_TOKENS.get(device.type, 4096) // seqlen)
-    return int(max(1, min(windows, wanted, budget // max(per_window, 1))))
+def default_chunk(windows: int, seqlen: int, device: torch.device) -> int:
+    """Windows per forward chunk: about CHUNK_TOKENS tokens (efficient matmuls, small temporaries)."""
+    return max(1, min(windows, CHUNK_TOKENS.get(device.type, 4096) // seqlen))
 
 
 def default_output(model: str, method: str, pattern: Pattern) -> Path:
@@ -178,6 +175,9 @@ def prune(model: str, **options) -> dict:
     check_options(settings, pattern)
     device = resolve_device(settings.device)
     save_dtype_override = parse_dtype(settings.dtype)
+    budgets = parse_budgets(settings.max_memory, device)
+    if settings.activations not in ("auto", "memory", "disk"):
+        raise LLMPruneError(f"--activations must be auto, memory or disk (got {settings.activations!r})")
     output = Path(settings.output) if settings.output else default_output(model, settings.method, pattern)
     check_output(output, settings.overwrite)
 
@@ -191,7 +191,7 @@ def prune(model: str, **options) -> dict:
         _log(settings, f"--seqlen capped at the model's context of {seqlen} tokens")
 
     rule = TargetRule(tuple(settings.targets), tuple(settings.ignore))
-    _check_targets(skeleton, rule, pattern)
+    targets = _check_targets(skeleton, rule, pattern)
     tokenizer = functools.cache(lambda: load_tokenizer(folder))  # not loaded at all for token files without eval
     if is_token_file(settings.calibration):
         calib_corpus, calib = None, windows_from_file(Path(settings.calibration))
@@ -199,67 +199,142 @@ def prune(model: str, **options) -> dict:
     else:
         calib_corpus = TokenizedCorpus(resolve_source(settings.calibration, split="train"), tokenizer())
         calib = calibration_windows(calib_corpus, settings.samples, seqlen, settings.seed)
-    eval_windows = _eval_windows(settings, calib_corpus, tokenizer(), seqlen) if not settings.no_eval else None
-    method = METHODS[settings.method](dampening=settings.dampening, blocksize=settings.blocksize)
-    pruner = LayerPruner(
-        method, pattern, rule, settings.order, save_dtype=save_dtype, parking=Parking(_park_mode(settings.park, device))
+    eval_windows = _eval_windows(settings, calib_corpus, tokenizer(), calib.seqlen) if not settings.no_eval else None
+
+    writer = OutputFolder(output, settings.overwrite)
+    fingerprint = make_fingerprint(
+        model=folder_identity(folder),
+        method=settings.method,
+        pattern=str(pattern),
+        sparsity=pattern.sparsity,
+        calibration=calib.fingerprint(),
+        eval=eval_windows.fingerprint() if eval_windows else None,
+        targets=list(settings.targets),
+        ignore=list(settings.ignore),
+        order=settings.order,
+        dtype=str(save_dtype),
+        dampening=settings.dampening,
+        blocksize=settings.blocksize,
+        batch_size=settings.batch_size,
+        save_format=settings.save_format,
     )
-    batch = settings.batch_size or auto_batch_size(
-        skeleton, seqlen, calib.count, device, cdtype, reserved=calib.count * seqlen * _hidden(skeleton) * 4
+    saved = _resumable_state(writer, fingerprint, settings)
+    method_cls = METHODS[settings.method]
+    request = Request(
+        windows=calib.count,
+        seqlen=calib.seqlen,
+        eval_windows=eval_windows.count if eval_windows else 0,
+        chunk=settings.batch_size or default_chunk(calib.count, calib.seqlen, device),
+        order=settings.order,
+        park=settings.park,
+        method_statistics=method_cls.statistics,
+        inverse=method_cls.statistics == "hessian",
+        activations=settings.activations,
+        compute_dtype=cdtype,
+        model_dtype=skeleton.dtype,
+        save_dtype=save_dtype,
     )
+    overhead = current_rss()  # interpreter, libraries, skeleton, tokenizer: what the plan does not budget
+    plan = make_plan(Geometry.of(skeleton, targets), request, device, budgets[0], budgets[1], overhead)
+    if saved is not None:
+        plan.choice = choice_from_dict(saved.choice)
+        plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
+    if not settings.quiet or settings.plan_only:
+        print(plan.render(), flush=True)
+    if settings.plan_only:
+        return {"memory_plan": plan.as_dict(), "plan": plan.render()}
+    choice = plan.choice
     _log(
         settings,
         f"{settings.method} {pattern} sparsity {pattern.sparsity:g} on {folder.name} "
-        f"({skeleton.num_layers} layers, {device.type}); calibration {calib.count} x {seqlen} "
-        f"tokens from {calib.source}; batch {batch} windows",
+        f"({skeleton.num_layers} layers, {device.type}); calibration {calib.count} x {calib.seqlen} "
+        f"tokens from {calib.source}",
     )
+    method = method_cls(dampening=settings.dampening, blocksize=settings.blocksize, inverse_dtype=choice.inverse_dtype)
+    pruner = LayerPruner(method, pattern, rule, choice.order, save_dtype=save_dtype, parking=Parking(choice.park))
 
-    dense_ppl = None
-    if eval_windows is not None:
-        dense_ppl = perplexity(folder, eval_windows, device, batch, progress=not settings.quiet, label="dense ppl")
-        _log(
-            settings,
-            f"dense perplexity {dense_ppl.perplexity:.3f} on {eval_windows.count} x {eval_windows.seqlen} tokens",
-        )
-
-    writer = OutputFolder(output, settings.overwrite)
-    writer.create()
+    if saved is None:
+        writer.create(fresh=True)
+        state = RunState(fingerprint, choice=choice_to_dict(choice))
+        state.save(writer.work)
+    else:
+        state = saved
+        _log(settings, f"resuming {writer.partial.name} at layer {state.next_layer} of {skeleton.num_layers}")
     try:
-        layers, prune_seconds = _prune_layers(
-            skeleton, calib, device, cdtype, batch, pruner, writer, save_dtype, settings
+        if eval_windows is not None and state.dense_perplexity is None:
+            dense = perplexity(
+                folder, eval_windows, device, choice.chunk, progress=not settings.quiet, label="dense ppl"
+            )
+            state.dense_perplexity = dense.as_dict()
+            state.save(writer.work)
+            _log(
+                settings,
+                f"dense perplexity {dense.perplexity:.3f} on {eval_windows.count} x {eval_windows.seqlen} tokens",
+            )
+        prune_layers(
+            skeleton,
+            calib.ids,
+            device,
+            cdtype,
+            choice,
+            pruner,
+            writer,
+            state,
+            save_dtype,
+            f"{settings.method} {pattern}",
+            settings.quiet,
         )
-        units = [f"layer-{i:05d}" for i in range(skeleton.num_layers)] + ["rest"]
+        units = [layer_unit(i) for i in range(skeleton.num_layers)] + ["rest"]
         writer.write_unit("rest", _cast_all(skeleton.read(skeleton.rest_keys()), save_dtype))
         writer.write_shards(units, parse_size(settings.max_shard_size))
         writer.copy_aux(folder, output_config(folder, save_dtype_override))
-        report = _report(settings, folder, pattern, calib, eval_windows, layers, save_dtype, device, batch)
-        report["timings"] = {"prune_seconds": round(prune_seconds, 2)}
+        report = _report(settings, folder, pattern, calib, state.layers, save_dtype, device, plan)
+        report["timings"] = {"prune_seconds": round(state.prune_seconds, 2)}
         writer.write_json(REPORT_NAME, report)
         pruned_ppl = None
         if eval_windows is not None:
             pruned_ppl = perplexity(
-                writer.partial, eval_windows, device, batch, progress=not settings.quiet, label="pruned ppl"
+                writer.partial, eval_windows, device, choice.chunk, progress=not settings.quiet, label="pruned ppl"
             )
+        dense_ppl = Perplexity(**state.dense_perplexity) if state.dense_perplexity else None
         report["perplexity"] = _ppl_block(dense_ppl, pruned_ppl, eval_windows)
         report["timings"]["total_seconds"] = round(time.perf_counter() - started, 2)
-        report["peak_memory"] = {"rss_bytes": peak_rss(), "cuda_bytes": peak_cuda(device)}
+        report["peak_memory"] = {"rss_bytes": peak_rss(), "cuda_bytes": peak_cuda(device), "overhead_bytes": overhead}
         finish_folder(writer, report, settings, folder, REPORT_NAME)
         report["output"] = str(writer.commit())
     except BaseException:
-        if not any(writer.work.glob("layer-*.safetensors")):
+        if state.next_layer == 0 and not state.dense_perplexity:
             writer.discard()
+        elif not settings.quiet:
+            print(f"llmprune: the run stopped; the same command resumes it from {writer.partial}", flush=True)
         raise
     report["hub"] = push_after_run(report, settings)
     return report
 
 
-def _park_mode(park: str, device: torch.device) -> str:
-    """Where chunks waiting at a lockstep barrier put their big tensors: host RAM from a GPU, disk on a CPU."""
-    if park == "auto":
-        return "host" if device.type == "cuda" else "disk"
-    if park not in PARK_MODES:
-        raise LLMPruneError(f"--park must be auto or one of {', '.join(PARK_MODES)} (got {park!r})")
-    return park
+def _resumable_state(writer: OutputFolder, fingerprint: dict, settings: Settings) -> RunState | None:
+    """The unfinished run to continue, if the partial folder holds this very run; None to start fresh."""
+    saved = RunState.load(writer.work) if writer.work.is_dir() else None
+    if saved is not None and not settings.overwrite:
+        check_resumable(saved, fingerprint, writer.partial)
+        return saved
+    if settings.resume:
+        raise LLMPruneError(f"--resume: there is no unfinished run to resume at {writer.partial}")
+    if writer.partial.exists() and not settings.overwrite:
+        raise LLMPruneError(f"{writer.partial} holds an unfinished run that cannot be resumed; pass --overwrite")
+    return None
+
+
+def parse_budgets(text: str | None, device: torch.device) -> tuple[int, int | None]:
+    """--max-memory: one SIZE for the compute device, or 'cpu=SIZE,cuda=SIZE'. Default: what is free."""
+    values: dict[str, int] = {}
+    if text:
+        for part in text.split(","):
+            key, _, size = part.rpartition("=")
+            values[key.strip() or device.type] = parse_size(size)
+    budget = values.get(device.type, available_memory(device))
+    host = values.get("cpu", available_memory(torch.device("cpu"))) if device.type == "cuda" else None
+    return budget, host
 
 
 def _check_token_windows(windows: Windows, skeleton: Skeleton, limit: int | None) -> None:
@@ -272,80 +347,22 @@ def _check_token_windows(windows: Windows, skeleton: Skeleton, limit: int | None
         )
 
 
-def _hidden(skeleton: Skeleton) -> int:
-    return int(getattr(skeleton.config.get_text_config(), "hidden_size", 4096))
-
-
 def _cast_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
-def _check_targets(skeleton: Skeleton, rule: TargetRule, pattern: Pattern) -> None:
+def _check_targets(skeleton: Skeleton, rule: TargetRule, pattern: Pattern) -> list[dict]:
     """Before any weight is read: targets exist and N:M fits their widths (shapes from the meta model)."""
-    total = 0
+    by_layer = []
     for index, layer in enumerate(skeleton.layers):
         prefix = f"{skeleton.layers_prefix}.{index}"
         targets = find_targets(layer, prefix, rule)
-        total += len(targets)
+        by_layer.append(targets)
         for name, module in targets.items():
             pattern.check_width(module.in_features, f"{prefix}.{name}")
-    if total == 0:
+    if not any(by_layer):
         raise LLMPruneError(f"no Linear module matches --targets {' '.join(rule.include)} (minus --ignore)")
-
-
-def _prune_layers(
-    skeleton: Skeleton,
-    calib: Windows,
-    device: torch.device,
-    cdtype: torch.dtype,
-    batch: int,
-    pruner: LayerPruner,
-    writer: OutputFolder,
-    save_dtype: torch.dtype,
-    settings: Settings,
-) -> tuple[list[dict], float]:
-    started = time.perf_counter()
-    stream = LayerStream(skeleton, device, cdtype, batch)
-    hidden = stream.begin(calib.ids)
-    stream.prepare({int(chunk.shape[0]) for chunk in hidden} | {1})
-    pruner.parking.folder = writer.work
-    reports: list[dict] = []
-    bar = tqdm(
-        range(skeleton.num_layers), desc=f"{settings.method} {pruner.pattern}", unit="layer", disable=settings.quiet
-    )
-    for index in bar:
-        layer_started = time.perf_counter()
-        layer = skeleton.load_layer(index, device, cdtype)
-        modules = pruner.prune(stream, index, layer, hidden)
-        prefix = f"{skeleton.layers_prefix}.{index}."
-        writer.write_unit(
-            f"layer-{index:05d}",
-            {
-                prefix + k: v.detach().to("cpu", save_dtype) if v.is_floating_point() else v.cpu()
-                for k, v in layer.state_dict().items()
-                if prefix + k in skeleton.key_map
-            },
-        )
-        skeleton.unload_layer(index)
-        reports.append(_layer_report(index, modules, time.perf_counter() - layer_started))
-        if modules:
-            bar.set_postfix(sparsity=f"{reports[-1]['sparsity']:.3f}", error=f"{reports[-1]['error']:.4f}")
-    stream.close()
-    return reports, time.perf_counter() - started
-
-
-def _layer_report(index: int, modules: list[dict], seconds: float) -> dict:
-    total = sum(m["shape"][0] * m["shape"][1] for m in modules)
-    pruned = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for m in modules)
-    errors = [m["error"] for m in modules if m["error"] is not None]
-    return {
-        "index": index,
-        "sparsity": pruned / total if total else 0.0,
-        "error": sum(errors) / len(errors) if errors else 0.0,
-        "damping_retries": sum(m.get("damping_retries", 0) for m in modules),
-        "seconds": round(seconds, 3),
-        "modules": modules,
-    }
+    return by_layer
 
 
 def _ppl_block(dense: Perplexity | None, pruned: Perplexity | None, windows: Windows | None) -> dict | None:
@@ -366,11 +383,10 @@ def _report(
     folder: Path,
     pattern: Pattern,
     calib: Windows,
-    eval_windows: Windows | None,
     layers: list[dict],
     save_dtype: torch.dtype,
     device: torch.device,
-    batch: int,
+    plan: MemoryPlan,
 ) -> dict:
     import transformers
 
@@ -385,13 +401,18 @@ def _report(
         "pattern": str(pattern),
         "sparsity": pattern.sparsity,
         "achieved_sparsity": pruned / total if total else 0.0,
-        "order": settings.order,
-        "options": {"dampening": settings.dampening, "blocksize": settings.blocksize},
+        "order": plan.choice.order,
+        "options": {
+            "dampening": settings.dampening,
+            "blocksize": settings.blocksize,
+            "inverse_dtype": str(plan.choice.inverse_dtype).removeprefix("torch."),
+        },
         "targets": {"include": list(settings.targets), "ignore": list(settings.ignore)},
         "calibration": calib.describe(),
         "dtype": str(save_dtype).removeprefix("torch."),
         "device": str(device),
-        "batch_size": batch,
+        "batch_size": plan.choice.chunk,
+        "memory_plan": plan.as_dict(),
         "damping_retries": sum(lay["damping_retries"] for lay in layers),
         "layers": layers,
         "versions": {
@@ -421,6 +442,6 @@ def evaluate(
     tokenizer = load_tokenizer(folder)
     source = TokenizedCorpus(resolve_source(dataset, split="test"), tokenizer)
     windows = evaluation_windows(source, seqlen, samples, spec=dataset)
-    batch = batch_size or auto_batch_size(skeleton, seqlen, windows.count, dev, compute_dtype(dev, skeleton.dtype))
+    batch = batch_size or default_chunk(windows.count, seqlen, dev)
     result = perplexity(folder, windows, dev, batch, progress=not quiet, label="ppl")
     return {"model": model, "folder": str(folder), "eval": windows.describe(), **result.as_dict()}

@@ -54,6 +54,18 @@ def available_memory(device: torch.device) -> int:
     return 8 << 30
 
 
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (VmRSS; the peak if /proc is unavailable)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss()
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process, in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

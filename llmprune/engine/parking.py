@@ -31,9 +31,10 @@ def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def _buffer(raw: torch.Tensor) -> memoryview:
-    """A zero-copy buffer over a CPU byte tensor (numpy export would pin the storage's size)."""
-    return memoryview((ctypes.c_ubyte * raw.numel()).from_address(raw.data_ptr())).cast("B")
+def buffer_of(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte buffer over a contiguous CPU tensor (numpy export would pin its storage's size)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 class Parking:
@@ -61,7 +62,7 @@ class Parking:
             where.copy_(raw)
         else:
             where = tempfile.TemporaryFile(dir=self.folder)
-            where.write(_buffer(raw.cpu()))
+            where.write(buffer_of(raw.cpu()))
             where.flush()
         del raw
         storage.resize_(0)
@@ -80,9 +81,9 @@ class Parking:
             parked.where.seek(0)
             if raw.is_cuda:
                 host = torch.empty(parked.nbytes, dtype=torch.uint8)
-                parked.where.readinto(_buffer(host))
+                parked.where.readinto(buffer_of(host))
                 raw.copy_(host)
             else:
-                parked.where.readinto(_buffer(raw))
+                parked.where.readinto(buffer_of(raw))
             parked.where.close()
         self.parked_bytes -= parked.nbytes

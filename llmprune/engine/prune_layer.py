@@ -162,17 +162,18 @@ class LayerPruner:
 
             return hook
 
-        def work(position: int) -> torch.Tensor:
+        def work(position: int) -> None:
             inputs[position] = acts.take(position)
             try:
                 with torch.no_grad():
-                    return stream.run(index, layer, inputs[position]).to(stream.act_device, stream.dtype)
+                    output = stream.run(index, layer, inputs[position]).to(stream.act_device, stream.act_dtype)
             finally:
                 del inputs[position]
+            acts.put(position, output)
 
         handles = [targets[g.names[0]].register_forward_pre_hook(hook_for(g)) for g in groups]
         try:
-            acts.chunks[:] = step.run(work)
+            step.run(work)
         finally:
             for handle in handles:
                 handle.remove()

@@ -7,6 +7,7 @@ layer over the activations of all windows, written back in place.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,12 +28,14 @@ class LayerStream:
         compute_dtype: torch.dtype,
         batch_size: int,
         act_device: torch.device | None = None,
+        act_dtype: torch.dtype | None = None,
     ) -> None:
         self.sk = skeleton
         self.device = device
         self.dtype = compute_dtype
         self.batch_size = max(1, batch_size)
         self.act_device = act_device or device
+        self.act_dtype = act_dtype or compute_dtype
         self.ids: torch.Tensor | None = None
         self._first_calls: dict[int, LayerCall] = {}
         self._calls: dict[int, list[LayerCall]] = {}
@@ -44,18 +47,20 @@ class LayerStream:
             self.sk.load_rest(self.device, self.dtype)
             self._rest_loaded = True
 
-    def begin(self, ids: torch.Tensor) -> Activations:
-        """Hidden states entering layer 0 for every window, in chunks of batch_size windows on act_device."""
+    def begin(self, ids: torch.Tensor, spill_to: Path | None = None) -> Activations:
+        """Hidden states entering layer 0 for every window, in chunks of batch_size windows on act_device
+        (or written to `spill_to` as they are computed)."""
         self._ensure_rest()
         self.ids = ids
-        chunks: list[torch.Tensor] = []
+        acts = Activations([], spill_to)
         with torch.no_grad():
             for start in range(0, ids.shape[0], self.batch_size):
                 chunk = ids[start : start + self.batch_size].to(self.device)
                 hidden, call = catch_first_inputs(self.sk.model, self.sk.layers, chunk)
                 self._first_calls.setdefault(chunk.shape[0], call)
-                chunks.append(hidden.to(self.act_device, self.dtype))
-        return Activations(chunks)
+                acts.chunks.append(None)
+                acts.put(len(acts.chunks) - 1, hidden.to(self.act_device, self.act_dtype))
+        return acts
 
     def attach(self, ids: torch.Tensor) -> None:
         """Use `ids` for argument capture without computing layer-0 inputs (a resumed run has them)."""
@@ -120,8 +125,9 @@ class LayerStream:
         with torch.no_grad():
             for position in range(len(acts)):
                 chunk = acts.take(position)
-                acts.chunks[position] = self.run(index, layer, chunk).to(self.act_device, self.dtype)
+                output = self.run(index, layer, chunk).to(self.act_device, self.act_dtype)
                 del chunk
+                acts.put(position, output)
         return acts
 
     def nll(self, acts: Activations, batch: int = 1) -> tuple[float, int]:

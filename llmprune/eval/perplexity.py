@@ -32,6 +32,7 @@ class Perplexity:
     def as_dict(self) -> dict:
         return {
             "perplexity": self.perplexity,
+            "nll": self.nll,
             "tokens": self.tokens,
             "windows": self.windows,
             "seqlen": self.seqlen,

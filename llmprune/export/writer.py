@@ -98,8 +98,9 @@ class OutputFolder:
     def write_shards(self, units: list[str], max_shard_size: int) -> dict[str, str]:
         """Turn the committed unit files into model-0000x-of-0000y.safetensors plus the index.
 
-        Consecutive units are grouped up to max_shard_size; a group of one is renamed, a larger
-        group is concatenated byte by byte (constant memory). Returns the weight map.
+        Consecutive units are grouped up to max_shard_size; a group of one is hard-linked (no copy),
+        a larger group is concatenated byte by byte (constant memory). The units stay until commit,
+        so a run interrupted here simply does this again on resume. Returns the weight map.
         """
         sizes = [self.unit_path(u).stat().st_size for u in units]
         groups: list[list[str]] = []
@@ -118,7 +119,7 @@ class OutputFolder:
             name = "model.safetensors" if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
             target = self.partial / name
             paths = [self.unit_path(u) for u in group]
-            header = concat_safetensors(paths, target) if len(paths) > 1 else _rename_unit(paths[0], target)
+            header = concat_safetensors(paths, target) if len(paths) > 1 else _link_unit(paths[0], target)
             for tensor, entry in header.items():
                 weight_map[tensor] = name
                 total += entry["data_offsets"][1] - entry["data_offsets"][0]
@@ -162,9 +163,13 @@ def read_header(path: Path) -> tuple[int, dict]:
         return length, json.loads(handle.read(length))
 
 
-def _rename_unit(path: Path, target: Path) -> dict:
+def _link_unit(path: Path, target: Path) -> dict:
     _, header = read_header(path)
-    os.replace(path, target)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(path, target)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, target)
     header.pop("__metadata__", None)
     return header
 
@@ -197,8 +202,6 @@ def concat_safetensors(paths: list[Path], target: Path) -> dict:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, target)
-    for path in paths:
-        path.unlink()
     return body
 
 

@@ -1,0 +1,112 @@
+"""The resumable layer loop: prune each decoder layer, commit it, move on.
+
+After each layer its pruned tensors (one safetensors file) and the next layer's inputs (the chunk
+files of one side) are durable before the run state names the next layer, so a run killed at any
+point resumes at the first unfinished layer with exactly the inputs it would have had.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmprune.engine.activations import Activations, DiskChunk
+from llmprune.engine.plan import Choice
+from llmprune.engine.prune_layer import LayerPruner
+from llmprune.engine.resume import RunState
+from llmprune.engine.stream import LayerStream
+from llmprune.export.writer import OutputFolder
+from llmprune.models.skeleton import Skeleton
+
+
+def layer_unit(index: int) -> str:
+    return f"layer-{index:05d}"
+
+
+def _saved_side(state: RunState, work: Path, spilled: bool) -> Activations:
+    """The inputs of state.next_layer, as saved by the last committed layer."""
+    shapes = state.chunk_shapes
+    dtype = getattr(torch, state.choice["act_dtype"].removeprefix("torch."))
+    folder = work / state.side
+    chunks = [DiskChunk(folder / f"chunk-{i:05d}.bin", tuple(shape), dtype) for i, shape in enumerate(shapes)]
+    acts = Activations(chunks)
+    if not spilled:
+        acts.chunks = [chunk.load() for chunk in chunks]
+    return acts
+
+
+def prune_layers(
+    skeleton: Skeleton,
+    ids: torch.Tensor,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    choice: Choice,
+    pruner: LayerPruner,
+    writer: OutputFolder,
+    state: RunState,
+    save_dtype: torch.dtype,
+    label: str,
+    quiet: bool,
+) -> None:
+    """Prune layers state.next_layer .. end, committing each one (state is updated in place)."""
+    spilled = choice.activations == "disk"
+    act_device = torch.device("cpu") if choice.activations != "device" else device
+    stream = LayerStream(skeleton, device, compute_dtype, choice.chunk, act_device, choice.act_dtype)
+    if state.next_layer == 0:
+        first_side = writer.work / RunState.side_for(1)  # layer 0 reads the side layer 1 writes
+        first_side.mkdir(parents=True, exist_ok=True)
+        acts = stream.begin(ids, spill_to=first_side if spilled else None)
+    else:
+        stream.attach(ids)
+        acts = _saved_side(state, writer.work, spilled)
+    stream.prepare({int(chunk.shape[0]) for chunk in acts.chunks} | {1})
+    pruner.parking.folder = writer.work
+    bar = tqdm(range(skeleton.num_layers), desc=label, unit="layer", disable=quiet, initial=state.next_layer)
+    for index in range(state.next_layer, skeleton.num_layers):
+        started = time.perf_counter()
+        side = writer.work / RunState.side_for(index)
+        side.mkdir(parents=True, exist_ok=True)
+        acts.spill_to = side if spilled else None
+        layer = skeleton.load_layer(index, device, compute_dtype)
+        modules = pruner.prune(stream, index, layer, acts)
+        prefix = f"{skeleton.layers_prefix}.{index}."
+        tensors = {
+            prefix + k: v.detach().to("cpu", save_dtype) if v.is_floating_point() else v.cpu()
+            for k, v in layer.state_dict().items()
+            if prefix + k in skeleton.key_map
+        }
+        writer.write_unit(layer_unit(index), tensors)
+        del tensors
+        skeleton.unload_layer(index)
+        handles = acts.save_side(side)
+        if spilled:
+            acts.chunks = handles
+        state.chunk_shapes = [list(handle.shape) for handle in handles]
+        seconds = time.perf_counter() - started
+        state.layers.append(layer_report(index, modules, seconds))
+        state.next_layer, state.side = index + 1, side.name
+        state.prune_seconds += seconds
+        state.save(writer.work)
+        bar.update(1)
+        if modules:
+            bar.set_postfix(sparsity=f"{state.layers[-1]['sparsity']:.3f}", error=f"{state.layers[-1]['error']:.4f}")
+    bar.close()
+    stream.close()
+
+
+def layer_report(index: int, modules: list[dict], seconds: float) -> dict:
+    """Per-layer summary: achieved sparsity, mean reconstruction error, damping retries, modules."""
+    total = sum(m["shape"][0] * m["shape"][1] for m in modules)
+    pruned = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for m in modules)
+    errors = [m["error"] for m in modules if m["error"] is not None]
+    return {
+        "index": index,
+        "sparsity": pruned / total if total else 0.0,
+        "error": sum(errors) / len(errors) if errors else 0.0,
+        "damping_retries": sum(m.get("damping_retries", 0) for m in modules),
+        "seconds": round(seconds, 3),
+        "modules": modules,
+    }

@@ -1,0 +1,302 @@
+"""The memory plan: what a run will hold at its peak, per component, computed from the config and
+the shard headers alone, before any weight is read.
+
+If the plan exceeds the budget (--max-memory, default: what is free), the run adapts step by step
+(activations in the model dtype, smaller chunks, activations spilled to disk, parked barrier
+state, the two-pass order, a float32 Hessian inverse) and, if even the most frugal configuration
+does not fit, refuses before loading weights and names the smallest budget that would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from llmprune.errors import LLMPruneError
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes a plan needs, read from the meta skeleton."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layer_params: int  # largest decoder layer
+    rest_params: int  # embeddings, final norm, head (tied counted once)
+    max_in: int  # widest input of a pruned Linear (its Hessian is max_in x max_in)
+    max_rows: int  # most output rows of a pruned Linear
+    eager_attention: bool
+
+    @classmethod
+    def of(cls, skeleton, targets_by_layer: list[dict]) -> Geometry:
+        text = skeleton.config.get_text_config()
+        hidden = int(text.hidden_size)
+        heads = int(getattr(text, "num_attention_heads", 1) or 1)
+        inter = int(getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden)
+        layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in skeleton.layers)
+        rest = 0
+        for key in skeleton.rest_keys():  # what is actually loaded (a tied head is not in the checkpoint)
+            _, shape = skeleton.checkpoint.metadata(skeleton.key_map[key])
+            rest += int(torch.tensor(shape).prod()) if shape else 1
+        linears = [m for targets in targets_by_layer for m in targets.values()]
+        return cls(
+            layers=len(skeleton.layers),
+            hidden=hidden,
+            intermediate=inter,
+            heads=heads,
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+            vocab=int(getattr(text, "vocab_size", 0) or 0),
+            layer_params=layer_params,
+            rest_params=rest,
+            max_in=max((m.in_features for m in linears), default=hidden),
+            max_rows=max((m.out_features for m in linears), default=hidden),
+            eager_attention=getattr(skeleton.config, "_attn_implementation", "sdpa") == "eager",
+        )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The knobs a plan sets."""
+
+    chunk: int  # windows per forward chunk
+    activations: str  # "device", "host" or "disk"
+    act_dtype: torch.dtype
+    order: str  # "sequential" or "parallel"
+    park: str  # "memory", "host" or "disk"
+    inverse_dtype: torch.dtype
+
+
+@dataclass
+class MemoryPlan:
+    """Peak bytes per component and phase, the chosen knobs, and whether it fits the budget."""
+
+    device: str
+    budget: int
+    host_budget: int | None
+    choice: Choice
+    phases: dict[str, dict[str, int]]  # phase -> component -> bytes (compute device)
+    host: dict[str, int] = field(default_factory=dict)  # host-side bytes when computing on a GPU
+    overhead: int = 0  # interpreter + libraries, measured at start, outside the budget
+    adaptations: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(sum(parts.values()) for parts in self.phases.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def fits(self) -> bool:
+        host_ok = self.host_budget is None or self.host_peak <= self.host_budget
+        return self.peak <= self.budget and host_ok
+
+    def render(self) -> str:
+        worst = max(self.phases, key=lambda name: sum(self.phases[name].values()))
+        lines = [f"memory plan for {self.device} (peak in the {worst} phase; budget {_gib(self.budget)}):"]
+        for name, size in sorted(self.phases[worst].items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {name:<28} {_gib(size):>10}")
+        lines.append(f"  {'total':<28} {_gib(self.peak):>10}   + {_gib(self.overhead)} interpreter and libraries")
+        if self.host:
+            lines.append(
+                f"  host memory {_gib(self.host_peak)} ({', '.join(f'{k} {_gib(v)}' for k, v in self.host.items())})"
+            )
+        c = self.choice
+        lines.append(
+            f"  chunks of {c.chunk} windows; activations on {c.activations} in {str(c.act_dtype)[6:]}; "
+            f"{c.order} order; waiting chunks park to {c.park}; Hessian inverse in {str(c.inverse_dtype)[6:]}"
+        )
+        lines.extend(f"  adapted: {a}" for a in self.adaptations)
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "budget_bytes": self.budget,
+            "peak_bytes": self.peak,
+            "overhead_bytes": self.overhead,
+            "host_bytes": self.host_peak,
+            "phases": self.phases,
+            "choice": choice_to_dict(self.choice),
+            "adaptations": self.adaptations,
+        }
+
+
+def _gib(size: int) -> str:
+    return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size} B"
+
+
+def _ceil_mib(size: int) -> str:
+    return f"{-(-size // 2**20)}MiB"
+
+
+@dataclass
+class Request:
+    """What the run asks for, before adaptation."""
+
+    windows: int
+    seqlen: int
+    eval_windows: int
+    chunk: int
+    order: str
+    park: str  # "auto" or a mode
+    method_statistics: str  # "none", "sqnorm", "hessian"
+    inverse: bool  # the method inverts Hessians (SparseGPT)
+    compute_dtype: torch.dtype
+    model_dtype: torch.dtype
+    save_dtype: torch.dtype
+    activations: str = "auto"  # "auto", "memory" or "disk"
+    error_tokens: int = 4096
+
+
+def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) -> tuple[dict, dict]:
+    """Per-phase component bytes on the compute device, and host bytes (GPU runs)."""
+    c = torch.finfo(req.compute_dtype).bits // 8
+    a = torch.finfo(choice.act_dtype).bits // 8
+    tokens = req.windows * req.seqlen
+    chunk_tokens = choice.chunk * req.seqlen
+    d, inter = geo.hidden, geo.intermediate
+    on_gpu = device.type == "cuda"
+
+    temporaries = chunk_tokens * (6 * d + 3 * inter) * c
+    if geo.eager_attention:
+        temporaries += choice.chunk * geo.heads * req.seqlen * req.seqlen * c
+    store = tokens * d * a if choice.activations in ("device",) or (choice.activations == "host" and not on_gpu) else 0
+    streamed = 2 * chunk_tokens * d * a if choice.activations == "disk" else 0
+    attention_state = d + geo.heads * geo.head_dim + 2 * geo.kv_heads * geo.head_dim
+    if choice.park == "memory":
+        per_token = max(attention_state + 2 * d, 3 * d + inter)
+    else:
+        per_token = max(attention_state, 2 * d)
+    stash = tokens * per_token * c if choice.order == "sequential" else 0
+    hessian = geo.max_in**2 * 4 if req.method_statistics == "hessian" else geo.max_in * 4
+    inverse = 0
+    if req.inverse:
+        b = torch.finfo(choice.inverse_dtype).bits // 8
+        inverse = 4 * geo.max_in**2 * b + 2 * geo.max_in**2 * 4 + 3 * geo.max_rows * geo.max_in * 4
+    sample = req.error_tokens * geo.max_in * c
+    write_buffer = 0
+    if not on_gpu and req.save_dtype != req.compute_dtype:
+        write_buffer = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
+
+    loop = {
+        "layer weights": geo.layer_params * c,
+        "chunk temporaries": temporaries,
+        "statistics (Hessian)" if req.method_statistics == "hessian" else "statistics": hessian + sample,
+    }
+    if inverse:
+        loop["SparseGPT workspace"] = inverse
+    if choice.order == "sequential":
+        loop["barrier state (all chunks)"] = max(stash, store)
+    elif store:
+        loop["calibration activations"] = store
+    if streamed:
+        loop["activation chunks in flight"] = streamed
+    if write_buffer:
+        loop["output copy of a layer"] = write_buffer
+    rest = geo.rest_params * c
+    begin = {"embeddings and head": rest, "calibration activations": store + streamed, "chunk temporaries": temporaries}
+    phases = {"begin": begin, "layer": loop}
+    if req.eval_windows:
+        logits = req.seqlen * geo.vocab * 4 * 3
+        phases["eval"] = {
+            "embeddings and head": rest,
+            "eval activations": req.eval_windows * req.seqlen * d * c,
+            "layer weights": geo.layer_params * c,
+            "chunk temporaries": temporaries,
+            "logits of one window": logits,
+        }
+    host: dict[str, int] = {}
+    if on_gpu:
+        if choice.activations == "host":
+            host["calibration activations"] = tokens * d * a
+        if choice.park == "host" and choice.order == "sequential":
+            host["parked barrier state"] = tokens * max(3 * d + inter - per_token, 0) * c
+        host["output copy of a layer"] = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
+    return phases, host
+
+
+def make_plan(
+    geo: Geometry, req: Request, device: torch.device, budget: int, host_budget: int | None, overhead: int
+) -> MemoryPlan:
+    """The first configuration that fits the budget, adapting in a fixed order; else refuse."""
+    on_gpu = device.type == "cuda"
+    park = req.park if req.park != "auto" else ("host" if on_gpu else "disk")
+    where = "disk" if req.activations == "disk" else "device"
+    choice = Choice(req.chunk, where, req.compute_dtype, req.order, park, torch.float64)
+    adaptations: list[str] = []
+
+    def plan_for(ch: Choice) -> MemoryPlan:
+        phases, host = estimate(geo, req, ch, device)
+        return MemoryPlan(str(device), budget, host_budget, ch, phases, host, overhead, list(adaptations))
+
+    steps = []
+    if req.model_dtype.itemsize < req.compute_dtype.itemsize:
+        steps.append(
+            ("activations stored in the model dtype", lambda ch: dataclasses.replace(ch, act_dtype=req.model_dtype))
+        )
+    if req.activations == "auto":
+        if on_gpu:
+            steps.append(("activations kept in host memory", lambda ch: dataclasses.replace(ch, activations="host")))
+        steps.append(("activations spilled to disk", lambda ch: dataclasses.replace(ch, activations="disk")))
+    if park == "memory":
+        steps.append(
+            ("waiting chunks park to disk", lambda ch: dataclasses.replace(ch, park="host" if on_gpu else "disk"))
+        )
+    if req.order == "sequential":
+        steps.append(
+            ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))
+        )
+    if req.inverse:
+        steps.append(("float32 Hessian inverse", lambda ch: dataclasses.replace(ch, inverse_dtype=torch.float32)))
+
+    plan = None
+    for applied in range(len(steps) + 1):
+        base = choice
+        for _, step in steps[:applied]:
+            base = step(base)
+        adaptations[:] = [label for label, _ in steps[:applied]]
+        chunk = base.chunk
+        plan = plan_for(base)
+        while not plan.fits and chunk > 1:  # then the largest chunk that fits
+            chunk = max(1, chunk // 2)
+            plan = plan_for(dataclasses.replace(base, chunk=chunk))
+        if plan.fits:
+            if chunk != base.chunk:
+                plan.adaptations.append(f"smaller chunks: {base.chunk} -> {chunk} windows")
+            return plan
+    assert plan is not None
+    need = plan.peak
+    where = f"--max-memory {_ceil_mib(need)}" if plan.peak > budget else f"host memory {_ceil_mib(plan.host_peak)}"
+    raise LLMPruneError(
+        f"this run needs at least {_gib(need)} on {device} even with every adaptation "
+        f"({', '.join(adaptations + ['chunks of 1 window'])}); the budget is {_gib(budget)}: use {where} or more, "
+        "fewer --samples or a shorter --seqlen"
+    )
+
+
+def choice_to_dict(choice: Choice) -> dict:
+    return {k: str(v) for k, v in dataclasses.asdict(choice).items()}
+
+
+def choice_from_dict(data: dict) -> Choice:
+    """Inverse of choice_to_dict (a resumed run reuses the knobs it started with)."""
+    return Choice(
+        chunk=int(data["chunk"]),
+        activations=data["activations"],
+        act_dtype=getattr(torch, data["act_dtype"].removeprefix("torch.")),
+        order=data["order"],
+        park=data["park"],
+        inverse_dtype=getattr(torch, data["inverse_dtype"].removeprefix("torch.")),
+    )

@@ -1,0 +1,158 @@
+"""Memory: the plan before the run, adaptation to a budget, refusal before reading weights, flat peak RSS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import llmprune
+from llmprune.errors import LLMPruneError
+from llmprune.models.checkpoint import Checkpoint
+
+WIDE = dict(hidden=256, inter=768, vocab=512)
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return out
+
+
+def _run(argv: list, timeout: int = 600) -> dict:
+    """One prune in a fresh process; its --json summary plus its llmprune.json."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmprune", *map(str, argv), "--json"], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    summary["report"] = json.loads((__import__("pathlib").Path(summary["output"]) / "llmprune.json").read_text())
+    return summary
+
+
+def test_plan_only_reads_no_weights_and_names_components(tiny_models, corpus_file, monkeypatch, capsys):
+    folder = tiny_models("llama", layers=4, **WIDE)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(Checkpoint, "read", no_weights)
+    result = llmprune.prune(
+        str(folder), calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True, output="unused"
+    )
+    text = result["plan"]
+    for component in (
+        "layer weights",
+        "barrier state",
+        "chunk temporaries",
+        "statistics (Hessian)",
+        "SparseGPT workspace",
+        "interpreter and libraries",
+    ):
+        assert component in text
+    assert result["memory_plan"]["peak_bytes"] > 0
+
+
+def test_impossible_budget_is_refused_before_any_weight_is_read(tiny_models, corpus_file, tmp_path, monkeypatch):
+    folder = tiny_models("llama", layers=4, **WIDE)
+    monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: (_ for _ in ()).throw(AssertionError("weight read")))
+    with pytest.raises(LLMPruneError, match=r"needs at least .* use --max-memory (\d+)MiB") as info:
+        llmprune.prune(
+            str(folder),
+            calibration=str(corpus_file),
+            samples=8,
+            seqlen=64,
+            no_eval=True,
+            max_memory="64KB",
+            output=str(tmp_path / "out"),
+        )
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    smallest = info.value.args[0].split("use --max-memory ")[1].split()[0]
+    plan = llmprune.prune(
+        str(folder),
+        calibration=str(corpus_file),
+        samples=8,
+        seqlen=64,
+        no_eval=True,
+        max_memory=smallest,
+        plan_only=True,
+        output=str(tmp_path / "out"),
+    )
+    assert plan["memory_plan"]["peak_bytes"] <= plan["memory_plan"]["budget_bytes"]
+
+
+def test_spilled_activations_give_identical_weights(tiny_models, corpus_file, tmp_path):
+    """Activations on disk (and parked barrier state) change where bytes live, not a single result bit."""
+    folder = tiny_models("llama", layers=3, **WIDE)
+    common = dict(
+        method="sparsegpt", calibration=str(corpus_file), samples=8, seqlen=64, batch_size=2, no_eval=True, quiet=True
+    )
+    llmprune.prune(str(folder), output=str(tmp_path / "memory"), park="memory", **common)
+    report = llmprune.prune(str(folder), output=str(tmp_path / "disk"), park="disk", activations="disk", **common)
+    assert report["memory_plan"]["choice"]["activations"] == "disk"
+    assert report["memory_plan"]["choice"]["order"] == "sequential"
+    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "disk")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_peak_rss_is_flat_in_depth(tiny_models, corpus_file, tmp_path):
+    """4, 8 and 16 layers of the same width, each pruned in a fresh process: peak RSS stays flat."""
+    peaks = {}
+    for layers in (4, 8, 16):
+        folder = tiny_models("llama", layers=layers, hidden=512, inter=1536, vocab=512)
+        summary = _run(
+            [
+                folder,
+                "--calibration",
+                corpus_file,
+                "--samples",
+                16,
+                "--seqlen",
+                128,
+                "--no-eval",
+                "--output",
+                tmp_path / f"out{layers}",
+            ]
+        )
+        peaks[layers] = summary["report"]["peak_memory"]["rss_bytes"]
+    assert peaks[16] <= 1.15 * peaks[4], peaks
+    assert peaks[8] <= 1.15 * peaks[4], peaks
+
+
+@pytest.mark.slow
+def test_model_larger_than_the_budget_prunes_within_it(tiny_models, corpus_file, tmp_path):
+    """Weights of 16 layers (~200 MB) pruned under a 160 MiB budget: peak RSS <= budget + start-up overhead."""
+    folder = tiny_models("llama", layers=16, hidden=512, inter=1536, vocab=512)
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    budget = 160 * 2**20
+    assert weights > budget
+    summary = _run(
+        [
+            folder,
+            "--calibration",
+            corpus_file,
+            "--samples",
+            16,
+            "--seqlen",
+            128,
+            "--no-eval",
+            "--max-memory",
+            f"{budget}",
+            "--output",
+            tmp_path / "out",
+        ]
+    )
+    report = summary["report"]
+    memory = report["peak_memory"]
+    assert report["memory_plan"]["peak_bytes"] <= budget
+    # overhead_bytes: the process's RSS at start (interpreter, torch, transformers), measured by the run itself
+    assert memory["rss_bytes"] <= budget + memory["overhead_bytes"], memory
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
