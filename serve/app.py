@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI
@@ -45,7 +45,7 @@ class SlotStreamingResponse(StreamingResponse):
     """A streamed response that gives its concurrency slot back however the stream ends (done, error,
     client gone), even if it never started."""
 
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._release = release
 
@@ -53,7 +53,7 @@ class SlotStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._release()
+            self._release()
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -181,7 +181,7 @@ def create_app(service: Service) -> FastAPI:
                     if event.finish_reason:
                         finishes[event.index] = event.finish_reason
         finally:
-            await service.limiter.release(taken)
+            service.limiter.release(taken)
         return formatter.body(texts, finishes, usage(prompt_tokens, tokens))
 
     @app.post("/v1/completions")
@@ -210,7 +210,7 @@ def create_app(service: Service) -> FastAPI:
         try:
             return await service.perplexity(body.texts(), body.seqlen, deadline)
         finally:
-            await service.limiter.release(taken)
+            service.limiter.release(taken)
 
     app.add_middleware(APIKeyMiddleware, keys=config.api_keys)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics, routes=ROUTES)

@@ -133,7 +133,7 @@ def build_sample(config: ServeConfig, report: dict | None, mode: str, tokenizer,
         if count < 1:
             raise LLMPruneError(f"--check-text {config.check_text} has {len(tokens)} tokens, fewer than {seqlen}")
         windows = Windows(tokens[: count * seqlen].view(count, seqlen).clone(), config.check_text.name)
-        reference, source = config.expect_ppl, "--expect-ppl"
+        reference, source = config.expect_ppl, "value given by --expect-ppl"
         what = f"--check-text {config.check_text.name}"
     if windows.seqlen >= max_len:
         raise LLMPruneError(f"check windows of {windows.seqlen} tokens do not fit --max-model-len {max_len}")
@@ -142,7 +142,7 @@ def build_sample(config: ServeConfig, report: dict | None, mode: str, tokenizer,
         from llmprune.eval.perplexity import perplexity
 
         reference = perplexity(config.folder, windows, resolve_device(config.device), batch_size=1).perplexity
-        source = "llmprune's streamed evaluator on the same windows"
+        source = "perplexity from llmprune's streamed evaluator on the same windows"
     description = f"{windows.count} x {windows.seqlen} tokens of {what}"
     return Sample(windows.ids.tolist(), description, reference, source)
 

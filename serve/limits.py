@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
@@ -12,7 +13,8 @@ from serve.errors import APIError
 
 
 class Limiter:
-    """At most `concurrency` requests run and `queue` wait; the next one is refused with 429.
+    """At most `concurrency` requests run and `queue` wait, first come first served (a freed slot is handed
+    to the longest waiter); the next one is refused with 429.
 
     Retry-After is the recent mean time a slot is held, scaled by how many are ahead, at least 1 s.
     """
@@ -21,10 +23,13 @@ class Limiter:
         self.concurrency = concurrency
         self.queue = queue
         self.active = 0
-        self.waiting = 0
-        self._free = asyncio.Condition()
+        self._waiters: deque[asyncio.Future] = deque()
         self._mean_hold = 1.0
         self._on_change = on_change or (lambda active, waiting: None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def retry_after(self) -> int:
         ahead = (self.waiting + 1) / self.concurrency
@@ -32,36 +37,47 @@ class Limiter:
 
     async def acquire(self, deadline: float) -> float:
         """Take a slot before `deadline` (time.monotonic()); returns the time it was taken."""
-        if self.active >= self.concurrency and self.waiting >= self.queue:
+        if self.active < self.concurrency and not self._waiters:
+            self.active += 1
+            self._on_change(self.active, self.waiting)
+            return time.monotonic()
+        if self.waiting >= self.queue:
             raise APIError(
                 429,
                 f"server overloaded: {self.active} requests running and {self.waiting} queued; retry later",
                 code="overloaded",
                 headers={"Retry-After": str(self.retry_after())},
             )
-        async with self._free:
-            self.waiting += 1
+        turn = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        self._on_change(self.active, self.waiting)
+        try:
+            await asyncio.wait_for(turn, timeout=remaining(deadline))
+        except BaseException as exc:
+            if turn in self._waiters:
+                self._waiters.remove(turn)
+            elif turn.done() and not turn.cancelled():
+                self._hand_off()  # the slot came just as this request gave up: pass it on
             self._on_change(self.active, self.waiting)
-            try:
-                await asyncio.wait_for(
-                    self._free.wait_for(lambda: self.active < self.concurrency), timeout=remaining(deadline)
-                )
-            except asyncio.TimeoutError as exc:
+            if isinstance(exc, asyncio.TimeoutError):
                 raise timeout_error() from exc
-            finally:
-                self.waiting -= 1
-                self._on_change(self.active, self.waiting)
-            self.active += 1
-            self._on_change(self.active, self.waiting)
+            raise
+        self._on_change(self.active, self.waiting)
         return time.monotonic()
 
-    async def release(self, taken: float) -> None:
+    def release(self, taken: float) -> None:
         """Give a slot back (taken = what acquire returned)."""
         self._mean_hold = 0.8 * self._mean_hold + 0.2 * (time.monotonic() - taken)
-        async with self._free:
-            self.active -= 1
-            self._on_change(self.active, self.waiting)
-            self._free.notify()
+        self._hand_off()
+        self._on_change(self.active, self.waiting)
+
+    def _hand_off(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.active -= 1
 
 
 def remaining(deadline: float) -> float:

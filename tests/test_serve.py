@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -15,7 +17,7 @@ import torch
 from openai import OpenAI, RateLimitError
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
-from serving import Server
+from serving import ROOT, Server
 from transformers import AutoTokenizer
 
 import llmprune
@@ -246,6 +248,19 @@ def test_overload_is_429_with_retry_after_then_serves_again(server, client):
     assert samples['llmprune_requests_total{"route": "/v1/completions", "status": "429"}'] >= 2
 
 
+def test_load_test_script(server):
+    """scripts/load_test.py against the server: more clients than slots, so some are shed with 429 and
+    Retry-After, and nothing else goes wrong."""
+    command = [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--url", server.url, "--api-key", FLAG_KEY]
+    command += ["--clients", "6", "--requests", "12", "--duration", "60", "--max-tokens", "4", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["errors"] == {} and report["ok"] >= 1
+    assert report["ok"] + report["rejected_429_with_retry_after"] == report["requests"] <= 12
+    assert report["p50_s"] <= report["p99_s"] and report["tokens_per_s"] > 0
+
+
 def _corrupt(folder, target):
     shutil.copytree(folder, target)
     for shard in target.glob("*.safetensors"):
@@ -301,7 +316,7 @@ def test_plain_model_with_check_text(tiny_models, corpus_file):
         body = srv.wait_checked()
         check = body["check"]
         assert body["ready"] and check["status"] == "passed", check
-        assert check["reference_source"] == "llmprune's streamed evaluator on the same windows"
+        assert check["reference_source"] == "perplexity from llmprune's streamed evaluator on the same windows"
         assert check["windows"] == 4 and check["perplexity"] == pytest.approx(check["reference"], rel=0.01)
     finally:
         srv.stop()
