@@ -136,10 +136,12 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         body = {"ready": service.ready, "model": config.name, "engine": service.engine.name}
+        body["engine_alive"] = service.engine_up and service.engine.alive
         return JSONResponse({**body, "check": service.check.as_dict()}, status_code=200 if service.ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        service.metrics.ready.set(1 if service.ready else 0)
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

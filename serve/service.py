@@ -49,7 +49,7 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.engine_up and self.check.status in ("passed", "skipped")
+        return self.engine_up and self.engine.alive and self.check.status in ("passed", "skipped")
 
     async def start(self) -> None:
         """Load the engine, then run the perplexity check (in the background: /health answers meanwhile)."""
@@ -89,7 +89,8 @@ class Service:
 
     def require_ready(self) -> None:
         if not self.ready:
-            raise APIError(503, f"model not ready: {self.check.reason}", code="not_ready")
+            why = self.check.reason if self.engine.alive or not self.engine_up else f"engine {self.engine.name} died"
+            raise APIError(503, f"model not ready: {why}", code="not_ready")
 
     def require_engine(self) -> None:
         if not self.engine_up:

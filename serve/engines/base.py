@@ -58,6 +58,11 @@ class Engine(ABC):
     def dtype(self) -> str:
         """The dtype the engine computes in (e.g. float32), known after start()."""
 
+    @property
+    def alive(self) -> bool:
+        """False once a started engine has died (the service then stops calling itself ready)."""
+        return True
+
     @abstractmethod
     async def start(self) -> None:
         """Load the model (may take a while: the service answers /health meanwhile)."""

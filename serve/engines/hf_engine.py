@@ -95,6 +95,10 @@ class TransformersEngine(Engine):
     def dtype(self) -> str:
         return self._dtype
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._load)

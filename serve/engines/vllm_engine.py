@@ -32,6 +32,10 @@ class VLLMEngine(Engine):
             return self.settings.dtype
         return str(self._llm.model_config.dtype).removeprefix("torch.")
 
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
     async def start(self) -> None:
         import torch
         from vllm import AsyncEngineArgs
