@@ -17,4 +17,18 @@ def evaluate(model: str, **options) -> dict:
     return _evaluate(model, **options)
 
 
-__all__ = ["__version__", "evaluate", "prune"]
+def load(folder: str, **kwargs):
+    """A transformers model from an output folder, dense or packed 2:4. See llmprune.export.load.load."""
+    from llmprune.export.load import load as _load
+
+    return _load(folder, **kwargs)
+
+
+def push(folder: str, repo_id: str, **options) -> dict:
+    """Upload a finished output folder to the Hugging Face Hub. See llmprune.hub.push.push_folder."""
+    from llmprune.hub.push import push_folder
+
+    return push_folder(folder, repo_id, **options)
+
+
+__all__ = ["__version__", "evaluate", "load", "prune", "push"]

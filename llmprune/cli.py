@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 
 from llmprune import __version__
-from llmprune.errors import LLMPruneError
+from llmprune.errors import LLMPruneError, QualityGateError
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
 
@@ -93,6 +94,29 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")
     parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size (default 128)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    parser.add_argument(
+        "--park",
+        default="auto",
+        help="where chunks waiting for a module's statistics keep their largest tensor: auto (host RAM from a GPU, "
+        "disk on a CPU), memory, host or disk",
+    )
+    parser.add_argument(
+        "--save-format",
+        default="dense",
+        choices=["dense", "packed-2:4"],
+        help="dense: safetensors with exact zeros, loads anywhere (default); packed-2:4: kept values + 2-bit positions",
+    )
+    parser.add_argument(
+        "--max-ppl-increase",
+        type=_fraction,
+        default=0.5,
+        metavar="F",
+        help="quality gate: fail the run (exit 3) if pruned perplexity > dense x (1 + F) (default 0.5)",
+    )
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="push the folder if the gate passes")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--revision", metavar="BRANCH", default=None, help="Hub branch to push to (default main)")
+    parser.add_argument("--commit-message", metavar="MSG", default=None, help="Hub commit message")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
@@ -107,11 +131,19 @@ def run_prune(argv: list[str]) -> int:
     options["targets"] = tuple(options["targets"])
     options["ignore"] = tuple(options["ignore"])
     options["quiet"] = args.quiet or args.json
+    options["command"] = shlex.join(["llmprune", *argv])
     report = prune(args.model, **options)
     if args.json:
         print(json.dumps(summary(report), indent=2))
     elif not args.quiet:
         print(format_summary(report))
+    gate = report["quality_gate"]
+    if gate["passed"] is False:
+        pushed = " and not pushed" if report.get("hub") else ""
+        raise QualityGateError(
+            f"quality gate failed: {gate['reason']}; {report['output']} is written{pushed}, "
+            "marked failed in llmprune.json"
+        )
     return 0
 
 
@@ -132,6 +164,8 @@ def summary(report: dict) -> dict:
         "peak_cuda_gib": round(report["peak_memory"]["cuda_bytes"] / 2**30, 3)
         if report["peak_memory"]["cuda_bytes"]
         else None,
+        "quality_gate": report.get("quality_gate", {}).get("status"),
+        "hub": report.get("hub"),
     }
 
 
@@ -156,6 +190,11 @@ def format_summary(report: dict) -> str:
     lines.append(f"  time             {s['seconds']:.1f} s (pruning {s['prune_seconds']:.1f} s)")
     cuda = f", CUDA {s['peak_cuda_gib']:.2f} GiB" if s["peak_cuda_gib"] else ""
     lines.append(f"  peak memory      RSS {s['peak_rss_gib']:.2f} GiB{cuda}")
+    if report.get("quality_gate"):
+        lines.append(f"  quality gate     {report['quality_gate']['status'].replace('_', ' ')}")
+    if report.get("hub"):
+        hub = report["hub"]
+        lines.append(f"  hub              {hub['commit_url'] if hub['pushed'] else 'not pushed: ' + hub['reason']}")
     return "\n".join(lines)
 
 
@@ -194,6 +233,62 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
+def _convert(argv: list[str], pack: bool) -> int:
+    from llmprune.export.packed import convert_folder
+
+    name = "pack" if pack else "unpack"
+    what = "dense 2:4 folder into the packed 2:4 format" if pack else "packed 2:4 folder back into the dense checkpoint"
+    parser = Parser(prog=f"llmprune {name}", description=f"Convert a {what}.")
+    parser.add_argument("folder", metavar="DIR")
+    parser.add_argument("output", metavar="OUT")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    args = parser.parse_args(argv)
+    output = convert_folder(args.folder, args.output, args.overwrite, pack=pack)
+    if pack:
+        packed = json.loads((output / "llmprune.json").read_text())["packed"]
+        print(
+            f"packed {packed['packed_tensors']} 2:4 tensors to {packed['ratio']:.4f}x their dense bytes "
+            f"({packed['other_tensors']} other tensors as is) -> {output}"
+        )
+    else:
+        print(f"unpacked -> {output}")
+    return 0
+
+
+@subcommand("pack")
+def run_pack(argv: list[str]) -> int:
+    return _convert(argv, pack=True)
+
+
+@subcommand("unpack")
+def run_unpack(argv: list[str]) -> int:
+    return _convert(argv, pack=False)
+
+
+@subcommand("push")
+def run_push(argv: list[str]) -> int:
+    from llmprune.hub.push import push_folder
+
+    parser = Parser(prog="llmprune push", description="Upload a finished output folder to the Hugging Face Hub.")
+    parser.add_argument("folder", metavar="DIR")
+    parser.add_argument("repo_id", metavar="ORG/NAME")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", metavar="BRANCH", default=None, help="branch to push to (default main)")
+    parser.add_argument("--commit-message", metavar="MSG", default=None)
+    parser.add_argument("--force", action="store_true", help="push even if the quality gate failed or was not run")
+    args = parser.parse_args(argv)
+    result = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        force=args.force,
+    )
+    print(f"pushed {args.folder} to {result['repo_id']}@{result['revision']}: {result['commit_url']}")
+    return 0
+
+
 @subcommand("serve")
 def run_serve(argv: list[str]) -> int:
     """`llmprune serve DIR_OR_MODEL`: the OpenAI-compatible service in serve/ (see its --help)."""
@@ -215,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_prune(argv)
     except LLMPruneError as exc:
         print("llmprune: error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)
         return 130

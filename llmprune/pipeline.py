@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import re
@@ -17,7 +18,14 @@ from tqdm.auto import tqdm
 
 from llmprune import __version__
 from llmprune.data.sources import resolve_source
-from llmprune.data.windows import TokenizedCorpus, Windows, calibration_windows, evaluation_windows
+from llmprune.data.windows import (
+    TokenizedCorpus,
+    Windows,
+    calibration_windows,
+    evaluation_windows,
+    is_token_file,
+    windows_from_file,
+)
 from llmprune.engine.devices import (
     available_memory,
     compute_dtype,
@@ -25,11 +33,15 @@ from llmprune.engine.devices import (
     peak_cuda,
     peak_rss,
     resolve_device,
+    return_freed_memory,
 )
+from llmprune.engine.parking import PARK_MODES, Parking
 from llmprune.engine.prune_layer import LayerPruner, TargetRule, find_targets
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import Perplexity, perplexity
+from llmprune.export.gate import DEFAULT_MAX_PPL_INCREASE
+from llmprune.export.publish import check_options, finish_folder, push_after_run
 from llmprune.export.writer import OutputFolder, check_output, parse_size
 from llmprune.methods import METHODS, Pattern
 from llmprune.models.resolve import resolve_model
@@ -65,7 +77,15 @@ class Settings:
     dampening: float = 0.01
     blocksize: int = 128
     max_shard_size: str = "5GB"
+    park: str = "auto"
     quiet: bool = False
+    save_format: str = "dense"
+    max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+    command: str | None = None
 
 
 def load_tokenizer(folder: Path):
@@ -86,16 +106,21 @@ def context_length(skeleton: Skeleton) -> int | None:
     return None
 
 
+CHUNK_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
 def auto_batch_size(
     skeleton: Skeleton, seqlen: int, windows: int, device: torch.device, dtype: torch.dtype, reserved: int = 0
 ) -> int:
-    """Windows per forward chunk: as many as fit a quarter of free memory (all of them if they fit)."""
+    """Windows per forward chunk: about CHUNK_TOKENS tokens (efficient matmuls, small temporaries),
+    fewer if a chunk's activations would not fit a quarter of free memory."""
     text = skeleton.config.get_text_config()
     hidden = int(getattr(text, "hidden_size", 4096))
     inter = int(getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden)
     per_window = seqlen * (8 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8
     budget = max(0, available_memory(device) // 4 - reserved)
-    return int(max(1, min(windows, budget // max(per_window, 1))))
+    wanted = max(1, CHUNK_TOKENS.get(device.type, 4096) // seqlen)
+    return int(max(1, min(windows, wanted, budget // max(per_window, 1))))
 
 
 def default_output(model: str, method: str, pattern: Pattern) -> Path:
@@ -122,10 +147,10 @@ def _log(settings: Settings, message: str) -> None:
         print(f"llmprune: {message}", flush=True)
 
 
-def _eval_windows(settings: Settings, calibration: TokenizedCorpus, tokenizer, seqlen: int) -> Windows | None:
+def _eval_windows(settings: Settings, calibration: TokenizedCorpus | None, tokenizer, seqlen: int) -> Windows | None:
     if settings.no_eval:
         return None
-    if settings.eval is None and calibration.corpus.local:
+    if settings.eval is None and calibration is not None and calibration.corpus.local:
         source, spec = calibration, settings.calibration
     else:
         spec = settings.eval or "wikitext2"
@@ -146,9 +171,11 @@ def prune(model: str, **options) -> dict:
     """
     settings = Settings(model=model, **options)
     started = time.perf_counter()
+    return_freed_memory()
     if settings.method not in METHODS:
         raise LLMPruneError(f"unknown --method {settings.method!r}: choose from {', '.join(METHODS)}")
     pattern = Pattern.parse(settings.pattern, settings.sparsity)
+    check_options(settings, pattern)
     device = resolve_device(settings.device)
     save_dtype_override = parse_dtype(settings.dtype)
     output = Path(settings.output) if settings.output else default_output(model, settings.method, pattern)
@@ -165,12 +192,18 @@ def prune(model: str, **options) -> dict:
 
     rule = TargetRule(tuple(settings.targets), tuple(settings.ignore))
     _check_targets(skeleton, rule, pattern)
-    tokenizer = load_tokenizer(folder)
-    calib_corpus = TokenizedCorpus(resolve_source(settings.calibration, split="train"), tokenizer)
-    calib = calibration_windows(calib_corpus, settings.samples, seqlen, settings.seed)
-    eval_windows = _eval_windows(settings, calib_corpus, tokenizer, seqlen)
+    tokenizer = functools.cache(lambda: load_tokenizer(folder))  # not loaded at all for token files without eval
+    if is_token_file(settings.calibration):
+        calib_corpus, calib = None, windows_from_file(Path(settings.calibration))
+        _check_token_windows(calib, skeleton, limit)
+    else:
+        calib_corpus = TokenizedCorpus(resolve_source(settings.calibration, split="train"), tokenizer())
+        calib = calibration_windows(calib_corpus, settings.samples, seqlen, settings.seed)
+    eval_windows = _eval_windows(settings, calib_corpus, tokenizer(), seqlen) if not settings.no_eval else None
     method = METHODS[settings.method](dampening=settings.dampening, blocksize=settings.blocksize)
-    pruner = LayerPruner(method, pattern, rule, settings.order, save_dtype=save_dtype)
+    pruner = LayerPruner(
+        method, pattern, rule, settings.order, save_dtype=save_dtype, parking=Parking(_park_mode(settings.park, device))
+    )
     batch = settings.batch_size or auto_batch_size(
         skeleton, seqlen, calib.count, device, cdtype, reserved=calib.count * seqlen * _hidden(skeleton) * 4
     )
@@ -210,13 +243,33 @@ def prune(model: str, **options) -> dict:
         report["perplexity"] = _ppl_block(dense_ppl, pruned_ppl, eval_windows)
         report["timings"]["total_seconds"] = round(time.perf_counter() - started, 2)
         report["peak_memory"] = {"rss_bytes": peak_rss(), "cuda_bytes": peak_cuda(device)}
-        writer.write_json(REPORT_NAME, report)
+        finish_folder(writer, report, settings, folder, REPORT_NAME)
         report["output"] = str(writer.commit())
     except BaseException:
         if not any(writer.work.glob("layer-*.safetensors")):
             writer.discard()
         raise
+    report["hub"] = push_after_run(report, settings)
     return report
+
+
+def _park_mode(park: str, device: torch.device) -> str:
+    """Where chunks waiting at a lockstep barrier put their big tensors: host RAM from a GPU, disk on a CPU."""
+    if park == "auto":
+        return "host" if device.type == "cuda" else "disk"
+    if park not in PARK_MODES:
+        raise LLMPruneError(f"--park must be auto or one of {', '.join(PARK_MODES)} (got {park!r})")
+    return park
+
+
+def _check_token_windows(windows: Windows, skeleton: Skeleton, limit: int | None) -> None:
+    vocab = getattr(skeleton.config.get_text_config(), "vocab_size", None)
+    if vocab and int(windows.ids.max()) >= vocab or int(windows.ids.min()) < 0:
+        raise LLMPruneError(f"token file {windows.source} holds ids outside the vocabulary [0, {vocab})")
+    if limit and windows.seqlen > limit:
+        raise LLMPruneError(
+            f"token file {windows.source} has windows of {windows.seqlen} tokens, over the context {limit}"
+        )
 
 
 def _hidden(skeleton: Skeleton) -> int:
@@ -254,6 +307,8 @@ def _prune_layers(
     started = time.perf_counter()
     stream = LayerStream(skeleton, device, cdtype, batch)
     hidden = stream.begin(calib.ids)
+    stream.prepare({int(chunk.shape[0]) for chunk in hidden} | {1})
+    pruner.parking.folder = writer.work
     reports: list[dict] = []
     bar = tqdm(
         range(skeleton.num_layers), desc=f"{settings.method} {pruner.pattern}", unit="layer", disable=settings.quiet

@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
+from benchlib import machine
+
 CONFIGS = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("unstructured", "2:4")]
-
-
-def machine() -> str:
-    cores = os.cpu_count()
-    model = ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()} {model}, {cores} cores, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 - `--check-text FILE`: non-overlapping windows of FILE; the reference is --expect-ppl, else llmprune's own
   streamed evaluator (float32 on CPU) on the same windows, which catches an engine that computes differently.
 - Either way, when llmprune.json records dense and pruned perplexity, the pruned model must also pass the
-  quality gate: at most --max-ppl-increase (else the recorded `quality_gate` block's, else +50%) over dense.
+  quality gate: the `quality_gate` block the prune run recorded, or the gate recomputed at --max-ppl-increase.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llmprune.errors import LLMPruneError
 from llmprune.pipeline import REPORT_NAME
-from serve.config import DEFAULT_MAX_PPL_INCREASE, ServeConfig
+from serve.config import ServeConfig
 from serve.engines.base import Engine
 
 DEFAULT_CHECK_SEQLEN = 512
@@ -94,22 +94,18 @@ def check_mode(config: ServeConfig, report: dict | None) -> str:
 
 
 def quality_gate(report: dict | None, max_increase: float | None) -> tuple[bool, str] | None:
-    """(passed, why) of the recorded pruned-vs-dense perplexity, or None when the report has neither."""
-    gate = (report or {}).get("quality_gate") or {}
-    block = (report or {}).get("perplexity") or {}
-    limit = max_increase if max_increase is not None else gate.get("max_ppl_increase", DEFAULT_MAX_PPL_INCREASE)
-    dense, pruned = block.get("dense"), block.get("pruned")
-    if dense and pruned:
-        increase = pruned / dense - 1
-        passed = increase <= limit
-        return passed, (
-            f"pruned perplexity {pruned:.3f} is {increase:+.1%} vs dense {dense:.3f}, "
-            f"{'within' if passed else 'beyond'} the quality gate of {limit:+.0%}"
-        )
-    if "passed" in gate and max_increase is None:
-        verdict = "passed" if gate["passed"] else "failed"
-        return bool(gate["passed"]), f"the quality gate recorded in {REPORT_NAME} {verdict}"
-    return None
+    """(passed, why) of the pruned-vs-dense gate, or None when the report records no dense and pruned perplexity.
+
+    With --max-ppl-increase the gate is recomputed at that limit; otherwise the `quality_gate` block that
+    the prune run wrote is used (computed at the default limit for reports that predate it).
+    """
+    from llmprune.export.gate import gate_of
+    from llmprune.export.gate import quality_gate as gate_at
+
+    gate = gate_at((report or {}).get("perplexity"), max_increase) if max_increase is not None else gate_of(report)
+    if gate.get("passed") is None:
+        return None
+    return bool(gate["passed"]), gate.get("reason") or f"the quality gate recorded in {REPORT_NAME} {gate['status']}"
 
 
 def build_sample(config: ServeConfig, report: dict | None, mode: str, tokenizer, max_len: int) -> Sample:

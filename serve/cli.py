@@ -44,7 +44,7 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-samples", type=int, default=8, metavar="N", help="--check-text windows (8)")
     parser.add_argument("--expect-ppl", type=float, default=None, metavar="X", help="--check-text reference")
     parser.add_argument("--ppl-tolerance", type=float, default=0.05, metavar="F", help="allowed gap (0.05 = 5%%)")
-    parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="F", help="gate vs dense (0.5)")
+    parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="F", help="gate vs dense (recorded)")
     parser.add_argument("--skip-ppl-check", action="store_true", help="ready without the perplexity check")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -52,6 +52,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace, folder: Path) -> ServeConfig:
     """The validated settings (one clear error per bad value)."""
+    from llmprune.export.gate import check_limit
     from serve.auth import api_keys
 
     positive = {
@@ -72,6 +73,8 @@ def build_config(args: argparse.Namespace, folder: Path) -> ServeConfig:
         raise LLMPruneError(f"--port must be in 1..65535 (got {args.port})")
     if args.check_seqlen is not None and args.check_seqlen < 2:
         raise LLMPruneError(f"--check-seqlen must be at least 2 (got {args.check_seqlen})")
+    if args.max_ppl_increase is not None:
+        check_limit(args.max_ppl_increase)
     if args.max_model_len is not None and args.max_model_len < 2:
         raise LLMPruneError(f"--max-model-len must be at least 2 (got {args.max_model_len})")
     options = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name in vars(args)}
@@ -83,6 +86,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from llmprune.engine.devices import parse_dtype
+    from llmprune.export.packed import is_packed
     from llmprune.models.resolve import resolve_model
     from llmprune.models.skeleton import build_skeleton
     from llmprune.pipeline import context_length, load_tokenizer
@@ -95,6 +99,11 @@ def main(argv: list[str]) -> int:
     kind = pick_engine(args.engine)
     parse_dtype(args.dtype)
     config = build_config(args, resolve_model(args.model))
+    if is_packed(config.folder):
+        raise LLMPruneError(
+            f"{config.folder} is in the packed 2:4 format, which vLLM and transformers do not load: "
+            f"run `llmprune unpack {config.folder} OUT` and serve OUT"
+        )
     report = load_report(config.folder)
     mode = check_mode(config, report)
     skeleton = build_skeleton(config.folder)

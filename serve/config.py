@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PORT = 8000
-DEFAULT_MAX_PPL_INCREASE = 0.5
 
 
 @dataclass

@@ -237,3 +237,46 @@ def test_engine_forward_equals_stock_transformers(tiny_models, corpus_file, tmp_
     with torch.no_grad():
         stock = model(ids).logits
     torch.testing.assert_close(streamed_logits(out, ids), stock, rtol=0, atol=1e-5)
+
+
+def test_token_file_calibration_uses_exactly_those_windows(tiny_models, corpus_file, tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tiny_models("llama", layers=2)
+    windows = calibration_windows(TokenizedCorpus(resolve_source(str(corpus_file)), tokenizer), 5, 24, 9)
+    token_file = tmp_path / "windows.safetensors"
+    save_file({"input_ids": windows.ids}, str(token_file))
+    from_file = llmprune.prune(
+        str(folder),
+        method="sparsegpt",
+        calibration=str(token_file),
+        no_eval=True,
+        output=str(tmp_path / "a"),
+        quiet=True,
+    )
+    from_text = llmprune.prune(
+        str(folder),
+        method="sparsegpt",
+        calibration=str(corpus_file),
+        samples=5,
+        seqlen=24,
+        seed=9,
+        no_eval=True,
+        output=str(tmp_path / "b"),
+        quiet=True,
+    )
+    assert from_file["calibration"]["sha256"] == from_text["calibration"]["sha256"] == windows.fingerprint()
+    a, b = _read_output(tmp_path / "a"), _read_output(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_token_file(tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    from llmprune.errors import LLMPruneError
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"input_ids": torch.full((2, 8), 10_000)}, str(bad))
+    with pytest.raises(LLMPruneError, match="outside the vocabulary"):
+        llmprune.prune(str(tiny_models("llama")), calibration=str(bad), no_eval=True, output=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

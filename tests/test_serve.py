@@ -24,6 +24,7 @@ import llmprune
 from llmprune.cli import main
 from llmprune.data.windows import Windows
 from llmprune.eval.perplexity import perplexity
+from llmprune.export.gate import quality_gate as recorded_gate
 
 FLAG_KEY = "flag-key"
 ENV_KEYS = "env-key-1, env-key-2"
@@ -293,13 +294,19 @@ def test_corrupted_weights_fail_the_check(pruned_tiny, tmp_path):
         srv.stop()
 
 
-def test_quality_gate_and_request_timeout(pruned_tiny):
-    """A gate tighter than the recorded pruned-vs-dense change keeps the service not ready; a request past
-    --request-timeout gets 504."""
-    srv = Server(pruned_tiny, "--engine", "transformers", "--max-ppl-increase", "-0.5", "--request-timeout", "1e-9")
+def test_failed_quality_gate_and_request_timeout(pruned_tiny, tmp_path):
+    """A folder whose recorded quality gate failed (dense perplexity half the pruned one) stays not ready,
+    though the engine reproduces its pruned perplexity; a request past --request-timeout gets 504."""
+    folder = tmp_path / "failed-gate"
+    shutil.copytree(pruned_tiny, folder)
+    report = json.loads((folder / "llmprune.json").read_text())
+    report["perplexity"]["dense"] = report["perplexity"]["pruned"] / 2
+    report["quality_gate"] = recorded_gate(report["perplexity"], 0.5)
+    (folder / "llmprune.json").write_text(json.dumps(report))
+    srv = Server(folder, "--engine", "transformers", "--request-timeout", "1e-9")
     try:
         body = srv.wait_checked()
-        assert body["check"]["status"] == "failed" and "beyond the quality gate of -50%" in body["check"]["reason"]
+        assert body["check"]["status"] == "failed" and "above the limit of +50%" in body["check"]["reason"]
         assert "within ±5%" in body["check"]["reason"]
         timed_out = srv.post("/v1/perplexity", {"text": "Good morrow"})
         assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "timeout"
@@ -322,8 +329,13 @@ def test_plain_model_with_check_text(tiny_models, corpus_file):
         srv.stop()
 
 
-def test_bad_serve_arguments_one_line_error(tiny_models, pruned_tiny, tmp_path, capsys):
+def test_bad_serve_arguments_one_line_error(tiny_models, pruned_tiny, corpus_file, tmp_path, capsys):
     plain = tiny_models("llama", layers=2, hidden=128, inter=256)
+    packed = tmp_path / "packed"
+    common = dict(calibration=str(corpus_file), samples=2, seqlen=32, no_eval=True, quiet=True)
+    llmprune.prune(
+        str(plain), method="magnitude", pattern="2:4", save_format="packed-2:4", output=str(packed), **common
+    )
     cases = {
         "plain model needs --check-text": ([plain], "no llmprune.json"),
         "engine": ([pruned_tiny, "--engine", "tgi"], "--engine must be one of"),
@@ -334,6 +346,8 @@ def test_bad_serve_arguments_one_line_error(tiny_models, pruned_tiny, tmp_path, 
         "expect without text": ([pruned_tiny, "--expect-ppl", "12"], "--expect-ppl needs --check-text"),
         "context": ([pruned_tiny, "--max-model-len", "100000"], "exceeds the model's context of 256"),
         "dtype": ([pruned_tiny, "--dtype", "int3"], "--dtype must be one of"),
+        "gate": ([pruned_tiny, "--max-ppl-increase", "-0.5"], "--max-ppl-increase must be >= 0"),
+        "packed": ([packed, "--skip-ppl-check"], "packed 2:4 format"),
         "missing model": ([tmp_path / "no-model"], "cannot find model"),
     }
     for case, (argv, message) in cases.items():

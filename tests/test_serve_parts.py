@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from llmprune.export.gate import quality_gate as recorded_gate
 from serve.check import quality_gate
 from serve.errors import APIError
 from serve.generation import StopScanner
@@ -71,10 +72,12 @@ def test_stop_scanner_cuts_streamed_text_like_the_whole(pieces, stops):
     assert out == expected and stopped == bool(cuts)
 
 
-def test_quality_gate_reads_flag_then_recorded_block_then_default():
-    report = {"perplexity": {"dense": 20.0, "pruned": 28.0}}
-    assert quality_gate(report, None)[0] is True  # +40% within the default +50%
-    assert quality_gate(report, 0.3)[0] is False
-    assert quality_gate({**report, "quality_gate": {"max_ppl_increase": 0.2}}, None)[0] is False
-    assert quality_gate({"quality_gate": {"passed": False}}, None)[0] is False
-    assert quality_gate({}, None) is None
+def test_quality_gate_flag_overrides_the_recorded_block():
+    perplexity = {"dense": 20.0, "pruned": 28.0}  # +40%
+    recorded_fail = {"perplexity": perplexity, "quality_gate": recorded_gate(perplexity, 0.2)}
+    assert quality_gate(recorded_fail, None)[0] is False
+    assert quality_gate(recorded_fail, 0.5)[0] is True
+    assert quality_gate({"perplexity": perplexity}, None)[0] is True  # a report from before the gate: +50%
+    assert quality_gate({"perplexity": perplexity}, 0.3)[0] is False
+    assert quality_gate({"perplexity": {"dense": None, "pruned": None}}, None) is None
+    assert quality_gate(None, None) is None

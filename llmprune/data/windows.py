@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,25 @@ def _encode(tokenizer, text: str) -> torch.Tensor:
     finally:
         hf_logging.set_verbosity(verbosity)
     return ids.to(torch.int64)
+
+
+def is_token_file(spec: str) -> bool:
+    """A pre-tokenized calibration set: a .safetensors file holding an int tensor `input_ids` [N, L]."""
+    return spec.lower().endswith(".safetensors")
+
+
+def windows_from_file(path: Path) -> Windows:
+    """Exact calibration windows from a token file (as written by scripts/bench_peer.py)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        ids = load_file(str(path)).get("input_ids")
+    except (SafetensorError, OSError) as exc:
+        raise LLMPruneError(f"cannot read token file {path}: {exc}") from exc
+    if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
+        raise LLMPruneError(f"token file {path} needs an integer tensor `input_ids` of shape [windows, tokens]")
+    return Windows(ids.to(torch.int64), str(path), None, {"token_file": True})
 
 
 def calibration_windows(source: TokenizedCorpus, samples: int, seqlen: int, seed: int) -> Windows:

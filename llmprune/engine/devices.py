@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import sys
 
 import torch
 
@@ -59,3 +61,16 @@ def peak_rss() -> int:
 
 def peak_cuda(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed buffers back to the OS at once (activations come and go in
+    tens of MB per chunk, from several threads; per-thread malloc arenas would otherwise keep them)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: buffers >= 1 MiB are mmapped and unmapped on free
+    libc.mallopt(-8, 2)  # M_ARENA_MAX

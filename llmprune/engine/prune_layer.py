@@ -3,7 +3,8 @@
 Two orders:
 - "sequential" (default): each group of Linears that share an input is pruned as soon as it has
   seen every calibration window, and the forward goes on with the pruned weights, so later modules
-  see the pruned upstream ("true sequential"). When all windows fit one forward this is one pass.
+  see the pruned upstream ("true sequential"). The chunks run in lockstep (engine/lockstep.py), so
+  this is one forward per layer whatever the chunk size.
 - "parallel": every Linear sees the dense layer's inputs (as in the SparseGPT and Wanda papers):
   one pass collects statistics, one pass propagates the pruned layer's outputs.
 Either way the layer's outputs on the calibration windows (the next layer's inputs) come from the
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmprune.engine.capture import StopForward
+from llmprune.engine.activations import Activations
+from llmprune.engine.lockstep import Lockstep
+from llmprune.engine.parking import Parking
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import InputStats, Pattern, PruningMethod
@@ -51,7 +54,7 @@ def find_targets(layer: nn.Module, prefix: str, rule: TargetRule) -> dict[str, n
 
 
 def group_by_input(
-    stream: LayerStream, index: int, layer: nn.Module, hidden: torch.Tensor, targets: dict[str, nn.Linear]
+    stream: LayerStream, index: int, layer: nn.Module, window: torch.Tensor, targets: dict[str, nn.Linear]
 ) -> list[list[str]]:
     """Groups of targets that receive the very same input tensor (q/k/v; gate/up), in call order.
 
@@ -73,7 +76,7 @@ def group_by_input(
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in targets.items()]
     try:
         with torch.no_grad():
-            stream.run(index, layer, hidden[:1])
+            stream.run(index, layer, window)
     finally:
         for handle in handles:
             handle.remove()
@@ -104,6 +107,7 @@ class LayerPruner:
         order: str = "sequential",
         error_tokens: int = 4096,
         save_dtype: torch.dtype | None = None,
+        parking: Parking | None = None,
     ) -> None:
         if order not in ORDERS:
             raise LLMPruneError(f"--order must be one of {', '.join(ORDERS)} (got {order!r})")
@@ -113,81 +117,77 @@ class LayerPruner:
         self.order = order
         self.error_tokens = error_tokens
         self.save_dtype = save_dtype
+        self.parking = parking or Parking("memory")
 
-    def prune(self, stream: LayerStream, index: int, layer: nn.Module, hidden: torch.Tensor) -> list[dict]:
-        """Prune layer `index` in place; `hidden` becomes the pruned layer's outputs. Returns module reports."""
+    def prune(self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations) -> list[dict]:
+        """Prune layer `index` in place; `acts` become the pruned layer's outputs. Returns module reports."""
         prefix = f"{stream.sk.layers_prefix}.{index}"
         targets = find_targets(layer, prefix, self.rule)
         reports: list[dict] = []
         if not targets:
-            stream.forward(index, layer, hidden)
+            stream.forward(index, layer, acts)
             return reports
-        groups = [_Group(names) for names in group_by_input(stream, index, layer, hidden, targets)]
-        one_pass = hidden.shape[0] <= stream.batch_size
-        if self.order == "sequential" and one_pass:
-            self._sequential_one_pass(stream, index, layer, hidden, targets, groups, prefix, reports)
-        elif self.order == "sequential":
-            for group in groups:
-                self._collect(stream, index, layer, hidden, targets, [group], stop_after=True)
-                self._apply(targets, group, prefix, reports)
-            stream.forward(index, layer, hidden)
+        groups = [_Group(names) for names in group_by_input(stream, index, layer, acts.first(), targets)]
+        if self.order == "sequential":
+            self._lockstep(stream, index, layer, acts, targets, groups, prefix, reports)
         else:
-            self._collect(stream, index, layer, hidden, targets, groups, stop_after=False)
+            self._collect_all(stream, index, layer, acts, targets, groups)
             for group in groups:
                 self._apply(targets, group, prefix, reports)
-            stream.forward(index, layer, hidden)
+            stream.forward(index, layer, acts)
         return reports
-
-    def _new_stats(self, module: nn.Linear) -> InputStats | None:
-        if self.method.statistics == "none":
-            return None
-        return InputStats(module.in_features, self.method.statistics, module.weight.device)
 
     def _observe(self, group: _Group, module: nn.Linear, x: torch.Tensor) -> None:
         if group.stats is None and self.method.statistics != "none":
-            group.stats = self._new_stats(module)
+            group.stats = InputStats(module.in_features, self.method.statistics, module.weight.device)
         if group.stats is not None:
             group.stats.add(x)
         if group.sample is None:
             group.sample = x.reshape(-1, x.shape[-1])[: self.error_tokens].detach().clone()
 
-    def _sequential_one_pass(self, stream, index, layer, hidden, targets, groups, prefix, reports) -> None:
-        by_first = {group.names[0]: group for group in groups}
+    def _lockstep(self, stream, index, layer, acts, targets, groups, prefix, reports) -> None:
+        """One forward: every chunk waits at each group until all chunks have fed its statistics.
+
+        While waiting, a chunk parks the group's input and the layer input it still holds.
+        """
+        step = Lockstep(len(acts), self.parking)
+        inputs: dict[int, torch.Tensor] = {}
 
         def hook_for(group: _Group):
             def hook(module: nn.Module, args: tuple) -> None:
                 if not group.done:
                     self._observe(group, module, args[0])
-                    self._apply(targets, group, prefix, reports)
+                    park = [args[0], inputs[step.chunk]]
+                    step.barrier(lambda: self._apply(targets, group, prefix, reports), park=park)
 
             return hook
 
-        handles = [targets[name].register_forward_pre_hook(hook_for(group)) for name, group in by_first.items()]
+        def work(position: int) -> torch.Tensor:
+            inputs[position] = acts.take(position)
+            try:
+                with torch.no_grad():
+                    return stream.run(index, layer, inputs[position]).to(stream.act_device, stream.dtype)
+            finally:
+                del inputs[position]
+
+        handles = [targets[g.names[0]].register_forward_pre_hook(hook_for(g)) for g in groups]
         try:
-            stream.forward(index, layer, hidden)
+            acts.chunks[:] = step.run(work)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _collect(self, stream, index, layer, hidden, targets, groups, stop_after: bool) -> None:
-        """Accumulate statistics for `groups` over all windows (stopping the forward early if asked)."""
+    def _collect_all(self, stream, index, layer, acts, targets, groups) -> None:
+        """The papers' order: statistics of every group from one pass of the dense layer."""
 
         def hook_for(group: _Group):
-            def hook(module: nn.Module, args: tuple) -> None:
-                self._observe(group, module, args[0])
-                if stop_after:
-                    raise StopForward
-
-            return hook
+            return lambda module, args: self._observe(group, module, args[0])
 
         handles = [targets[g.names[0]].register_forward_pre_hook(hook_for(g)) for g in groups]
         try:
             with torch.no_grad():
-                for start in range(0, hidden.shape[0], stream.batch_size):
-                    try:
-                        stream.run(index, layer, hidden[start : start + stream.batch_size])
-                    except StopForward:
-                        pass
+                for chunk in acts:
+                    stream.run(index, layer, chunk)
         finally:
             for handle in handles:
                 handle.remove()

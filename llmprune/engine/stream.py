@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune.engine.activations import Activations
 from llmprune.engine.capture import LayerCall, catch_first_inputs, catch_layer_calls, run_tail, unwrap
 from llmprune.models.skeleton import Skeleton
 
@@ -43,26 +44,34 @@ class LayerStream:
             self.sk.load_rest(self.device, self.dtype)
             self._rest_loaded = True
 
-    def begin(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states entering layer 0 for every window, as an [N, L, D] tensor on act_device."""
+    def begin(self, ids: torch.Tensor) -> Activations:
+        """Hidden states entering layer 0 for every window, in chunks of batch_size windows on act_device."""
         self._ensure_rest()
         self.ids = ids
-        hidden: torch.Tensor | None = None
+        chunks: list[torch.Tensor] = []
         with torch.no_grad():
             for start in range(0, ids.shape[0], self.batch_size):
                 chunk = ids[start : start + self.batch_size].to(self.device)
-                h, call = catch_first_inputs(self.sk.model, self.sk.layers, chunk)
+                hidden, call = catch_first_inputs(self.sk.model, self.sk.layers, chunk)
                 self._first_calls.setdefault(chunk.shape[0], call)
-                if hidden is None:
-                    hidden = torch.empty((ids.shape[0], *h.shape[1:]), dtype=self.dtype, device=self.act_device)
-                hidden[start : start + chunk.shape[0]] = h.to(self.act_device, self.dtype)
-        assert hidden is not None
-        return hidden
+                chunks.append(hidden.to(self.act_device, self.dtype))
+        return Activations(chunks)
 
     def attach(self, ids: torch.Tensor) -> None:
         """Use `ids` for argument capture without computing layer-0 inputs (a resumed run has them)."""
         self._ensure_rest()
         self.ids = ids
+
+    def prepare(self, sizes: set[int]) -> None:
+        """Catch every layer's arguments for these chunk sizes now, then free the non-layer modules.
+
+        (Embeddings and head are only needed again for the loss at the end.)
+        """
+        if self._example is None:
+            self._probe_output_format()
+        for size in sorted(sizes):
+            self.call(1 if len(self.sk.layers) > 1 else 0, size)
+        self.close()
 
     def call(self, index: int, size: int) -> LayerCall:
         """Non-hidden arguments of layer `index` for a chunk of `size` windows."""
@@ -70,12 +79,14 @@ class LayerStream:
         if self._example is None:
             if index == 0:
                 if size not in self._first_calls:
+                    self._ensure_rest()
                     _, self._first_calls[size] = catch_first_inputs(
                         self.sk.model, self.sk.layers, self.ids[:size].to(self.device)
                     )
                 return self._first_calls[size]
             self._probe_output_format()
         if size not in self._calls:
+            self._ensure_rest()
             with torch.no_grad():
                 self._calls[size] = catch_layer_calls(
                     self.sk.model, self.sk.layers, self.ids[:size].to(self.device), self._example
@@ -84,6 +95,7 @@ class LayerStream:
 
     def _probe_output_format(self) -> None:
         """Learn whether layers return a tensor or a tuple by running layer 0 on one window."""
+        self._ensure_rest()
         was_meta = any(p.is_meta for p in self.sk.layers[0].parameters())
         layer = self.sk.load_layer(0, self.device, self.dtype) if was_meta else self.sk.layers[0]
         with torch.no_grad():
@@ -103,43 +115,38 @@ class LayerStream:
         self._note_output(output)
         return unwrap(output)
 
-    def forward(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Layer `index` over all windows in chunks, written back into `hidden` in place."""
+    def forward(self, index: int, layer: nn.Module, acts: Activations) -> Activations:
+        """Layer `index` over every chunk; each chunk is replaced by its output (inputs freed as we go)."""
         with torch.no_grad():
-            for start in range(0, hidden.shape[0], self.batch_size):
-                chunk = hidden[start : start + self.batch_size]
-                chunk.copy_(self.run(index, layer, chunk).to(hidden.device, hidden.dtype))
-        return hidden
+            for position in range(len(acts)):
+                chunk = acts.take(position)
+                acts.chunks[position] = self.run(index, layer, chunk).to(self.act_device, self.dtype)
+                del chunk
+        return acts
 
-    def nll(self, hidden: torch.Tensor, batch: int = 1) -> tuple[float, int]:
+    def nll(self, acts: Activations, batch: int = 1) -> tuple[float, int]:
         """Summed next-token negative log-likelihood and token count, through the model's own head."""
         assert self.ids is not None
+        self._ensure_rest()
         total, tokens = 0.0, 0
         with torch.no_grad():
-            for start in range(0, hidden.shape[0], batch):
+            for start in range(0, acts.count, batch):
                 ids = self.ids[start : start + batch].to(self.device)
-                last = hidden[start : start + batch].to(self.device, self.dtype)
+                last = acts.windows(start, start + batch).to(self.device, self.dtype)
                 loss = run_tail(self.sk.model, self.sk.layers, ids, last, self._example, labels=ids).loss
                 count = ids.shape[0] * (ids.shape[1] - 1)
                 total += float(loss.double()) * count
                 tokens += count
         return total, tokens
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, acts: Activations) -> torch.Tensor:
         """Logits for all windows (small inputs only: tests and spot checks)."""
         assert self.ids is not None
+        self._ensure_rest()
+        last = acts.to_tensor().to(self.device, self.dtype)
         with torch.no_grad():
-            return (
-                run_tail(
-                    self.sk.model,
-                    self.sk.layers,
-                    self.ids.to(self.device),
-                    hidden.to(self.device, self.dtype),
-                    self._example,
-                )
-                .logits.float()
-                .cpu()
-            )
+            output = run_tail(self.sk.model, self.sk.layers, self.ids.to(self.device), last, self._example)
+        return output.logits.float().cpu()
 
     def close(self) -> None:
         """Free the non-layer modules."""

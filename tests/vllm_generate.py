@@ -1,0 +1,29 @@
+"""Greedy continuations from vLLM, run by the tests as `python vllm_generate.py FOLDER DTYPE MAX_TOKENS PROMPTS_JSON`.
+
+One engine in its own process (vLLM changes process-wide torch settings); it prints one line
+`RESULT [[token ids], ...]`. enforce_eager skips compilation; the CPU backend's memory check wants a
+small utilisation fraction on a shared 24 GiB machine, and the KV cache is capped at 1 GiB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    folder, dtype, max_tokens, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=folder, dtype=dtype, enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.2, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+    print("RESULT " + json.dumps([list(out.outputs[0].token_ids) for out in outputs]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
