@@ -304,6 +304,14 @@ def run_push(argv: list[str]) -> int:
     return 0
 
 
+@subcommand("serve")
+def run_serve(argv: list[str]) -> int:
+    """`llmprune serve DIR_OR_MODEL`: the OpenAI-compatible service in serve/ (see its --help)."""
+    from serve.cli import main as serve_main
+
+    return serve_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: dispatch to a subcommand, or prune."""
     argv = list(sys.argv[1:] if argv is None else argv)

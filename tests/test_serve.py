@@ -1,0 +1,357 @@
+"""`llmprune serve`: one API suite run against a real server process per engine (transformers and vLLM),
+plus the start-up perplexity check on corrupted weights, a failed quality gate and a plain model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI, RateLimitError
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
+from serving import ROOT, Server
+from transformers import AutoTokenizer
+
+import llmprune
+from llmprune.cli import main
+from llmprune.data.windows import Windows
+from llmprune.eval.perplexity import perplexity
+from llmprune.export.gate import quality_gate as recorded_gate
+
+FLAG_KEY = "flag-key"
+ENV_KEYS = "env-key-1, env-key-2"
+CONTEXT = 256  # max_position_embeddings of the tiny test models
+
+
+@pytest.fixture(scope="session")
+def pruned_tiny(tiny_models, corpus_file, tmp_path_factory):
+    """A tiny Llama (head_dim 32, which vLLM's CPU attention supports), pruned by llmprune with eval windows."""
+    model = tiny_models("llama", layers=2, hidden=128, inter=256)
+    out = tmp_path_factory.mktemp("serve") / "tiny-pruned"
+    common = dict(calibration=str(corpus_file), samples=4, seqlen=64, eval_samples=8, quiet=True)
+    llmprune.prune(str(model), method="magnitude", sparsity=0.5, output=str(out), **common)
+    return out
+
+
+@pytest.fixture(scope="session", params=["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
+def server(request, pruned_tiny):
+    """One server per engine for the whole run: keys from the flag and the environment, small limits."""
+    flags = ["--engine", request.param, "--api-key", FLAG_KEY, "--max-concurrency", "2", "--max-queue", "1"]
+    flags += ["--max-tokens", "200"]
+    env = {"LLMPRUNE_API_KEYS": ENV_KEYS}
+    if request.param == "vllm":
+        flags += ["--enforce-eager", "--kv-cache-gib", "0.25"]
+        env["OMP_NUM_THREADS"] = "1"
+    srv = Server(pruned_tiny, *flags, key=FLAG_KEY, env=env)
+    try:
+        body = srv.wait_checked()
+        assert body["ready"], srv.log()[-3000:]
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key=FLAG_KEY, max_retries=0, timeout=120)
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def _metrics(server) -> dict[str, float]:
+    samples = {}
+    for family in text_string_to_metric_families(server.get("/metrics").text):
+        for s in family.samples:
+            samples[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
+    return samples
+
+
+def test_health_ready_and_models(server, client, pruned_tiny):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ready = server.get("/ready")
+    assert ready.status_code == 200
+    check = ready.json()["check"]
+    assert check["status"] == "passed" and check["windows"] == 8 and check["seqlen"] == 64
+    # the serving engine's perplexity on the prune run's eval windows vs llmprune's float32 result then
+    recorded = json.loads((pruned_tiny / "llmprune.json").read_text())["perplexity"]["pruned"]
+    assert check["reference"] == pytest.approx(recorded)
+    assert check["perplexity"] == pytest.approx(recorded, rel=0.01)
+    models = client.models.list().data
+    assert [m.id for m in models] == [pruned_tiny.name]
+
+
+def test_completion(client):
+    result = client.completions.create(model=_model(client), prompt="Good morrow, sweet", max_tokens=6, temperature=0)
+    choice = result.choices[0]
+    assert result.object == "text_completion" and choice.finish_reason in ("length", "stop")
+    assert result.usage.completion_tokens <= 6 and result.usage.prompt_tokens > 0
+    assert choice.text
+    batch = client.completions.create(model=_model(client), prompt=["To be", "or not"], max_tokens=3, n=2)
+    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+
+
+def test_stop_sequence_cuts_the_text(client):
+    model = _model(client)
+    full = client.completions.create(model=model, prompt="My lord,", max_tokens=12, temperature=0).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = client.completions.create(model=model, prompt="My lord,", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_streamed_matches_unstreamed(client, server):
+    messages = [{"role": "user", "content": "Speak, what say you?"}]
+    kwargs = dict(model=_model(client), messages=messages, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    raw = server.post("/v1/chat/completions", {**kwargs, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_perplexity_matches_llmprune_eval(server, pruned_tiny, corpus_file):
+    """/v1/perplexity (serving engine) vs llmprune's streamed float32 evaluator on the same tokens."""
+    text = corpus_file.read_text()
+    texts = [text[1000:1400], text[5000:5300]]
+    answer = server.post("/v1/perplexity", {"text": texts})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    tokenizer = AutoTokenizer.from_pretrained(pruned_tiny)
+    nll, tokens = 0.0, 0
+    for text_part, served in zip(texts, body["texts"]):
+        ids = torch.tensor([tokenizer(text_part)["input_ids"]])
+        assert ids.shape[1] < CONTEXT
+        reference = perplexity(pruned_tiny, Windows(ids, "text"), torch.device("cpu"))
+        assert served["tokens"] == reference.tokens
+        assert served["perplexity"] == pytest.approx(reference.perplexity, rel=0.01)
+        nll, tokens = nll + reference.nll * reference.tokens, tokens + reference.tokens
+    assert body["tokens"] == tokens
+    assert body["perplexity"] == pytest.approx(torch.tensor(nll / tokens).exp().item(), rel=0.01)
+
+
+def test_metrics(server, client):
+    client.completions.create(model=_model(client), prompt="Hark", max_tokens=4)
+    samples = _metrics(server)
+    assert samples['llmprune_requests_total{"route": "/v1/completions", "status": "200"}'] >= 1
+    assert samples['llmprune_request_seconds_count{"route": "/v1/completions"}'] >= 1
+    assert samples["llmprune_generated_tokens_total{}"] >= 4
+    assert samples["llmprune_ppl_check_state{}"] == 1
+    assert samples["llmprune_ppl_check_perplexity{}"] > 1
+    assert samples["llmprune_ready{}"] == 1
+
+
+@pytest.mark.parametrize("route", ["/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/perplexity"])
+def test_api_key_required(server, route):
+    call = server.get if route in ("/ready", "/metrics", "/v1/models") else server.post
+    for headers in ({}, server.headers("wrong-key"), {"Authorization": FLAG_KEY}):
+        answer = call(route, headers=headers)
+        assert answer.status_code == 401
+        assert answer.json()["error"]["type"] == "authentication_error"
+    for key in (FLAG_KEY, "env-key-1", "env-key-2"):
+        assert call(route, headers=server.headers(key)).status_code != 401
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+LONG_PROMPT = "So " * 400
+INVALID = {
+    "max_tokens zero": ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    "max_tokens above limit": ("/v1/completions", {"prompt": "hi", "max_tokens": 201}, "max_tokens"),
+    "prompt longer than context": ("/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 1}, "prompt"),
+    "prompt plus max_tokens": ("/v1/completions", {"prompt": "So " * 100, "max_tokens": 200}, "max_tokens"),
+    "temperature": ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature"),
+    "top_p zero": ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+    "top_p above one": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5},
+        "top_p",
+    ),
+    "n zero": ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
+    "n too large": ("/v1/completions", {"prompt": "hi", "n": 100}, "n"),
+    "no prompt": ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    "no messages": ("/v1/chat/completions", {"messages": []}, "messages"),
+    "bad role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    "token id out of vocab": ("/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
+    "logprobs": ("/v1/completions", {"prompt": "hi", "logprobs": 2}, "logprobs"),
+    "perplexity of nothing": ("/v1/perplexity", {"text": "x"}, "text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_body_is_400(server, case):
+    route, body, param = INVALID[case]
+    answer = server.post(route, body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert param in error["message"] or "context" in error["message"] or "tokens" in error["message"]
+
+
+def test_malformed_json_is_400(server):
+    answer = httpx.post(
+        server.url + "/v1/completions",
+        content=b"{not json",
+        headers={**server.headers(), "content-type": "application/json"},
+    )
+    assert answer.status_code == 400 and "JSON" in answer.json()["error"]["message"]
+
+
+def test_overload_is_429_with_retry_after_then_serves_again(server, client):
+    """Two long streams hold both slots and a third request waits in the one-place queue: the next is
+    refused with 429 and Retry-After; once the streams are dropped the server answers again."""
+    model = _model(client)
+    heavy = {"model": model, "prompt": ["Now"] * 32, "n": 8, "max_tokens": 200, "stream": True}
+    queued: dict = {}
+    with ExitStack() as stack:
+        for _ in range(2):
+            http = stack.enter_context(httpx.Client(timeout=120, headers=server.headers()))
+            stream = stack.enter_context(http.stream("POST", server.url + "/v1/completions", json=heavy))
+            assert stream.status_code == 200
+        waiter = threading.Thread(
+            target=lambda: queued.update(answer=server.post("/v1/completions", {"prompt": "Soft", "max_tokens": 2}))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while _metrics(server)["llmprune_requests_queued{}"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metrics(server)["llmprune_requests_queued{}"] == 1
+        refused = server.post("/v1/completions", {"prompt": "Soft", "max_tokens": 2})
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        with pytest.raises(RateLimitError):
+            client.completions.create(model=model, prompt="Soft", max_tokens=2)
+    waiter.join(timeout=120)
+    assert queued["answer"].status_code == 200
+    again = client.completions.create(model=model, prompt="Soft you now", max_tokens=3)
+    assert again.usage.completion_tokens >= 1
+    deadline = time.monotonic() + 60
+    while _metrics(server)["llmprune_requests_running{}"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    samples = _metrics(server)
+    assert samples["llmprune_requests_running{}"] == 0
+    assert samples['llmprune_requests_total{"route": "/v1/completions", "status": "429"}'] >= 2
+
+
+def test_load_test_script(server):
+    """scripts/load_test.py against the server: more clients than slots, so some are shed with 429 and
+    Retry-After, and nothing else goes wrong."""
+    command = [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--url", server.url, "--api-key", FLAG_KEY]
+    command += ["--clients", "6", "--requests", "12", "--duration", "60", "--max-tokens", "4", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["errors"] == {} and report["ok"] >= 1
+    assert report["ok"] + report["rejected_429_with_retry_after"] == report["requests"] <= 12
+    assert report["p50_s"] <= report["p99_s"] and report["tokens_per_s"] > 0
+
+
+def _corrupt(folder, target):
+    shutil.copytree(folder, target)
+    for shard in target.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"] = tensors["model.norm.weight"] * 10
+            save_file(tensors, shard, metadata={"format": "pt"})
+    return target
+
+
+def test_corrupted_weights_fail_the_check(pruned_tiny, tmp_path):
+    """Weights changed after pruning: the engine's perplexity is far from the recorded one, so the service
+    stays not ready (503 on /ready and on generation) and logs why, while /v1/perplexity still answers."""
+    srv = Server(_corrupt(pruned_tiny, tmp_path / "corrupt"), "--engine", "transformers")
+    try:
+        body = srv.wait_checked()
+        assert body["ready"] is False and body["check"]["status"] == "failed"
+        assert "engine mismatch or corrupted weights" in body["check"]["reason"]
+        assert srv.get("/ready").status_code == 503
+        assert httpx.get(srv.url + "/health").status_code == 200
+        refused = srv.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and "not ready" in refused.json()["error"]["message"]
+        assert srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}).status_code == 503
+        live = srv.post("/v1/perplexity", {"text": "Good morrow, good morrow, my lord."})
+        assert live.status_code == 200 and live.json()["perplexity"] > body["check"]["reference"]
+        samples = _metrics(srv)
+        assert samples["llmprune_ppl_check_state{}"] == 0 and samples["llmprune_ready{}"] == 0
+        assert "NOT READY" in srv.log() and "corrupted weights" in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_failed_quality_gate_and_request_timeout(pruned_tiny, tmp_path):
+    """A folder whose recorded quality gate failed (dense perplexity half the pruned one) stays not ready,
+    though the engine reproduces its pruned perplexity; a request past --request-timeout gets 504."""
+    folder = tmp_path / "failed-gate"
+    shutil.copytree(pruned_tiny, folder)
+    report = json.loads((folder / "llmprune.json").read_text())
+    report["perplexity"]["dense"] = report["perplexity"]["pruned"] / 2
+    report["quality_gate"] = recorded_gate(report["perplexity"], 0.5)
+    (folder / "llmprune.json").write_text(json.dumps(report))
+    srv = Server(folder, "--engine", "transformers", "--request-timeout", "1e-9")
+    try:
+        body = srv.wait_checked()
+        assert body["check"]["status"] == "failed" and "above the limit of +50%" in body["check"]["reason"]
+        assert "within ±5%" in body["check"]["reason"]
+        timed_out = srv.post("/v1/perplexity", {"text": "Good morrow"})
+        assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "timeout"
+    finally:
+        srv.stop()
+
+
+def test_plain_model_with_check_text(tiny_models, corpus_file):
+    """A model without llmprune.json, checked on --check-text against llmprune's own evaluator."""
+    model = tiny_models("llama", layers=2, hidden=128, inter=256)
+    flags = ["--engine", "transformers", "--check-text", str(corpus_file), "--check-seqlen", "64"]
+    srv = Server(model, *flags, "--check-samples", "4")
+    try:
+        body = srv.wait_checked()
+        check = body["check"]
+        assert body["ready"] and check["status"] == "passed", check
+        assert check["reference_source"] == "perplexity from llmprune's streamed evaluator on the same windows"
+        assert check["windows"] == 4 and check["perplexity"] == pytest.approx(check["reference"], rel=0.01)
+    finally:
+        srv.stop()
+
+
+def test_bad_serve_arguments_one_line_error(tiny_models, pruned_tiny, corpus_file, tmp_path, capsys):
+    plain = tiny_models("llama", layers=2, hidden=128, inter=256)
+    packed = tmp_path / "packed"
+    common = dict(calibration=str(corpus_file), samples=2, seqlen=32, no_eval=True, quiet=True)
+    llmprune.prune(
+        str(plain), method="magnitude", pattern="2:4", save_format="packed-2:4", output=str(packed), **common
+    )
+    cases = {
+        "plain model needs --check-text": ([plain], "no llmprune.json"),
+        "engine": ([pruned_tiny, "--engine", "tgi"], "--engine must be one of"),
+        "concurrency": ([pruned_tiny, "--max-concurrency", "0"], "--max-concurrency must be positive"),
+        "queue": ([pruned_tiny, "--max-queue", "-1"], "--max-queue must be 0 or more"),
+        "port": ([pruned_tiny, "--port", "70000"], "--port must be in"),
+        "check text": ([pruned_tiny, "--check-text", tmp_path / "nope.txt"], "no such file"),
+        "expect without text": ([pruned_tiny, "--expect-ppl", "12"], "--expect-ppl needs --check-text"),
+        "context": ([pruned_tiny, "--max-model-len", "100000"], "exceeds the model's context of 256"),
+        "dtype": ([pruned_tiny, "--dtype", "int3"], "--dtype must be one of"),
+        "gate": ([pruned_tiny, "--max-ppl-increase", "-0.5"], "--max-ppl-increase must be >= 0"),
+        "packed": ([packed, "--skip-ppl-check"], "packed 2:4 format"),
+        "missing model": ([tmp_path / "no-model"], "cannot find model"),
+    }
+    for case, (argv, message) in cases.items():
+        code = main(["serve", *map(str, argv)])
+        err = capsys.readouterr().err
+        assert code == 2, case
+        assert err.startswith("llmprune: error: ") and message in err and err.count("\n") == 1, (case, err)

@@ -1,0 +1,83 @@
+"""The serving parts that need no server: the limiter's queue, stop sequences, the quality gate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from llmprune.export.gate import quality_gate as recorded_gate
+from serve.check import quality_gate
+from serve.errors import APIError
+from serve.generation import StopScanner
+from serve.limits import Limiter
+
+
+def test_limiter_is_first_come_first_served_and_refuses_past_the_queue():
+    async def scenario():
+        events = []
+        limiter = Limiter(concurrency=1, queue=2, on_change=lambda active, waiting: events.append((active, waiting)))
+        later = time.monotonic() + 60
+        first = await limiter.acquire(later)
+        order = []
+
+        async def wait(name):
+            taken = await limiter.acquire(later)
+            order.append(name)
+            return taken
+
+        second, third = asyncio.create_task(wait("second")), asyncio.create_task(wait("third"))
+        await asyncio.sleep(0)
+        assert (limiter.active, limiter.waiting) == (1, 2)
+        with pytest.raises(APIError) as refused:
+            await limiter.acquire(later)
+        assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1
+        limiter.release(first)
+        limiter.release(await second)
+        limiter.release(await third)
+        assert order == ["second", "third"] and (limiter.active, limiter.waiting) == (0, 0)
+        assert events[-1] == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_limiter_waiter_past_its_deadline_gets_504_and_leaves_the_queue():
+    async def scenario():
+        limiter = Limiter(concurrency=1, queue=1)
+        held = await limiter.acquire(time.monotonic() + 60)
+        with pytest.raises(APIError) as late:
+            await limiter.acquire(time.monotonic())
+        assert late.value.status == 504 and limiter.waiting == 0
+        limiter.release(held)
+        assert limiter.active == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("pieces", [["Good morrow, ", "my lord. ", "How now?"], list("Good morrow, my lord. How now?")])
+@pytest.mark.parametrize("stops", [["lord"], ["How", "morrow"], ["absent"]])
+def test_stop_scanner_cuts_streamed_text_like_the_whole(pieces, stops):
+    whole = "".join(pieces)
+    cuts = [whole.find(s) for s in stops if s in whole]
+    expected = whole[: min(cuts)] if cuts else whole
+    scanner, out, stopped = StopScanner(stops), "", False
+    for piece in pieces:
+        text, stopped = scanner.push(piece)
+        out += text
+        if stopped:
+            break
+    if not stopped:
+        out += scanner.flush()
+    assert out == expected and stopped == bool(cuts)
+
+
+def test_quality_gate_flag_overrides_the_recorded_block():
+    perplexity = {"dense": 20.0, "pruned": 28.0}  # +40%
+    recorded_fail = {"perplexity": perplexity, "quality_gate": recorded_gate(perplexity, 0.2)}
+    assert quality_gate(recorded_fail, None)[0] is False
+    assert quality_gate(recorded_fail, 0.5)[0] is True
+    assert quality_gate({"perplexity": perplexity}, None)[0] is True  # a report from before the gate: +50%
+    assert quality_gate({"perplexity": perplexity}, 0.3)[0] is False
+    assert quality_gate({"perplexity": {"dense": None, "pruned": None}}, None) is None
+    assert quality_gate(None, None) is None
