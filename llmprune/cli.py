@@ -97,8 +97,8 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--park",
         default="auto",
-        help="where chunks waiting for a module's statistics keep their largest tensor: auto (host RAM from a GPU, "
-        "disk on a CPU), memory, host or disk",
+        help="where chunks waiting for a module's statistics keep their tensors: memory, host (CPU RAM, for GPU "
+        "runs) or disk; auto: memory unless the memory plan needs parking (host from a GPU, disk on a CPU)",
     )
     parser.add_argument(
         "--max-memory",
@@ -110,7 +110,19 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="continue the unfinished run at --output (refuse if none)"
     )
+    parser.add_argument(
+        "--solver-devices",
+        metavar="DEV,DEV",
+        default=None,
+        help="devices that run the per-module solves concurrently (default: every visible GPU with --device cuda)",
+    )
     parser.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (reads no weights)")
+    parser.add_argument(
+        "--activations",
+        default="auto",
+        help="where calibration activations live between layers: auto (memory, or disk when the budget needs it), "
+        "memory or disk",
+    )
     parser.add_argument(
         "--save-format",
         default="dense",

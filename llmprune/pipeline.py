@@ -34,6 +34,7 @@ from llmprune.engine.devices import (
     peak_rss,
     resolve_device,
     return_freed_memory,
+    solver_devices,
 )
 from llmprune.engine.loop import layer_unit, prune_layers
 from llmprune.engine.parking import Parking
@@ -82,6 +83,7 @@ class Settings:
     park: str = "auto"
     max_memory: str | None = None
     activations: str = "auto"
+    solver_devices: str | None = None
     resume: bool = False
     plan_only: bool = False
     quiet: bool = False
@@ -251,7 +253,10 @@ def prune(model: str, **options) -> dict:
         f"tokens from {calib.source}",
     )
     method = method_cls(dampening=settings.dampening, blocksize=settings.blocksize, inverse_dtype=choice.inverse_dtype)
-    pruner = LayerPruner(method, pattern, rule, choice.order, save_dtype=save_dtype, parking=Parking(choice.park))
+    solvers = solver_devices(device, settings.solver_devices)
+    pruner = LayerPruner(
+        method, pattern, rule, choice.order, save_dtype=save_dtype, parking=Parking(choice.park), devices=solvers
+    )
 
     if saved is None:
         writer.create(fresh=True)
@@ -289,6 +294,7 @@ def prune(model: str, **options) -> dict:
         writer.write_shards(units, parse_size(settings.max_shard_size))
         writer.copy_aux(folder, output_config(folder, save_dtype_override))
         report = _report(settings, folder, pattern, calib, state.layers, save_dtype, device, plan)
+        report["solver_devices"] = [str(d) for d in solvers]
         report["timings"] = {"prune_seconds": round(state.prune_seconds, 2)}
         writer.write_json(REPORT_NAME, report)
         pruned_ppl = None

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -44,15 +42,21 @@ def peer_python(venv: Path) -> Path:
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Run a whole process; its wall time (s) and its own peak RSS (bytes, from wait4)."""
-    started = time.perf_counter()
+    """Run a whole process through scripts/measure_process.py; its wall time (s) and peak RSS (bytes).
+
+    The small launcher is the parent, so the child's ru_maxrss is its own (a Linux child starts at its
+    parent's resident size, and this script holds torch)."""
+    result = log.with_suffix(".json")
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+        code = subprocess.run(
+            [sys.executable, str(HERE / "measure_process.py"), "--out", str(result), "--", *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ).returncode
+    if code != 0:
         sys.exit(f"failed ({log}): {' '.join(cmd)}\n{log.read_text()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    measured = json.loads(result.read_text())
+    return measured["wall_seconds"], measured["peak_rss_bytes"]
 
 
 def versions(python: Path, package: str) -> str:

@@ -280,3 +280,14 @@ def test_bad_token_file(tiny_models, tmp_path):
     with pytest.raises(LLMPruneError, match="outside the vocabulary"):
         llmprune.prune(str(tiny_models("llama")), calibration=str(bad), no_eval=True, output=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_concurrent_solves_on_several_devices_match_one(tiny_models, corpus_file, tmp_path):
+    """--solver-devices runs a group's solves concurrently (one per GPU); here two CPU 'devices' exercise it."""
+    folder = tiny_models("llama", layers=2)
+    common = dict(method="sparsegpt", calibration=str(corpus_file), samples=4, seqlen=32, no_eval=True, quiet=True)
+    llmprune.prune(str(folder), output=str(tmp_path / "one"), **common)
+    report = llmprune.prune(str(folder), output=str(tmp_path / "two"), solver_devices="cpu,cpu", **common)
+    assert report["solver_devices"] == ["cpu", "cpu"]
+    one, two = _read_output(tmp_path / "one"), _read_output(tmp_path / "two")
+    assert all(torch.equal(one[k], two[k]) for k in one)

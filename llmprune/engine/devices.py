@@ -26,6 +26,19 @@ def resolve_device(name: str) -> torch.device:
     raise LLMPruneError(f"--device must be auto, cpu or cuda (got {name!r})")
 
 
+def solver_devices(device: torch.device, spec: str | None = None) -> list[torch.device]:
+    """Devices that run the per-module solves: --solver-devices, else every visible GPU for --device cuda."""
+    if spec:
+        devices = [torch.device(part.strip()) for part in spec.split(",") if part.strip()]
+        for dev in devices:
+            if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+                raise LLMPruneError(f"--solver-devices: {dev} is not a visible GPU")
+        return devices
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return [device]
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     if name in (None, "auto"):
         return None
@@ -67,7 +80,18 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes."""
+    """Peak resident set size of this process, in bytes.
+
+    VmHWM where /proc has it: unlike getrusage's ru_maxrss, it is not raised by the resident size
+    of the parent that forked this process (a big parent, e.g. a notebook, would inflate it).
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -9,11 +9,15 @@ object (and any view of it) stays valid because only its storage is emptied and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import tempfile
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PARK_MODES = ("memory", "host", "disk")
 
@@ -48,11 +52,11 @@ class Parking:
         self.min_bytes = min_bytes
         self.parked_bytes = 0
 
-    def park(self, tensor: torch.Tensor) -> Parked | None:
-        """Free `tensor`'s storage after copying its bytes out; None when not worth it or disabled."""
+    def park(self, tensor: torch.Tensor | torch.UntypedStorage) -> Parked | None:
+        """Free a tensor's (or a storage's) bytes after copying them out; None when not worth it or disabled."""
         if self.mode == "memory":
             return None
-        storage = tensor.untyped_storage()
+        storage = tensor if isinstance(tensor, torch.UntypedStorage) else tensor.untyped_storage()
         nbytes = storage.nbytes()
         if nbytes < self.min_bytes:
             return None
@@ -87,3 +91,76 @@ class Parking:
                 parked.where.readinto(buffer_of(raw))
             parked.where.close()
         self.parked_bytes -= parked.nbytes
+
+
+class ChunkTracker(TorchDispatchMode):
+    """Records the storages that ops allocate during one chunk's forward (this thread only), so that
+    everything the chunk holds can be parked while it waits at a barrier.
+
+    Only fresh storages count: an op output that shares an input's storage (a view, an in-place
+    op) is not the chunk's to park, which keeps weights, shared arguments (rotary tables) and the
+    statistics out. Code of our own that runs inside the forward (hooks) is `paused()`.
+    """
+
+    def __init__(self, min_bytes: int = 1 << 20) -> None:
+        super().__init__()
+        self.min_bytes = min_bytes
+        self._refs: list[weakref.ref] = []
+        self._paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        inputs = None
+        for tensor in results:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            if storage.nbytes() < self.min_bytes:
+                continue
+            if inputs is None:
+                inputs = {_storage_id(a) for a in _flat_tensors(args, kwargs)}
+            if _storage_id(tensor) not in inputs:
+                self._refs.append(weakref.ref(tensor))
+        return out
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def alive(self) -> list[torch.UntypedStorage]:
+        """Distinct storages still referenced by the chunk (each parked once, views included)."""
+        seen, storages, live = set(), [], []
+        for ref in self._refs:
+            tensor = ref()
+            if tensor is None:
+                continue
+            live.append(ref)
+            key = _storage_id(tensor)
+            if key not in seen and tensor.untyped_storage().nbytes() >= self.min_bytes:
+                seen.add(key)
+                storages.append(tensor.untyped_storage())
+        self._refs = live
+        return storages
+
+
+def _storage_id(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _flat_tensors(args, kwargs) -> Iterator[torch.Tensor]:
+    stack = [args, kwargs or {}]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())

@@ -17,6 +17,8 @@ import torch
 from llmprune.errors import LLMPruneError
 
 GiB = 2**30
+BOOKKEEPING = 16 * 2**20  # Python objects, reports, file buffers
+THREAD_BYTES = 8 * 2**20  # per lockstep chunk thread: its OpenMP team, BLAS buffers and malloc arena (measured ~7 MiB)
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,10 @@ class MemoryPlan:
                 f"  host memory {_gib(self.host_peak)} ({', '.join(f'{k} {_gib(v)}' for k, v in self.host.items())})"
             )
         c = self.choice
+        waiting = "stay in memory" if c.park == "memory" else f"park to {c.park}"
         lines.append(
             f"  chunks of {c.chunk} windows; activations on {c.activations} in {str(c.act_dtype)[6:]}; "
-            f"{c.order} order; waiting chunks park to {c.park}; Hessian inverse in {str(c.inverse_dtype)[6:]}"
+            f"{c.order} order; waiting chunks {waiting}; Hessian inverse in {str(c.inverse_dtype)[6:]}"
         )
         lines.extend(f"  adapted: {a}" for a in self.adaptations)
         return "\n".join(lines)
@@ -157,7 +160,7 @@ class Request:
     model_dtype: torch.dtype
     save_dtype: torch.dtype
     activations: str = "auto"  # "auto", "memory" or "disk"
-    error_tokens: int = 4096
+    error_tokens: int = 1024
 
 
 def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) -> tuple[dict, dict]:
@@ -185,10 +188,10 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     if req.inverse:
         b = torch.finfo(choice.inverse_dtype).bits // 8
         inverse = 4 * geo.max_in**2 * b + 2 * geo.max_in**2 * 4 + 3 * geo.max_rows * geo.max_in * 4
-    sample = req.error_tokens * geo.max_in * c
-    write_buffer = 0
-    if not on_gpu and req.save_dtype != req.compute_dtype:
-        write_buffer = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
+    sample = req.error_tokens * geo.max_in * c if req.method_statistics != "hessian" else 0
+    # writing a layer: a CPU copy in the save dtype (unless it already is one) plus the serialized bytes
+    saved = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
+    write_buffer = saved + (saved if on_gpu or req.save_dtype != req.compute_dtype else 0)
 
     loop = {
         "layer weights": geo.layer_params * c,
@@ -199,12 +202,14 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
         loop["SparseGPT workspace"] = inverse
     if choice.order == "sequential":
         loop["barrier state (all chunks)"] = max(stash, store)
+        chunks = -(-req.windows // choice.chunk)
+        loop["chunk threads"] = chunks * THREAD_BYTES if chunks > 1 else 0
     elif store:
         loop["calibration activations"] = store
     if streamed:
         loop["activation chunks in flight"] = streamed
-    if write_buffer:
-        loop["output copy of a layer"] = write_buffer
+    loop["writing a layer"] = write_buffer if not on_gpu else saved
+    loop["bookkeeping"] = BOOKKEEPING
     rest = geo.rest_params * c
     begin = {"embeddings and head": rest, "calibration activations": store + streamed, "chunk temporaries": temporaries}
     phases = {"begin": begin, "layer": loop}
@@ -223,7 +228,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
             host["calibration activations"] = tokens * d * a
         if choice.park == "host" and choice.order == "sequential":
             host["parked barrier state"] = tokens * max(3 * d + inter - per_token, 0) * c
-        host["output copy of a layer"] = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
+        host["writing a layer"] = 2 * saved
     return phases, host
 
 
@@ -232,7 +237,7 @@ def make_plan(
 ) -> MemoryPlan:
     """The first configuration that fits the budget, adapting in a fixed order; else refuse."""
     on_gpu = device.type == "cuda"
-    park = req.park if req.park != "auto" else ("host" if on_gpu else "disk")
+    park = "memory" if req.park == "auto" else req.park  # parking costs I/O: only when the budget needs it
     where = "disk" if req.activations == "disk" else "device"
     choice = Choice(req.chunk, where, req.compute_dtype, req.order, park, torch.float64)
     adaptations: list[str] = []
@@ -246,14 +251,17 @@ def make_plan(
         steps.append(
             ("activations stored in the model dtype", lambda ch: dataclasses.replace(ch, act_dtype=req.model_dtype))
         )
+    if park == "memory" and req.park == "auto":
+        steps.append(
+            (
+                "waiting chunks park to " + ("host memory" if on_gpu else "disk"),
+                lambda ch: dataclasses.replace(ch, park="host" if on_gpu else "disk"),
+            )
+        )
     if req.activations == "auto":
         if on_gpu:
             steps.append(("activations kept in host memory", lambda ch: dataclasses.replace(ch, activations="host")))
         steps.append(("activations spilled to disk", lambda ch: dataclasses.replace(ch, activations="disk")))
-    if park == "memory":
-        steps.append(
-            ("waiting chunks park to disk", lambda ch: dataclasses.replace(ch, park="host" if on_gpu else "disk"))
-        )
     if req.order == "sequential":
         steps.append(
             ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))

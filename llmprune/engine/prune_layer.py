@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from llmprune.engine.activations import Activations
 from llmprune.engine.lockstep import Lockstep
-from llmprune.engine.parking import Parking
+from llmprune.engine.parking import ChunkTracker, Parking
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import InputStats, Pattern, PruningMethod
@@ -105,9 +106,10 @@ class LayerPruner:
         pattern: Pattern,
         rule: TargetRule,
         order: str = "sequential",
-        error_tokens: int = 4096,
+        error_tokens: int = 1024,
         save_dtype: torch.dtype | None = None,
         parking: Parking | None = None,
+        devices: list[torch.device] | None = None,
     ) -> None:
         if order not in ORDERS:
             raise LLMPruneError(f"--order must be one of {', '.join(ORDERS)} (got {order!r})")
@@ -118,6 +120,7 @@ class LayerPruner:
         self.error_tokens = error_tokens
         self.save_dtype = save_dtype
         self.parking = parking or Parking("memory")
+        self.devices = devices or []  # solver devices; the first is also the forward's
 
     def prune(self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations) -> list[dict]:
         """Prune layer `index` in place; `acts` become the pruned layer's outputs. Returns module reports."""
@@ -142,33 +145,40 @@ class LayerPruner:
             group.stats = InputStats(module.in_features, self.method.statistics, module.weight.device)
         if group.stats is not None:
             group.stats.add(x)
-        if group.sample is None:
+        if group.sample is None and self.method.statistics != "hessian":  # with a Hessian the error is exact
             group.sample = x.reshape(-1, x.shape[-1])[: self.error_tokens].detach().clone()
 
     def _lockstep(self, stream, index, layer, acts, targets, groups, prefix, reports) -> None:
         """One forward: every chunk waits at each group until all chunks have fed its statistics.
 
-        While waiting, a chunk parks the group's input and the layer input it still holds.
+        While waiting, a chunk parks everything it holds: the layer input and every storage its
+        forward has allocated so far (tracked per chunk thread by a ChunkTracker).
         """
         step = Lockstep(len(acts), self.parking)
         inputs: dict[int, torch.Tensor] = {}
+        trackers: dict[int, ChunkTracker] = {}
 
         def hook_for(group: _Group):
             def hook(module: nn.Module, args: tuple) -> None:
-                if not group.done:
+                if group.done:
+                    return
+                chunk = step.chunk
+                tracker = trackers[chunk]
+                with tracker.paused():
                     self._observe(group, module, args[0])
-                    park = [args[0], inputs[step.chunk]]
+                    park = [inputs[chunk], *tracker.alive()] if self.parking.mode != "memory" else []
                     step.barrier(lambda: self._apply(targets, group, prefix, reports), park=park)
 
             return hook
 
         def work(position: int) -> None:
             inputs[position] = acts.take(position)
+            trackers[position] = ChunkTracker()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), trackers[position]:
                     output = stream.run(index, layer, inputs[position]).to(stream.act_device, stream.act_dtype)
             finally:
-                del inputs[position]
+                del inputs[position], trackers[position]
             acts.put(position, output)
 
         handles = [targets[g.names[0]].register_forward_pre_hook(hook_for(g)) for g in groups]
@@ -194,17 +204,38 @@ class LayerPruner:
                 handle.remove()
 
     def _apply(self, targets: dict[str, nn.Linear], group: _Group, prefix: str, reports: list[dict]) -> None:
-        """Prune every member of a group with the group's shared statistics."""
-        for name in group.names:
-            module = targets[name]
-            self.pattern.check_width(module.in_features, f"{prefix}.{name}")
+        """Prune every member of a group with the group's shared statistics.
+
+        With several solver devices (GPUs), the members' solves run concurrently, one per device,
+        each on its own copy of the shared statistics.
+        """
+        names = list(group.names)
+        for name in names:
+            self.pattern.check_width(targets[name].in_features, f"{prefix}.{name}")
+        devices = self.devices or [None]
+
+        def solve(position: int) -> tuple:
+            module = targets[names[position]]
+            device = devices[position % len(devices)]
             started = time.perf_counter()
+            weight, stats = module.weight.data, group.stats
+            if device is not None and device != weight.device:
+                weight, stats = weight.to(device), stats.to(device) if stats is not None else None
+            result = self.method.prune(weight, stats, self.pattern)
+            return result, time.perf_counter() - started
+
+        if len(devices) > 1 and len(names) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(devices), len(names))) as pool:
+                solved = list(pool.map(solve, range(len(names))))
+        else:
+            solved = [solve(position) for position in range(len(names))]
+        for name, (result, seconds) in zip(names, solved):
+            module = targets[name]
             dense = module.weight.data
-            result = self.method.prune(dense, group.stats, self.pattern)
-            weight = result.weight
+            weight = result.weight.to(dense.device)
             if self.save_dtype is not None and weight.dtype != self.save_dtype:
                 weight = weight.to(self.save_dtype).to(dense.dtype)  # propagate what will be saved
-            error = _relative_error(dense, weight, group.sample)
+            error = _relative_error(dense, weight, group.sample, group.stats)
             module.weight.data = weight
             reports.append(
                 {
@@ -213,7 +244,7 @@ class LayerPruner:
                     "sparsity": float(result.mask.float().mean()),
                     "zeros": int((weight == 0).sum()),
                     "error": error,
-                    "seconds": round(time.perf_counter() - started, 4),
+                    "seconds": round(seconds, 4),
                     **result.info,
                 }
             )
@@ -222,8 +253,17 @@ class LayerPruner:
         group.sample = None
 
 
-def _relative_error(dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor | None) -> float | None:
-    """‖(W - W')x‖² / ‖Wx‖² on a sample of the module's calibration inputs."""
+def _relative_error(
+    dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor | None, stats: InputStats | None
+) -> float | None:
+    """‖(W - W')X‖² / ‖WX‖² over the module's calibration inputs X: exactly through the Hessian XᵀX
+    when the method has one (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)), else on a sample of the inputs."""
+    if stats is not None and stats.kind == "hessian":
+        h = stats.hessian
+        delta = dense.float() - pruned.float()
+        base = ((dense.float() @ h) * dense.float()).sum()
+        diff = ((delta @ h) * delta).sum()
+        return float(diff / base) if float(base) > 0 else 0.0
     if sample is None:
         return None
     x = sample.float()

@@ -1,0 +1,119 @@
+"""Resume: a run killed with SIGKILL at a random point continues to a bit-identical result."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors import safe_open
+
+import llmprune
+from llmprune.errors import LLMPruneError
+
+
+def _command(model, corpus, output, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "llmprune",
+        str(model),
+        "--method",
+        "sparsegpt",
+        "--calibration",
+        str(corpus),
+        "--samples",
+        "48",
+        "--seqlen",
+        "128",
+        "--batch-size",
+        "8",
+        "--no-eval",
+        "--quiet",
+        "--output",
+        str(output),
+        *map(str, extra),
+    ]
+
+
+def _tensor_bytes(folder) -> dict[str, bytes]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                out[key] = tensor.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
+    return out
+
+
+def _kill_at_layer(cmd: list[str], state_file, layer: int, extra_delay: float) -> int:
+    """Start cmd; SIGKILL it once its state says `layer` layers are committed (plus a delay: mid-layer)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state_file.read_text())["next_layer"] >= layer:
+                break
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    time.sleep(extra_delay)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(state_file.read_text())["next_layer"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activations", ["memory", "disk"])
+def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path, activations):
+    model = tiny_models("llama", layers=10, hidden=384, inter=1024, vocab=512)
+    reference, output = tmp_path / "reference", tmp_path / "out"
+    subprocess.run(_command(model, corpus_file, reference, "--activations", activations), check=True)
+
+    rng = random.Random(f"resume-{activations}")
+    state_file = tmp_path / ".out.partial" / ".work" / "state.json"
+    committed = _kill_at_layer(
+        _command(model, corpus_file, output, "--activations", activations),
+        state_file,
+        layer=rng.randint(1, 7),
+        extra_delay=rng.uniform(0.0, 0.2),
+    )
+    assert 1 <= committed < 10 and not output.exists()
+
+    mismatched = subprocess.run(
+        _command(model, corpus_file, output, "--activations", activations, "--seed", 7), capture_output=True, text=True
+    )
+    assert mismatched.returncode == 2
+    assert "unfinished run with different settings (calibration differ)" in mismatched.stderr
+
+    resumed = subprocess.run(
+        _command(model, corpus_file, output, "--activations", activations), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = _tensor_bytes(reference), _tensor_bytes(output)
+    assert got.keys() == expected.keys()
+    assert all(got[key] == expected[key] for key in expected)
+    for shard in reference.glob("*.safetensors"):
+        assert (output / shard.name).read_bytes() == shard.read_bytes()
+    report = json.loads((output / "llmprune.json").read_text())
+    assert [layer["index"] for layer in report["layers"]] == list(range(10))
+
+
+def test_resume_flag_without_unfinished_run(tiny_models, corpus_file, tmp_path):
+    with pytest.raises(LLMPruneError, match="no unfinished run to resume"):
+        llmprune.prune(
+            str(tiny_models("llama")),
+            calibration=str(corpus_file),
+            samples=2,
+            seqlen=16,
+            no_eval=True,
+            resume=True,
+            output=str(tmp_path / "out"),
+            quiet=True,
+        )
