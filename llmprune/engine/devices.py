@@ -67,16 +67,21 @@ def available_memory(device: torch.device) -> int:
     return 8 << 30
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (VmRSS; the peak if /proc is unavailable)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (VmRSS, VmHWM), in bytes; None where /proc is unavailable."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss()
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes."""
+    return _proc_status_bytes("VmRSS") or peak_rss()
 
 
 def peak_rss() -> int:
@@ -85,14 +90,7 @@ def peak_rss() -> int:
     VmHWM where /proc has it: unlike getrusage's ru_maxrss, it is not raised by the resident size
     of the parent that forked this process (a big parent, e.g. a notebook, would inflate it).
     """
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _proc_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_cuda(device: torch.device) -> int | None:
