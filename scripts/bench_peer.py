@@ -77,7 +77,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench-peer")
     parser.add_argument("--peer-venv", default=".bench/llmcompressor-venv")
     parser.add_argument("--write", help="update this Markdown file's bench_peer section (e.g. BENCHMARKS.md)")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="also time llmprune with these extra flags in every round, e.g. 'lean=--park disk'",
+    )
     args = parser.parse_args()
 
     from llmprune.data.sources import resolve_source
@@ -99,30 +105,13 @@ def main() -> None:
 
     device = torch.device("cpu")
     dense = perplexity(folder, held_out, device, 8).perplexity
+    variants = {"": []} | {name: flags.split() for name, _, flags in (v.partition("=") for v in args.variant)}
     rows = []
     for method, pattern in CONFIGS:
         if args.only and f"{method}:{pattern}" not in args.only:
             continue
         tag = f"{method}-{pattern.replace(':', 'of')}"
-        ours_out, peer_out = out / f"ours-{tag}", out / f"peer-{tag}"
-        ours = [
-            sys.executable,
-            "-m",
-            "llmprune",
-            str(folder),
-            "--method",
-            method,
-            "--pattern",
-            pattern,
-            "--calibration",
-            str(windows_file),
-            "--no-eval",
-            "--quiet",
-            "--overwrite",
-            "--output",
-            str(ours_out),
-            *args.extra,
-        ]
+        peer_out = out / f"peer-{tag}"
         peer = [
             str(python),
             str(HERE / "peer_llmcompressor.py"),
@@ -137,33 +126,57 @@ def main() -> None:
             "--output",
             str(peer_out),
         ]
-        samples = []
-        for pair in range(args.pairs):
+        ours = {
+            name: [
+                sys.executable,
+                "-m",
+                "llmprune",
+                str(folder),
+                "--method",
+                method,
+                "--pattern",
+                pattern,
+                "--calibration",
+                str(windows_file),
+                "--no-eval",
+                "--quiet",
+                "--overwrite",
+                "--output",
+                str(out / f"ours{'-' + name if name else ''}-{tag}"),
+                *flags,
+            ]
+            for name, flags in variants.items()
+        }
+        runs: dict[str, list] = {name: [] for name in [*variants, "peer"]}
+        for pair in range(args.pairs):  # interleaved: ours (each variant), llm-compressor, ours, ...
             shutil.rmtree(peer_out, ignore_errors=True)
-            a = timed(ours, out / f"ours-{tag}-{pair}.log")
-            b = timed(peer, out / f"peer-{tag}-{pair}.log")
-            samples.append((a, b))
+            for name, cmd in ours.items():
+                runs[name].append(timed(cmd, out / f"ours{'-' + name if name else ''}-{tag}-{pair}.log"))
+            runs["peer"].append(timed(peer, out / f"peer-{tag}-{pair}.log"))
             print(
-                f"{tag} pair {pair}: ours {a[0]:.1f} s {a[1] / 2**30:.2f} GiB | "
-                f"llm-compressor {b[0]:.1f} s {b[1] / 2**30:.2f} GiB",
+                f"{tag} round {pair}: "
+                + " | ".join(
+                    f"{name or 'ours'} {r[-1][0]:.1f} s {r[-1][1] / 2**30:.2f} GiB" for name, r in runs.items()
+                ),
                 flush=True,
             )
-        ppl_ours = perplexity(ours_out, held_out, device, 8).perplexity
         ppl_peer = perplexity(peer_out, held_out, device, 8).perplexity
-        rows.append(
-            {
-                "config": f"{method} {pattern}",
-                "ppl_ours": ppl_ours,
-                "ppl_peer": ppl_peer,
-                "time_ours": statistics.median(a[0] for a, _ in samples),
-                "time_peer": statistics.median(b[0] for _, b in samples),
-                "time_ratio": statistics.median(a[0] / b[0] for a, b in samples),
-                "rss_ours": statistics.median(a[1] for a, _ in samples),
-                "rss_peer": statistics.median(b[1] for _, b in samples),
-                "rss_ratio": statistics.median(a[1] / b[1] for a, b in samples),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        for name, cmd in ours.items():
+            pairs = list(zip(runs[name], runs["peer"]))
+            rows.append(
+                {
+                    "config": f"{method} {pattern}" + (f" (`{' '.join(variants[name])}`)" if name else ""),
+                    "ppl_ours": perplexity(Path(cmd[cmd.index("--output") + 1]), held_out, device, 8).perplexity,
+                    "ppl_peer": ppl_peer,
+                    "time_ours": statistics.median(a[0] for a, _ in pairs),
+                    "time_peer": statistics.median(b[0] for _, b in pairs),
+                    "time_ratio": statistics.median(a[0] / b[0] for a, b in pairs),
+                    "rss_ours": statistics.median(a[1] for a, _ in pairs),
+                    "rss_peer": statistics.median(b[1] for _, b in pairs),
+                    "rss_ratio": statistics.median(a[1] / b[1] for a, b in pairs),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
 
     table = render(rows, dense, args, held_out.count, python)
     print(table)
