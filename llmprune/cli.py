@@ -46,7 +46,12 @@ def prune_parser() -> argparse.ArgumentParser:
         f"Other commands: llmprune {{{','.join(sorted(SUBCOMMANDS))}}} --help",
     )
     parser.add_argument("model", metavar="MODEL", help="local folder, .gguf file, Hub id, or alias such as opt-125m")
-    parser.add_argument("--method", default="sparsegpt", help=f"one of {', '.join(METHODS)} (default sparsegpt)")
+    parser.add_argument(
+        "--method",
+        default="sparsegpt",
+        help=f"one of {', '.join(METHODS)} (unstructured / N:M), or fisher, flap, l2-structured (remove heads and "
+        "neurons); default sparsegpt",
+    )
     parser.add_argument(
         "--sparsity",
         type=_fraction,
@@ -140,6 +145,46 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--revision", metavar="BRANCH", default=None, help="Hub branch to push to (default main)")
     parser.add_argument("--commit-message", metavar="MSG", default=None, help="Hub commit message")
+    structured = parser.add_argument_group("structured methods (fisher, flap, l2-structured)")
+    structured.add_argument(
+        "--remove",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="fraction of decoder-layer parameters to remove (default 0.2)",
+    )
+    structured.add_argument(
+        "--target-flops",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="instead of --remove: keep at most F of the decoder FLOPs per token",
+    )
+    structured.add_argument(
+        "--heads-per-group",
+        action="store_true",
+        help="remove the same number of query heads from every KV group (default: whole KV groups)",
+    )
+    structured.add_argument("--keep-heads", type=int, default=None, metavar="N", help="explicit query heads per layer")
+    structured.add_argument(
+        "--keep-neurons", type=int, default=None, metavar="N", help="explicit FFN neurons per layer"
+    )
+    structured.add_argument(
+        "--no-mask-tuning",
+        dest="mask_tuning",
+        action="store_false",
+        help="skip the least-squares rescaling of kept heads and neurons",
+    )
+    structured.add_argument(
+        "--neuron-multiple", type=int, default=64, metavar="N", help="kept FFN width is a multiple of N (default 64)"
+    )
+    structured.add_argument(
+        "--tuning-damping",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="ridge damping of mask tuning, as a fraction of the mean diagonal (default 0.01)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")

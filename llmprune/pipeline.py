@@ -84,6 +84,15 @@ class Settings:
     max_memory: str | None = None
     activations: str = "auto"
     solver_devices: str | None = None
+    remove: float | None = None
+    target_flops: float | None = None
+    heads_per_group: bool = False
+    keep_heads: int | None = None
+    keep_neurons: int | None = None
+    mask_tuning: bool = True
+    neuron_multiple: int = 64
+    tuning_damping: float = 0.01
+    fisher_batch: int = 1
     resume: bool = False
     plan_only: bool = False
     quiet: bool = False
@@ -171,8 +180,16 @@ def prune(model: str, **options) -> dict:
     settings = Settings(model=model, **options)
     started = time.perf_counter()
     return_freed_memory()
+    from llmprune.structured.run import STRUCTURED_METHODS, prune_structured
+
+    if settings.method in STRUCTURED_METHODS:
+        return prune_structured(settings)
     if settings.method not in METHODS:
-        raise LLMPruneError(f"unknown --method {settings.method!r}: choose from {', '.join(METHODS)}")
+        raise LLMPruneError(
+            f"unknown --method {settings.method!r}: choose from {', '.join([*METHODS, *STRUCTURED_METHODS])}"
+        )
+    if settings.remove is not None or settings.target_flops is not None:
+        raise LLMPruneError(f"--remove/--target-flops are for structured methods ({', '.join(STRUCTURED_METHODS)})")
     pattern = Pattern.parse(settings.pattern, settings.sparsity)
     check_options(settings, pattern)
     device = resolve_device(settings.device)

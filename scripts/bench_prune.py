@@ -58,6 +58,8 @@ def main() -> None:
             str(out),
             "--overwrite",
             "--json",
+            "--max-ppl-increase",
+            "inf",
             *args.extra,
         ]
         started = time.perf_counter()

@@ -4,14 +4,12 @@ which continue a prompt with the same greedy tokens; its card names the base mod
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm_generate import greedy
 
 import llmprune
 from llmprune.export.card import read_front_matter
@@ -47,22 +45,6 @@ def prompt_ids(pruned) -> list[list[int]]:
     return [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
 
 
-def vllm_greedy(folder: Path, prompts: list[list[int]], dtype: str) -> list[list[int]]:
-    """One vLLM engine in a subprocess (tests/vllm_generate.py) for all prompts."""
-    script = Path(__file__).with_name("vllm_generate.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(folder), dtype, str(NEW_TOKENS), json.dumps(prompts)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-    )
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and results, proc.stderr[-3000:]
-    return json.loads(results[0].removeprefix("RESULT "))
-
-
 def test_vllm_and_transformers_load_it_and_agree(pruned, prompt_ids):
     model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
     assert float((model.model.layers[11].self_attn.o_proj.weight == 0).float().mean()) == pytest.approx(0.5)
@@ -72,7 +54,7 @@ def test_vllm_and_transformers_load_it_and_agree(pruned, prompt_ids):
     ]
     assert all(len(tokens) == NEW_TOKENS for tokens in expected)
     # vLLM downcasts float32 checkpoints to bfloat16 unless told otherwise: ask for the saved dtype.
-    assert vllm_greedy(pruned, prompt_ids, "float32") == expected
+    assert greedy(pruned, prompt_ids, "float32", NEW_TOKENS) == expected
 
 
 def test_card_names_the_base_model_and_the_gate_matches_the_numbers(pruned):

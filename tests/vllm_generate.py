@@ -1,4 +1,5 @@
-"""Greedy continuations from vLLM, run by the tests as `python vllm_generate.py FOLDER DTYPE MAX_TOKENS PROMPTS_JSON`.
+"""Greedy continuations from vLLM: `greedy()` runs this file as `python vllm_generate.py FOLDER DTYPE MAX_TOKENS
+PROMPTS_JSON` (the tests call it).
 
 One engine in its own process (vLLM changes process-wide torch settings); it prints one line
 `RESULT [[token ids], ...]`. enforce_eager skips compilation; the CPU backend's memory check wants a
@@ -9,7 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+
+def greedy(folder: Path, prompts: list[list[int]], dtype: str, new_tokens: int) -> list[list[int]]:
+    """Greedy token ids from one vLLM engine started in a subprocess running this file."""
+    proc = subprocess.run(
+        [sys.executable, __file__, str(folder), dtype, str(new_tokens), json.dumps(prompts)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, proc.stderr[-3000:]
+    return json.loads(results[0].removeprefix("RESULT "))
 
 
 def main() -> None:

@@ -145,6 +145,11 @@ class LayerStream:
                 tokens += count
         return total, tokens
 
+    def loss(self, ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's mean next-token loss for `ids` given the last layer's outputs (differentiable)."""
+        self._ensure_rest()
+        return run_tail(self.sk.model, self.sk.layers, ids, last_hidden, self._example, labels=ids).loss
+
     def logits(self, acts: Activations) -> torch.Tensor:
         """Logits for all windows (small inputs only: tests and spot checks)."""
         assert self.ids is not None

@@ -17,7 +17,14 @@ from llmprune.models.resolve import ALIASES
 CARD_NAME = "README.md"
 # Embedded assets -> the Hub model they were converted from.
 EMBEDDED_BASES = {"smollm2-135m-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-METHOD_NAMES = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+METHOD_NAMES = {
+    "magnitude": "magnitude",
+    "wanda": "Wanda",
+    "sparsegpt": "SparseGPT",
+    "fisher": "Fisher head/neuron removal (Kwon et al. 2022)",
+    "flap": "FLAP-style fluctuation head/neuron removal",
+    "l2-structured": "weight-norm head/neuron removal",
+}
 PROJECT_URL = "https://pypi.org/project/llmprune/"
 
 
@@ -55,7 +62,7 @@ def module_sparsity(report: dict) -> list[dict]:
     """Sparsity per module type (the name inside a decoder layer, e.g. self_attn.q_proj), over all layers."""
     rows: dict[str, dict] = {}
     for layer in report.get("layers", []):
-        for module in layer["modules"]:
+        for module in layer.get("modules", []):
             kind = re.sub(r"^.*?\.\d+\.", "", module["name"])
             numel = module["shape"][0] * module["shape"][1]
             row = rows.setdefault(kind, {"module": kind, "matrices": 0, "weights": 0, "pruned": 0.0})
@@ -71,7 +78,10 @@ def front_matter(report: dict) -> dict:
     if report.get("base_model"):
         meta["base_model"] = report["base_model"]
     pattern = report["pattern"]
-    tags = ["pruned", "sparse", pattern if pattern != "unstructured" else "unstructured-sparsity", "llmprune"]
+    if report.get("structured"):
+        tags = ["pruned", "structured-pruning", "llmprune"]
+    else:
+        tags = ["pruned", "sparse", pattern if pattern != "unstructured" else "unstructured-sparsity", "llmprune"]
     tags.append(report["method"])
     if report.get("packed"):
         tags.append("packed-2:4")
@@ -91,6 +101,8 @@ def render_card(report: dict) -> str:
         if ":" in pattern
         else "**unstructured**"
     )
+    if report.get("structured"):
+        return _render_structured(report, name, method, source)
     parts = [
         "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
         f"# {name}, pruned with {method} ({pattern})\n",
@@ -102,6 +114,50 @@ def render_card(report: dict) -> str:
         _sparsity_section(report),
         _perplexity_section(report),
         _usage_section(report),
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _render_structured(report: dict, name: str, method: str, source: str) -> str:
+    """The card of a structurally pruned (physically smaller) model."""
+    info = report["structured"]
+    dense, kept, params = info["dense"], info["kept"], info["parameters"]
+    structure = "\n".join(
+        [
+            "## Structure\n",
+            "| per decoder layer | dense | pruned |",
+            "|---|---:|---:|",
+            f"| attention heads | {dense['heads']} | {kept['heads']} |",
+            f"| KV heads | {dense['kv_heads']} | {kept['kv_heads']} |",
+            f"| FFN neurons | {dense['intermediate']} | {kept['intermediate']} |",
+            f"| parameters (all decoder layers) | {params['decoder_before']:,} | {params['decoder_after']:,} |",
+            f"| parameters (whole model) | {params['total_before']:,} | {params['total_after']:,} |\n",
+            "Every layer keeps the same counts, so the model's own architecture expresses it: `config.json` has "
+            "the smaller `num_attention_heads`, `num_key_value_heads` and FFN width, and an explicit `head_dim`."
+            + (
+                " Kept heads and neurons were rescaled by least squares against the dense model (mask tuning)."
+                if info.get("mask_tuning")
+                else ""
+            )
+            + "\n",
+        ]
+    )
+    parts = [
+        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
+        f"# {name}, {params['removed_fraction_of_decoder']:.0%} of its decoder parameters removed\n",
+        f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
+        f"from {source}: method **{method}**, removing whole attention heads and FFN neurons. The result is a "
+        "smaller dense model that runs faster on any hardware.\n",
+        _gate_section(report),
+        _command_section(report),
+        structure,
+        _perplexity_section(report),
+        _usage_section(report)
+        .replace(
+            "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
+            "The weights are ordinary dense safetensors and `config.json` is the base model's with smaller counts,",
+        )
+        .replace(" Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.", ""),
     ]
     return "\n".join(p for p in parts if p)
 

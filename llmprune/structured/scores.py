@@ -1,0 +1,116 @@
+"""Baseline scores for structured pruning, to compare the Fisher method against.
+
+- "l2-structured": the L2 norm of each unit's weights (query/KV heads: their rows of q/k/v and
+  columns of o; neurons: their rows of the up projections and column of down). No data.
+- "flap" (An et al. 2024, fluctuation-based): Var_t(x_j)·‖W[:, j]‖² on the inputs x of the output
+  projections (o, down), averaged over a head's channels; also the mean of each input channel, for
+  FLAP's bias compensation where the architecture has a bias slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from llmprune.engine.stream import LayerStream
+from llmprune.models.skeleton import Skeleton
+from llmprune.structured.arch import Shape, Structure
+
+
+@dataclass
+class UnitScores:
+    """Per layer, a score per query head and per neuron (higher: keep), and input means per projection."""
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+    o_means: list[torch.Tensor] | None = None
+    down_means: list[torch.Tensor] | None = None
+
+
+def _weight(layer, name: str) -> torch.Tensor:
+    return layer.get_submodule(name).weight.detach().float()
+
+
+def l2_scores(skeleton: Skeleton, structure: Structure, shape: Shape, progress: bool = False) -> UnitScores:
+    """Weight-norm scores, streaming the layers (weights only)."""
+    heads, neurons = [], []
+    hd = shape.head_dim
+    for index in tqdm(range(skeleton.num_layers), desc="l2 scores", unit="layer", disable=not progress):
+        layer = skeleton.load_layer(index, "cpu", torch.float32)
+        neuron = sum(_weight(layer, n).pow(2).sum(1) for n in structure.up) + _weight(layer, structure.down).pow(2).sum(
+            0
+        )
+        neurons.append(neuron.sqrt())
+        if structure.heads:
+            q = _weight(layer, structure.q).pow(2).sum(1).reshape(shape.heads, hd).sum(1)
+            o = _weight(layer, structure.o).pow(2).sum(0).reshape(shape.heads, hd).sum(1)
+            kv = sum(
+                _weight(layer, n).pow(2).sum(1).reshape(shape.kv_heads, hd).sum(1) for n in (structure.k, structure.v)
+            )
+            heads.append((q + o + kv.repeat_interleave(shape.group_size) / shape.group_size).sqrt())
+        else:
+            heads.append(torch.zeros(shape.heads))
+        skeleton.unload_layer(index)
+    return UnitScores(heads, neurons)
+
+
+class _Moments:
+    """Running mean and variance of a projection's input channels."""
+
+    def __init__(self) -> None:
+        self.count, self.sum, self.sumsq = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.count += x.shape[0]
+        self.sum = x.sum(0) if self.sum is None else self.sum + x.sum(0)
+        self.sumsq = x.pow(2).sum(0) if self.sumsq is None else self.sumsq + x.pow(2).sum(0)
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / self.count).float()
+
+    def variance(self) -> torch.Tensor:
+        mean = self.sum / self.count
+        return (self.sumsq / self.count - mean.pow(2)).clamp_min(0).float()
+
+
+def fluctuation_scores(
+    skeleton: Skeleton,
+    ids: torch.Tensor,
+    structure: Structure,
+    shape: Shape,
+    device: torch.device,
+    chunk: int,
+    progress: bool = False,
+) -> UnitScores:
+    """FLAP's fluctuation metric from one streamed forward of the dense model (layer-wise)."""
+    dtype = torch.float32 if device.type == "cpu" else skeleton.dtype
+    stream = LayerStream(skeleton, device, dtype, chunk)
+    acts = stream.begin(ids)
+    stream.prepare({int(c.shape[0]) for c in acts.chunks} | {1})
+    heads, neurons, o_means, down_means = [], [], [], []
+    hd = shape.head_dim
+    for index in tqdm(range(skeleton.num_layers), desc="flap scores", unit="layer", disable=not progress):
+        layer = skeleton.load_layer(index, device, dtype)
+        o_stats, down_stats = _Moments(), _Moments()
+        handles = [
+            layer.get_submodule(structure.down).register_forward_pre_hook(lambda m, a, s=down_stats: s.add(a[0])),
+            layer.get_submodule(structure.o).register_forward_pre_hook(lambda m, a, s=o_stats: s.add(a[0])),
+        ]
+        try:
+            stream.forward(index, layer, acts)
+        finally:
+            for handle in handles:
+                handle.remove()
+        down_w = _weight(layer, structure.down).cpu()
+        neurons.append(down_stats.variance().cpu() * down_w.pow(2).sum(0))
+        down_means.append(down_stats.mean().cpu())
+        o_w = _weight(layer, structure.o).cpu()
+        channel = o_stats.variance().cpu() * o_w.pow(2).sum(0)
+        heads.append(channel.reshape(shape.heads, hd).mean(1) if structure.heads else torch.zeros(shape.heads))
+        o_means.append(o_stats.mean().cpu())
+        skeleton.unload_layer(index)
+    stream.close()
+    return UnitScores(heads, neurons, o_means, down_means)
