@@ -401,6 +401,18 @@ def _ppl_block(dense: Perplexity | None, pruned: Perplexity | None, windows: Win
     }
 
 
+def versions() -> dict:
+    """Versions of what produced a report."""
+    import transformers
+
+    return {
+        "llmprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def _report(
     settings: Settings,
     folder: Path,
@@ -411,7 +423,6 @@ def _report(
     device: torch.device,
     plan: MemoryPlan,
 ) -> dict:
-    import transformers
 
     pruned = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for lay in layers for m in lay["modules"])
     total = sum(m["shape"][0] * m["shape"][1] for lay in layers for m in lay["modules"])
@@ -438,12 +449,7 @@ def _report(
         "memory_plan": plan.as_dict(),
         "damping_retries": sum(lay["damping_retries"] for lay in layers),
         "layers": layers,
-        "versions": {
-            "llmprune": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
     }
 
 

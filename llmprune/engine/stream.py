@@ -164,3 +164,21 @@ class LayerStream:
         if self._rest_loaded:
             self.sk.unload_rest()
             self._rest_loaded = False
+
+
+def open_stream(
+    skeleton: Skeleton,
+    ids: torch.Tensor,
+    device: torch.device,
+    chunk: int,
+    act_device: torch.device | None = None,
+    spill_to: Path | None = None,
+) -> tuple[LayerStream, Activations]:
+    """A stream over `ids` in the compute dtype for `device`, with the layer-0 inputs and every layer's
+    arguments caught (then the embeddings and head are freed until a loss needs them)."""
+    from llmprune.engine.devices import compute_dtype
+
+    stream = LayerStream(skeleton, device, compute_dtype(device, skeleton.dtype), chunk, act_device)
+    acts = stream.begin(ids, spill_to=spill_to)
+    stream.prepare({int(c.shape[0]) for c in acts.chunks} | {1})
+    return stream, acts

@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from llmprune.data.windows import Windows
 from llmprune.engine.activations import Activations
-from llmprune.engine.devices import compute_dtype as pick_compute_dtype
-from llmprune.engine.stream import LayerStream
+from llmprune.engine.stream import LayerStream, open_stream
 from llmprune.models.skeleton import build_skeleton
 
 
@@ -45,8 +44,7 @@ def stream_folder(
 ) -> tuple[LayerStream, Activations]:
     """Run all decoder layers of the model in `folder` over `ids`; returns the stream and last hidden states."""
     skeleton = build_skeleton(folder)
-    stream = LayerStream(skeleton, device, pick_compute_dtype(device, skeleton.dtype), batch_size)
-    hidden = stream.begin(ids)
+    stream, hidden = open_stream(skeleton, ids, device, batch_size)
     for index in tqdm(range(skeleton.num_layers), desc=label, unit="layer", disable=not progress, leave=False):
         layer = skeleton.load_layer(index, device, stream.dtype)
         stream.forward(index, layer, hidden)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.engine.activations import Activations
-from llmprune.engine.stream import LayerStream
+from llmprune.engine.stream import open_stream
 from llmprune.models.skeleton import Skeleton
 from llmprune.structured.arch import Shape, Structure
 
@@ -72,13 +72,11 @@ def mask_gradients(
     progress: bool = False,
 ) -> MaskGradients:
     """∂L_b/∂mask for every chunk b of `ids`, every layer's heads and neurons (streamed)."""
-    dtype = torch.float32 if device.type == "cpu" else skeleton.dtype
-    stream = LayerStream(skeleton, device, dtype, chunk, act_device=torch.device("cpu"))
     boundary = [work / f"h{index:05d}" for index in range(skeleton.num_layers + 1)]
     for folder in boundary:
         folder.mkdir(parents=True, exist_ok=True)
-    acts = stream.begin(ids, spill_to=boundary[0])
-    stream.prepare({int(c.shape[0]) for c in acts.chunks} | {1})
+    stream, acts = open_stream(skeleton, ids, device, chunk, torch.device("cpu"), spill_to=boundary[0])
+    dtype = stream.dtype
     for index in tqdm(range(skeleton.num_layers), desc="fisher: forward", unit="layer", disable=not progress):
         layer = skeleton.load_layer(index, device, dtype)
         acts.spill_to = boundary[index + 1]

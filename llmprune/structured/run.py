@@ -15,7 +15,7 @@ from llmprune.data.sources import resolve_source
 from llmprune.data.windows import TokenizedCorpus, calibration_windows, is_token_file, windows_from_file
 from llmprune.engine.activations import Activations
 from llmprune.engine.devices import parse_dtype, peak_cuda, peak_rss, resolve_device
-from llmprune.engine.stream import LayerStream
+from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import Perplexity, perplexity
 from llmprune.export.publish import check_options, finish_folder, push_after_run
@@ -221,11 +221,9 @@ def tune_and_write(
 ) -> list[dict]:
     """Stream the dense teacher and the masked student side by side; per layer solve the scales (if
     tuning), measure the output error, slice and write the layer. Returns per-layer reports."""
-    dtype = torch.float32 if device.type == "cpu" else skeleton.dtype
     cpu = torch.device("cpu")
-    stream = LayerStream(skeleton, device, dtype, chunk, act_device=cpu)
-    teacher = stream.begin(ids)
-    stream.prepare({int(c.shape[0]) for c in teacher.chunks} | {1})
+    stream, teacher = open_stream(skeleton, ids, device, chunk, cpu)
+    dtype = stream.dtype
     student = Activations([c.clone() for c in teacher.chunks])
     exact = tuning and structure.residual_adds_projections and structure.post_attention_norm is not None
     reports = []
@@ -491,19 +489,23 @@ def prune_structured(settings) -> dict:
 def _flap_compensation(skeleton, structure, shape, cuts, scores) -> None:
     """FLAP's bias compensation, only where the output projection has a bias slot: the mean input of the
     removed channels times their weights moves into the bias."""
+    hd = shape.head_dim
     for index, cut in enumerate(cuts):
         layer = skeleton.layers[index]
-        if getattr(layer.get_submodule(structure.down), "bias", None) is not None and scores.down_means:
-            removed = [n for n in range(shape.intermediate) if n not in set(cut.neurons)]
-            weight = skeleton.read([f"{skeleton.layers_prefix}.{index}.{structure.down}.weight"])
-            w = next(iter(weight.values())).float()
-            cut.bias_shift[structure.down] = w[:, removed] @ scores.down_means[index][removed]
-        if structure.heads and getattr(layer.get_submodule(structure.o), "bias", None) is not None and scores.o_means:
-            hd = shape.head_dim
-            removed = [c for h in range(shape.heads) if h not in set(cut.heads) for c in range(h * hd, (h + 1) * hd)]
-            weight = skeleton.read([f"{skeleton.layers_prefix}.{index}.{structure.o}.weight"])
-            w = next(iter(weight.values())).float()
-            cut.bias_shift[structure.o] = w[:, removed] @ scores.o_means[index][removed]
+        kept_neurons, kept_heads = set(cut.neurons), set(cut.heads)
+        removed = {
+            structure.down: ([n for n in range(shape.intermediate) if n not in kept_neurons], scores.down_means),
+            structure.o: (
+                [c for h in range(shape.heads) if h not in kept_heads for c in range(h * hd, (h + 1) * hd)],
+                scores.o_means if structure.heads else None,
+            ),
+        }
+        for name, (channels, means) in removed.items():
+            if getattr(layer.get_submodule(name), "bias", None) is None or not means or not channels:
+                continue
+            key = f"{skeleton.layers_prefix}.{index}.{name}.weight"
+            weight = skeleton.read([key])[key].float()
+            cut.bias_shift[name] = weight[:, channels] @ means[index][channels]
 
 
 def _report(
@@ -522,11 +524,8 @@ def _report(
     device,
     writer,
 ) -> dict:
-    import platform
-
-    import transformers
-
     from llmprune import __version__
+    from llmprune.pipeline import versions
 
     size = shape.group_size
     before = skeleton.num_layers * costs.layer(shape.kv_heads, size, shape.intermediate, size)
@@ -581,12 +580,7 @@ def _report(
         "device": str(device),
         "damping_retries": 0,
         "layers": layer_reports,
-        "versions": {
-            "llmprune": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
     }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from llmprune.engine.stream import LayerStream
+from llmprune.engine.stream import open_stream
 from llmprune.models.skeleton import Skeleton
 from llmprune.structured.arch import Shape, Structure
 
@@ -86,10 +86,8 @@ def fluctuation_scores(
     progress: bool = False,
 ) -> UnitScores:
     """FLAP's fluctuation metric from one streamed forward of the dense model (layer-wise)."""
-    dtype = torch.float32 if device.type == "cpu" else skeleton.dtype
-    stream = LayerStream(skeleton, device, dtype, chunk)
-    acts = stream.begin(ids)
-    stream.prepare({int(c.shape[0]) for c in acts.chunks} | {1})
+    stream, acts = open_stream(skeleton, ids, device, chunk)
+    dtype = stream.dtype
     heads, neurons, o_means, down_means = [], [], [], []
     hd = shape.head_dim
     for index in tqdm(range(skeleton.num_layers), desc="flap scores", unit="layer", disable=not progress):
