@@ -21,12 +21,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import machine
+from benchlib import machine, update_section
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("sparsegpt", "unstructured"), ("sparsegpt", "2:4"), ("wanda", "unstructured"), ("wanda", "2:4")]
-MARK_START, MARK_END = "<!-- bench_peer:start -->", "<!-- bench_peer:end -->"
 
 
 def peer_python(venv: Path) -> Path:
@@ -182,7 +181,7 @@ def main() -> None:
     print(table)
     (out / "bench_peer.md").write_text(table + "\n")
     if args.write:
-        update_section(Path(args.write), table)
+        update_section(Path(args.write), table, "bench_peer")
 
 
 def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path) -> str:
@@ -206,17 +205,6 @@ def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path
             f"{r['rss_peer'] / 2**30:.2f} | {r['rss_ratio']:.2f} |"
         )
     return "\n".join(lines)
-
-
-def update_section(path: Path, table: str) -> None:
-    """Replace the text between the bench_peer markers (appending the section if it is absent)."""
-    text = path.read_text() if path.exists() else ""
-    block = f"{MARK_START}\n{table}\n{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        text = text[: text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

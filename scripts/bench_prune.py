@@ -16,7 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import machine
+from benchlib import machine, update_section
 
 CONFIGS = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("unstructured", "2:4")]
 
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--only", nargs="*", help="method:pattern filters, e.g. sparsegpt:2:4")
+    parser.add_argument("--write", help="update this Markdown file's bench_prune section (e.g. BENCHMARKS.md)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
     args = parser.parse_args()
     rows = []
@@ -76,14 +77,25 @@ def main() -> None:
             f"  sparsity {summary['achieved_sparsity']:.4f}",
             flush=True,
         )
-    print(f"\n{date.today()} on {machine()}; `{' '.join(['python', *sys.argv])}`\n")
-    print("| method | pattern | dense ppl | pruned ppl | pruning s | process s | peak RSS GiB | sparsity |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [
+        f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_prune.py {' '.join(sys.argv[1:])}`.",
+        "",
+        f"Calibration: {args.samples} x {args.seqlen} tokens of `{args.calibration}`; perplexity on "
+        f"{args.eval_samples} held-out windows. Pruning s: the layer loop; process s: the whole run (model "
+        "resolution, dense and pruned perplexity included); peak RSS: the process's VmHWM.",
+        "",
+        "| method | pattern | dense ppl | pruned ppl | pruning s | process s | peak RSS GiB | sparsity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method, pattern, s, wall in rows:
-        print(
+        lines.append(
             f"| {method} | {pattern} | {s['dense_perplexity']:.2f} | {s['pruned_perplexity']:.2f} | "
             f"{s['prune_seconds']:.1f} | {wall:.1f} | {s['peak_rss_gib']:.2f} | {s['achieved_sparsity']:.4f} |"
         )
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        update_section(Path(args.write), table, "bench_prune")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Shared by the benchmark scripts: a one-line description of the machine they ran on."""
+"""Shared by the benchmark scripts: the machine they ran on, and writing their table into BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 
 def machine() -> str:
@@ -23,3 +24,15 @@ def machine() -> str:
     except ImportError:
         pass
     return text
+
+
+def update_section(path: Path, table: str, name: str) -> None:
+    """Replace the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` (appending it if absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

@@ -1,0 +1,162 @@
+"""Benchmark: the memory plan beside the measured peak, for SmolLM2-135M and a ~2B random-weight model.
+
+Each run is a whole `llmprune` process measured from outside (scripts/measure_process.py: wall time,
+peak RSS); the plan's peak (plus the interpreter overhead it measured) comes from its llmprune.json.
+
+    python scripts/bench_memory.py [--out bench-memory] [--skip-2b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+from benchlib import machine, update_section
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(label: str, argv: list[str], out: Path) -> dict:
+    result = out / f"{label}.json"
+    log = out / f"{label}.log"
+    cmd = [
+        sys.executable,
+        str(HERE / "measure_process.py"),
+        "--out",
+        str(result),
+        "--",
+        sys.executable,
+        "-m",
+        "llmprune",
+        *argv,
+        "--no-eval",
+        "--quiet",
+        "--overwrite",
+    ]
+    with log.open("w") as handle:
+        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        sys.exit(f"{label} failed: see {log}")
+    measured = json.loads(result.read_text())
+    folder = Path(argv[argv.index("--output") + 1])
+    report = json.loads((folder / "llmprune.json").read_text())
+    plan = report["memory_plan"]
+    planned = plan["peak_bytes"] + plan["overhead_bytes"]
+    row = {
+        "label": label,
+        "wall": measured["wall_seconds"],
+        "measured": measured["peak_rss_bytes"],
+        "planned": planned,
+        "plan_engine": plan["peak_bytes"],
+        "overhead": plan["overhead_bytes"],
+        "budget": plan["budget_bytes"],
+        "choice": plan["choice"],
+        "adaptations": plan["adaptations"],
+        "layers": len(report["layers"]),
+    }
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return row
+
+
+def random_model(folder: Path, tokenizer_from: Path) -> Path:
+    """A ~2B-parameter Llama with random weights, bfloat16, written as 1 GB shards (with a real tokenizer)."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=49152,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial, max_shard_size="1GB")
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-memory")
+    parser.add_argument("--skip-2b", action="store_true")
+    parser.add_argument("--write", help="update this Markdown file's bench_memory section")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from llmprune.models.resolve import resolve_model
+
+    smol = resolve_model("smollm2-135m-gguf", quiet=True)
+    common = ["--calibration", "shakespeare", "--samples", "128", "--seqlen", "512"]
+    rows = [
+        run("smollm2-sparsegpt", [str(smol), "--method", "sparsegpt", *common, "--output", str(out / "o1")], out),
+        run(
+            "smollm2-sparsegpt-budget-900MB",
+            [str(smol), "--method", "sparsegpt", *common, "--max-memory", "900MB", "--output", str(out / "o2")],
+            out,
+        ),
+        run("smollm2-wanda", [str(smol), "--method", "wanda", *common, "--output", str(out / "o3")], out),
+    ]
+    if not args.skip_2b:
+        big = random_model(out / "llama-2b-random", smol)
+        params = sum(p.stat().st_size for p in big.glob("*.safetensors")) // 2
+        print(f"random model: {params / 1e9:.2f} B parameters in {len(list(big.glob('*.safetensors')))} shards")
+        small = ["--calibration", "shakespeare", "--samples", "8", "--seqlen", "256"]
+        rows.append(
+            run("llama-2b-sparsegpt", [str(big), "--method", "sparsegpt", *small, "--output", str(out / "o4")], out)
+        )
+        rows.append(
+            run(
+                "llama-2b-sparsegpt-budget-1GB",
+                [str(big), "--method", "sparsegpt", *small, "--max-memory", "1GB", "--output", str(out / "o5")],
+                out,
+            )
+        )
+    lines = [
+        f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_memory.py {' '.join(sys.argv[1:])}`.",
+        "",
+        "Peak RSS measured from outside the process (getrusage of the child of a small launcher); the plan is the "
+        "engine's planned peak plus the interpreter overhead it measured when it planned.",
+        "",
+        "| run | layers | plan GiB | measured peak GiB | plan / measured | wall s | plan choices |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r["choice"]
+        choices = (
+            f"chunks of {c['chunk']}, activations {c['activations']}, {c['order']}, park {c['park']}, "
+            f"inverse {c['inverse_dtype'].removeprefix('torch.')}"
+        )
+        if r["adaptations"]:
+            choices += "; adapted: " + ", ".join(r["adaptations"])
+        lines.append(
+            f"| {r['label']} | {r['layers']} | {r['planned'] / 2**30:.2f} | {r['measured'] / 2**30:.2f} | "
+            f"{r['planned'] / r['measured']:.2f} | {r['wall']:.0f} | {choices} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    (out / "bench_memory.md").write_text(table + "\n")
+    if args.write:
+        update_section(Path(args.write), table, "bench_memory")
+
+
+if __name__ == "__main__":
+    main()
