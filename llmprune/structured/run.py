@@ -17,7 +17,7 @@ from llmprune.engine.activations import Activations
 from llmprune.engine.devices import parse_dtype, peak_cuda, peak_rss, resolve_device
 from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
-from llmprune.eval.perplexity import Perplexity, perplexity
+from llmprune.eval.perplexity import perplexity
 from llmprune.export.publish import check_options, finish_folder, push_after_run
 from llmprune.export.writer import OutputFolder, check_output, parse_size
 from llmprune.models.resolve import resolve_model
@@ -582,6 +582,3 @@ def _report(
         "layers": layer_reports,
         "versions": versions(),
     }
-
-
-__all__ = ["STRUCTURED_METHODS", "prune_structured", "Perplexity"]
