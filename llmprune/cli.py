@@ -179,6 +179,13 @@ def prune_parser() -> argparse.ArgumentParser:
         "--neuron-multiple", type=int, default=64, metavar="N", help="kept FFN width is a multiple of N (default 64)"
     )
     structured.add_argument(
+        "--fisher-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="windows per Fisher minibatch, one squared-gradient sample each (default: half a forward chunk)",
+    )
+    structured.add_argument(
         "--tuning-damping",
         type=float,
         default=0.01,

@@ -92,7 +92,7 @@ class Settings:
     mask_tuning: bool = True
     neuron_multiple: int = 64
     tuning_damping: float = 0.01
-    fisher_batch: int = 1
+    fisher_batch: int | None = None
     resume: bool = False
     plan_only: bool = False
     quiet: bool = False

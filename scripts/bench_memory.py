@@ -97,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-memory")
     parser.add_argument("--skip-2b", action="store_true")
+    parser.add_argument("--only", nargs="*", help="run only these labels (e.g. smollm2-sparsegpt llama-2b-sparsegpt)")
     parser.add_argument("--write", help="update this Markdown file's bench_memory section")
     args = parser.parse_args()
     out = Path(args.out)
@@ -106,30 +107,23 @@ def main() -> None:
 
     smol = resolve_model("smollm2-135m-gguf", quiet=True)
     common = ["--calibration", "shakespeare", "--samples", "128", "--seqlen", "512"]
-    rows = [
-        run("smollm2-sparsegpt", [str(smol), "--method", "sparsegpt", *common, "--output", str(out / "o1")], out),
-        run(
-            "smollm2-sparsegpt-budget-900MB",
-            [str(smol), "--method", "sparsegpt", *common, "--max-memory", "900MB", "--output", str(out / "o2")],
-            out,
-        ),
-        run("smollm2-wanda", [str(smol), "--method", "wanda", *common, "--output", str(out / "o3")], out),
-    ]
+    jobs = {
+        "smollm2-sparsegpt": [str(smol), "--method", "sparsegpt", *common],
+        "smollm2-sparsegpt-budget-900MB": [str(smol), "--method", "sparsegpt", *common, "--max-memory", "900MB"],
+        "smollm2-wanda": [str(smol), "--method", "wanda", *common],
+    }
     if not args.skip_2b:
         big = random_model(out / "llama-2b-random", smol)
         params = sum(p.stat().st_size for p in big.glob("*.safetensors")) // 2
         print(f"random model: {params / 1e9:.2f} B parameters in {len(list(big.glob('*.safetensors')))} shards")
         small = ["--calibration", "shakespeare", "--samples", "8", "--seqlen", "256"]
-        rows.append(
-            run("llama-2b-sparsegpt", [str(big), "--method", "sparsegpt", *small, "--output", str(out / "o4")], out)
-        )
-        rows.append(
-            run(
-                "llama-2b-sparsegpt-budget-1GB",
-                [str(big), "--method", "sparsegpt", *small, "--max-memory", "1GB", "--output", str(out / "o5")],
-                out,
-            )
-        )
+        jobs["llama-2b-sparsegpt"] = [str(big), "--method", "sparsegpt", *small]
+        jobs["llama-2b-sparsegpt-budget-1GB"] = [str(big), "--method", "sparsegpt", *small, "--max-memory", "1GB"]
+    rows = [
+        run(label, [*argv, "--output", str(out / f"out-{label}")], out)
+        for label, argv in jobs.items()
+        if not args.only or label in args.only
+    ]
     lines = [
         f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_memory.py {' '.join(sys.argv[1:])}`.",
         "",

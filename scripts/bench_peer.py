@@ -105,86 +105,105 @@ def main() -> None:
     device = torch.device("cpu")
     dense = perplexity(folder, held_out, device, 8).perplexity
     variants = {"": []} | {name: flags.split() for name, _, flags in (v.partition("=") for v in args.variant)}
-    rows = []
-    for method, pattern in CONFIGS:
-        if args.only and f"{method}:{pattern}" not in args.only:
-            continue
-        tag = f"{method}-{pattern.replace(':', 'of')}"
-        peer_out = out / f"peer-{tag}"
-        peer = [
-            str(python),
-            str(HERE / "peer_llmcompressor.py"),
-            "--model",
-            str(folder),
-            "--windows",
-            str(windows_file),
-            "--method",
-            method,
-            "--pattern",
-            pattern,
-            "--output",
-            str(peer_out),
-        ]
-        ours = {
-            name: [
-                sys.executable,
-                "-m",
-                "llmprune",
-                str(folder),
-                "--method",
-                method,
-                "--pattern",
-                pattern,
-                "--calibration",
-                str(windows_file),
-                "--no-eval",
-                "--quiet",
-                "--overwrite",
-                "--output",
-                str(out / f"ours{'-' + name if name else ''}-{tag}"),
-                *flags,
-            ]
-            for name, flags in variants.items()
-        }
-        runs: dict[str, list] = {name: [] for name in [*variants, "peer"]}
-        for pair in range(args.pairs):  # interleaved: ours (each variant), llm-compressor, ours, ...
+    configs = [(m, p) for m, p in CONFIGS if not args.only or f"{m}:{p}" in args.only]
+    jobs = {f"{m}-{p.replace(':', 'of')}": (m, p) for m, p in configs}
+    runs: dict[str, dict[str, list]] = {tag: {name: [] for name in [*variants, "peer"]} for tag in jobs}
+    ppl: dict[str, float] = {}
+    for pair in range(args.pairs):  # rounds outer, so every config has the same number of pairs at any time
+        for tag, (method, pattern) in jobs.items():
+            peer_out = out / f"peer-{tag}"
             shutil.rmtree(peer_out, ignore_errors=True)
-            for name, cmd in ours.items():
-                runs[name].append(timed(cmd, out / f"ours{'-' + name if name else ''}-{tag}-{pair}.log"))
-            runs["peer"].append(timed(peer, out / f"peer-{tag}-{pair}.log"))
+            for name, flags in variants.items():
+                cmd = ours_command(folder, method, pattern, windows_file, ours_folder(out, name, tag), flags)
+                runs[tag][name].append(timed(cmd, out / f"ours{'-' + name if name else ''}-{tag}-{pair}.log"))
+            runs[tag]["peer"].append(
+                timed(
+                    peer_command(python, folder, windows_file, method, pattern, peer_out),
+                    out / f"peer-{tag}-{pair}.log",
+                )
+            )
             print(
                 f"{tag} round {pair}: "
                 + " | ".join(
-                    f"{name or 'ours'} {r[-1][0]:.1f} s {r[-1][1] / 2**30:.2f} GiB" for name, r in runs.items()
+                    f"{name or 'ours'} {r[-1][0]:.1f} s {r[-1][1] / 2**30:.2f} GiB" for name, r in runs[tag].items()
                 ),
                 flush=True,
             )
-        ppl_peer = perplexity(peer_out, held_out, device, 8).perplexity
-        for name, cmd in ours.items():
-            pairs = list(zip(runs[name], runs["peer"]))
-            rows.append(
-                {
-                    "config": f"{method} {pattern}" + (f" (`{' '.join(variants[name])}`)" if name else ""),
-                    "ppl_ours": perplexity(Path(cmd[cmd.index("--output") + 1]), held_out, device, 8).perplexity,
-                    "ppl_peer": ppl_peer,
-                    "time_ours": statistics.median(a[0] for a, _ in pairs),
-                    "time_peer": statistics.median(b[0] for _, b in pairs),
-                    "time_ratio": statistics.median(a[0] / b[0] for a, b in pairs),
-                    "rss_ours": statistics.median(a[1] for a, _ in pairs),
-                    "rss_peer": statistics.median(b[1] for _, b in pairs),
-                    "rss_ratio": statistics.median(a[1] / b[1] for a, b in pairs),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-
-    table = render(rows, dense, args, held_out.count, python)
-    print(table)
-    (out / "bench_peer.md").write_text(table + "\n")
-    if args.write:
-        update_section(Path(args.write), table, "bench_peer")
+            if pair == 0:  # outputs are deterministic: evaluate them once
+                ppl[f"peer-{tag}"] = perplexity(peer_out, held_out, device, 8).perplexity
+                for name in variants:
+                    ppl[f"{name}-{tag}"] = perplexity(ours_folder(out, name, tag), held_out, device, 8).perplexity
+        rows = [summary(tag, jobs[tag], name, variants[name], runs[tag], ppl) for tag in jobs for name in variants]
+        (out / "runs.json").write_text(json.dumps({"runs": runs, "ppl": ppl, "dense": dense}, indent=1))
+        table = render(rows, dense, args, held_out.count, python, pair + 1)
+        print(table, flush=True)
+        (out / "bench_peer.md").write_text(table + "\n")
+        if args.write:
+            update_section(Path(args.write), table, "bench_peer")
 
 
-def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path) -> str:
+def ours_folder(out: Path, name: str, tag: str) -> Path:
+    return out / f"ours{'-' + name if name else ''}-{tag}"
+
+
+def ours_command(folder: Path, method: str, pattern: str, windows: Path, output: Path, flags: list[str]) -> list[str]:
+    """The llmprune CLI on the shared token windows, pruning only (the benchmark evaluates both tools itself)."""
+    return [
+        sys.executable,
+        "-m",
+        "llmprune",
+        str(folder),
+        "--method",
+        method,
+        "--pattern",
+        pattern,
+        "--calibration",
+        str(windows),
+        "--no-eval",
+        "--quiet",
+        "--overwrite",
+        "--output",
+        str(output),
+        *flags,
+    ]
+
+
+def peer_command(python: Path, folder: Path, windows: Path, method: str, pattern: str, output: Path) -> list[str]:
+    """llm-compressor's oneshot through scripts/peer_llmcompressor.py in its own virtualenv."""
+    return [
+        str(python),
+        str(HERE / "peer_llmcompressor.py"),
+        "--model",
+        str(folder),
+        "--windows",
+        str(windows),
+        "--method",
+        method,
+        "--pattern",
+        pattern,
+        "--output",
+        str(output),
+    ]
+
+
+def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs: dict, ppl: dict) -> dict:
+    """Medians over the interleaved pairs so far: times, peak RSS and their per-pair ratios."""
+    pairs = list(zip(runs[name], runs["peer"]))
+    return {
+        "config": f"{config[0]} {config[1]}" + (f" (`{' '.join(flags)}`)" if name else ""),
+        "ppl_ours": ppl[f"{name}-{tag}"],
+        "ppl_peer": ppl[f"peer-{tag}"],
+        "time_ours": statistics.median(a[0] for a, _ in pairs),
+        "time_peer": statistics.median(b[0] for _, b in pairs),
+        "time_ratio": statistics.median(a[0] / b[0] for a, b in pairs),
+        "rss_ours": statistics.median(a[1] for a, _ in pairs),
+        "rss_peer": statistics.median(b[1] for _, b in pairs),
+        "rss_ratio": statistics.median(a[1] / b[1] for a, b in pairs),
+        "pairs": len(pairs),
+    }
+
+
+def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path, pairs: int) -> str:
     lines = [
         f"Measured {date.today()} on {machine()}; llm-compressor {versions(python, 'llmcompressor')}, "
         f"torch {torch.__version__}. Command: `python scripts/bench_peer.py {' '.join(sys.argv[1:])}`.",
@@ -192,7 +211,7 @@ def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path
         f"Calibration: {args.samples} x {args.seqlen} tokens of `{args.corpus}` (seed {args.seed}), the same token "
         f"ids for both tools. Perplexity: llmprune's streamed evaluation of each output on {eval_windows} held-out "
         f"windows of {args.seqlen} tokens (dense: {dense:.3f}). Time and peak RSS: each tool's whole pruning "
-        f"process, {args.pairs} interleaved pairs, median; ratios are ours / llm-compressor.",
+        f"process, {pairs} interleaved pairs (of {args.pairs} asked), median; ratios are ours / llm-compressor.",
         "",
         "| config | ppl ours | ppl llm-compressor | ppl ratio | time ours s | time peer s | time ratio "
         "| peak RSS ours GiB | peak RSS peer GiB | RSS ratio |",

@@ -178,4 +178,36 @@ def test_structured_bad_input(tiny_models, corpus_file, tmp_path):
         llmprune.prune(str(folder), method="fisher", keep_heads=3, **common)
     with pytest.raises(LLMPruneError, match="structured pruning supports"):
         llmprune.prune(str(tiny_models("gpt_neox", layers=2)), method="fisher", **common)
+    with pytest.raises(LLMPruneError, match="--fisher-batch must be a positive"):
+        llmprune.prune(str(folder), method="fisher", fisher_batch=0, **common)
+    with pytest.raises(LLMPruneError, match="structured runs have no plan"):
+        llmprune.prune(str(folder), method="fisher", plan_only=True, **common)
     assert not (tmp_path / "o").exists()
+
+
+def test_fisher_batch_sets_the_gradient_minibatch(tiny_models, corpus_file, tmp_path, monkeypatch):
+    """--fisher-batch N: the streamed gradients come in minibatches of N windows (one Fisher sample each)."""
+    import llmprune.structured.run as run
+
+    seen = []
+    original = run.mask_gradients
+
+    def spy(skeleton, ids, structure, shape, device, chunk, *rest):
+        grads = original(skeleton, ids, structure, shape, device, chunk, *rest)
+        seen.append((chunk, grads.heads[0].shape[0]))
+        return grads
+
+    monkeypatch.setattr(run, "mask_gradients", spy)
+    report = llmprune.prune(
+        str(tiny_models("llama", layers=2)),
+        method="fisher",
+        fisher_batch=1,
+        calibration=str(corpus_file),
+        samples=4,
+        seqlen=16,
+        no_eval=True,
+        output=str(tmp_path / "o"),
+        quiet=True,
+    )
+    assert seen == [(1, 4)]
+    assert report["structured"]["fisher_batch"] == 1

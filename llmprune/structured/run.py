@@ -64,6 +64,12 @@ def _check_settings(settings) -> None:
         raise LLMPruneError(f"--save-format {settings.save_format} is for 2:4-sparse models, not structured ones")
     if settings.resume:
         raise LLMPruneError("structured runs are not resumable (they are short); run the command again")
+    if settings.plan_only or settings.max_memory is not None:
+        raise LLMPruneError(
+            "--plan-only and --max-memory plan the unstructured engine; structured runs have no plan yet"
+        )
+    if settings.fisher_batch is not None and settings.fisher_batch < 1:
+        raise LLMPruneError(f"--fisher-batch must be a positive number of windows (got {settings.fisher_batch})")
 
 
 def choose_counts(settings, scores_heads, scores_neurons, shape, structure, costs, keep, by_flops) -> Counts:
@@ -387,9 +393,17 @@ def prune_structured(settings) -> dict:
         timings = {}
         t0 = time.perf_counter()
         grads = None
+        fisher_batch = settings.fisher_batch or max(1, chunk // 2)
         if settings.method == "fisher":
             grads = mask_gradients(
-                skeleton, calib.ids, structure, shape, device, max(1, chunk // 2), writer.work / "fisher", progress
+                skeleton,
+                calib.ids,
+                structure,
+                shape,
+                device,
+                fisher_batch,
+                writer.work / "fisher",
+                progress,
             )
             per_head = [g.pow(2).sum(0) for g in grads.heads]
             head_scores = (
@@ -469,6 +483,7 @@ def prune_structured(settings) -> dict:
             device,
             writer,
         )
+        report["structured"]["fisher_batch"] = fisher_batch if settings.method == "fisher" else None
         report["timings"] = {**timings, "prune_seconds": round(time.perf_counter() - t0, 2)}
         pruned = None
         if eval_windows is not None:
