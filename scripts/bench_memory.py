@@ -21,7 +21,11 @@ from benchlib import machine, update_section
 HERE = Path(__file__).resolve().parent
 
 
-def run(label: str, argv: list[str], out: Path) -> dict:
+def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
+    """One measured llmprune process; its row (kept as LABEL.row.json, reused with --reuse)."""
+    saved = out / f"{label}.row.json"
+    if reuse and saved.exists():
+        return json.loads(saved.read_text())
     result = out / f"{label}.json"
     log = out / f"{label}.log"
     cmd = [
@@ -60,6 +64,7 @@ def run(label: str, argv: list[str], out: Path) -> dict:
         "layers": len(report["layers"]),
     }
     print(json.dumps(row), flush=True)
+    saved.write_text(json.dumps(row))
     shutil.rmtree(folder, ignore_errors=True)
     return row
 
@@ -98,6 +103,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-memory")
     parser.add_argument("--skip-2b", action="store_true")
     parser.add_argument("--only", nargs="*", help="run only these labels (e.g. smollm2-sparsegpt llama-2b-sparsegpt)")
+    parser.add_argument("--reuse", action="store_true", help="reuse the rows of runs already measured in --out")
     parser.add_argument("--write", help="update this Markdown file's bench_memory section")
     args = parser.parse_args()
     out = Path(args.out)
@@ -118,9 +124,9 @@ def main() -> None:
         print(f"random model: {params / 1e9:.2f} B parameters in {len(list(big.glob('*.safetensors')))} shards")
         small = ["--calibration", "shakespeare", "--samples", "8", "--seqlen", "256"]
         jobs["llama-2b-sparsegpt"] = [str(big), "--method", "sparsegpt", *small]
-        jobs["llama-2b-sparsegpt-budget-1GB"] = [str(big), "--method", "sparsegpt", *small, "--max-memory", "1GB"]
+        jobs["llama-2b-sparsegpt-budget-2GB"] = [str(big), "--method", "sparsegpt", *small, "--max-memory", "2GB"]
     rows = [
-        run(label, [*argv, "--output", str(out / f"out-{label}")], out)
+        run(label, [*argv, "--output", str(out / f"out-{label}")], out, args.reuse)
         for label, argv in jobs.items()
         if not args.only or label in args.only
     ]

@@ -211,7 +211,8 @@ def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path
         f"Calibration: {args.samples} x {args.seqlen} tokens of `{args.corpus}` (seed {args.seed}), the same token "
         f"ids for both tools. Perplexity: llmprune's streamed evaluation of each output on {eval_windows} held-out "
         f"windows of {args.seqlen} tokens (dense: {dense:.3f}). Time and peak RSS: each tool's whole pruning "
-        f"process, {pairs} interleaved pairs (of {args.pairs} asked), median; ratios are ours / llm-compressor.",
+        f"process, {pairs} interleaved pair{'s' if pairs > 1 else ''} (of {args.pairs} asked), median; "
+        "ratios are ours / llm-compressor.",
         "",
         "| config | ppl ours | ppl llm-compressor | ppl ratio | time ours s | time peer s | time ratio "
         "| peak RSS ours GiB | peak RSS peer GiB | RSS ratio |",

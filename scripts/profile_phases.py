@@ -46,7 +46,7 @@ WAITING = ("Condition.wait (threading.py", "_wait_for_tstate_lock (threading.py"
 def phase_of(stack: str) -> str | None:
     """The first phase (in PHASES order) with a marker in this semicolon-joined stack; None for a thread
     blocked in Python's threading waits (lockstep chunks waiting for their turn), which py-spy counts as busy."""
-    if stack.rsplit(";", 1)[-1].startswith(WAITING):
+    if any(marker in stack.rsplit(";", 1)[-1] for marker in WAITING):
         return None
     for name, markers in PHASES:
         if any(marker in stack for marker in markers):
