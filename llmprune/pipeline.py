@@ -413,6 +413,17 @@ def versions() -> dict:
     }
 
 
+def report_head(settings: Settings, folder: Path) -> dict:
+    """The fields every llmprune.json starts with, structured or not: format, version, model, method."""
+    return {
+        "format_version": 1,
+        "llmprune_version": __version__,
+        "model": settings.model,
+        "source_folder": str(folder),
+        "method": settings.method,
+    }
+
+
 def _report(
     settings: Settings,
     folder: Path,
@@ -427,11 +438,7 @@ def _report(
     pruned = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for lay in layers for m in lay["modules"])
     total = sum(m["shape"][0] * m["shape"][1] for lay in layers for m in lay["modules"])
     return {
-        "format_version": 1,
-        "llmprune_version": __version__,
-        "model": settings.model,
-        "source_folder": str(folder),
-        "method": settings.method,
+        **report_head(settings, folder),
         "pattern": str(pattern),
         "sparsity": pattern.sparsity,
         "achieved_sparsity": pruned / total if total else 0.0,

@@ -539,8 +539,7 @@ def _report(
     device,
     writer,
 ) -> dict:
-    from llmprune import __version__
-    from llmprune.pipeline import versions
+    from llmprune.pipeline import report_head, versions
 
     size = shape.group_size
     before = skeleton.num_layers * costs.layer(shape.kv_heads, size, shape.intermediate, size)
@@ -556,11 +555,7 @@ def _report(
         if r.get(part) and r[part].get("note")
     ]
     return {
-        "format_version": 1,
-        "llmprune_version": __version__,
-        "model": settings.model,
-        "source_folder": str(folder),
-        "method": settings.method,
+        **report_head(settings, folder),
         "pattern": "structured",
         "sparsity": 1 - after / before,
         "achieved_sparsity": 1 - after / before,
