@@ -35,6 +35,8 @@ from llmprune.engine.devices import (
     resolve_device,
     return_freed_memory,
     solver_devices,
+    trim_heap,
+    warm_up_kernels,
 )
 from llmprune.engine.loop import layer_unit, prune_layers
 from llmprune.engine.parking import Parking
@@ -253,6 +255,8 @@ def prune(model: str, **options) -> dict:
         model_dtype=skeleton.dtype,
         save_dtype=save_dtype,
     )
+    warm_up_kernels()
+    trim_heap()
     overhead = current_rss()  # interpreter, libraries, skeleton, tokenizer: what the plan does not budget
     plan = make_plan(Geometry.of(skeleton, targets), request, device, budgets[0], budgets[1], overhead)
     if saved is not None:

@@ -6,7 +6,10 @@ Linear of the decoder layers; 1% dampening, block 128), each run a whole process
 (A B A B ...) for time and peak RSS; then evaluate both outputs with llmprune's perplexity code on
 the same held-out windows. llm-compressor runs from its own virtualenv, created here on first use.
 
-    python scripts/bench_peer.py [--pairs 3] [--out bench-peer] [--write BENCHMARKS.md]
+    python scripts/bench_peer.py [--pairs 3] [--out bench-peer] [--write BENCHMARKS.md] [--resume]
+
+With --resume, the rounds already in OUT/runs.json are kept and the run continues up to --pairs rounds
+(each round records the llmprune commit it measured, so rounds from several sessions can be told apart).
 """
 
 from __future__ import annotations
@@ -71,7 +74,10 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-samples", type=int, default=64)
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="interleaved rounds in all (with --resume, counting old ones)"
+    )
+    parser.add_argument("--resume", action="store_true", help="keep the rounds already measured in OUT/runs.json")
     parser.add_argument("--only", nargs="*", help="method:pattern filters, e.g. wanda:2:4")
     parser.add_argument("--out", default="bench-peer")
     parser.add_argument("--peer-venv", default=".bench/llmcompressor-venv")
@@ -109,7 +115,15 @@ def main() -> None:
     jobs = {f"{m}-{p.replace(':', 'of')}": (m, p) for m, p in configs}
     runs: dict[str, dict[str, list]] = {tag: {name: [] for name in [*variants, "peer"]} for tag in jobs}
     ppl: dict[str, float] = {}
-    for pair in range(args.pairs):  # rounds outer, so every config has the same number of pairs at any time
+    rounds: list[dict] = []
+    saved = out / "runs.json"
+    if args.resume and saved.exists():
+        old = json.loads(saved.read_text())
+        runs = {tag: {name: old["runs"].get(tag, {}).get(name, []) for name in [*variants, "peer"]} for tag in jobs}
+        ppl, rounds = old["ppl"], old.get("rounds", [])
+    done = min(len(r) for by_name in runs.values() for r in by_name.values())
+    runs = {tag: {name: r[:done] for name, r in by_name.items()} for tag, by_name in runs.items()}
+    for pair in range(done, args.pairs):  # rounds outer, so every config has the same number of pairs at any time
         for tag, (method, pattern) in jobs.items():
             peer_out = out / f"peer-{tag}"
             shutil.rmtree(peer_out, ignore_errors=True)
@@ -129,13 +143,15 @@ def main() -> None:
                 ),
                 flush=True,
             )
-            if pair == 0:  # outputs are deterministic: evaluate them once
+            if f"peer-{tag}" not in ppl:  # outputs are deterministic: evaluate them once
                 ppl[f"peer-{tag}"] = perplexity(peer_out, held_out, device, 8).perplexity
-                for name in variants:
+            for name in variants:
+                if f"{name}-{tag}" not in ppl:
                     ppl[f"{name}-{tag}"] = perplexity(ours_folder(out, name, tag), held_out, device, 8).perplexity
+        rounds.append({"round": pair + 1, "date": str(date.today()), "llmprune_commit": commit()})
         rows = [summary(tag, jobs[tag], name, variants[name], runs[tag], ppl) for tag in jobs for name in variants]
-        (out / "runs.json").write_text(json.dumps({"runs": runs, "ppl": ppl, "dense": dense}, indent=1))
-        table = render(rows, dense, args, held_out.count, python, pair + 1)
+        saved.write_text(json.dumps({"runs": runs, "ppl": ppl, "dense": dense, "rounds": rounds}, indent=1))
+        table = render(rows, dense, args, held_out.count, python, pair + 1, rounds)
         print(table, flush=True)
         (out / "bench_peer.md").write_text(table + "\n")
         if args.write:
@@ -203,7 +219,15 @@ def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs
     }
 
 
-def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path, pairs: int) -> str:
+def commit() -> str:
+    """The llmprune commit being measured (with '+changes' when the working tree differs from it)."""
+    git = ["git", "-C", str(HERE.parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return (head or "unknown") + ("+changes" if dirty.stdout.strip() else "")
+
+
+def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path, pairs: int, rounds: list) -> str:
     lines = [
         f"Measured {date.today()} on {machine()}; llm-compressor {versions(python, 'llmcompressor')}, "
         f"torch {torch.__version__}. Command: `python scripts/bench_peer.py {' '.join(sys.argv[1:])}`.",
@@ -212,7 +236,9 @@ def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path
         f"ids for both tools. Perplexity: llmprune's streamed evaluation of each output on {eval_windows} held-out "
         f"windows of {args.seqlen} tokens (dense: {dense:.3f}). Time and peak RSS: each tool's whole pruning "
         f"process, {pairs} interleaved pair{'s' if pairs > 1 else ''} (of {args.pairs} asked), median; "
-        "ratios are ours / llm-compressor.",
+        "ratios are ours / llm-compressor. Rounds: "
+        + "; ".join(f"{r['round']} on {r['date']} at llmprune {r['llmprune_commit']}" for r in rounds)
+        + ".",
         "",
         "| config | ppl ours | ppl llm-compressor | ppl ratio | time ours s | time peer s | time ratio "
         "| peak RSS ours GiB | peak RSS peer GiB | RSS ratio |",

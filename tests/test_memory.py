@@ -69,6 +69,30 @@ def test_plan_only_reads_no_weights_and_names_components(tiny_models, corpus_fil
     assert result["memory_plan"]["peak_bytes"] > 0
 
 
+def test_plan_peak_is_the_largest_phase_and_counts_what_each_phase_holds(tiny_models, corpus_file):
+    """A layer's forward, solves and write never overlap: the peak is the largest phase, not their sum; the
+    two-pass order holds every group's Hessian at once, the sequential order one group's."""
+    folder = tiny_models("llama", layers=2, **WIDE)
+    common = dict(calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True, output="unused")
+    plans = {
+        order: llmprune.prune(str(folder), method="sparsegpt", order=order, **common)["memory_plan"]
+        for order in ("sequential", "parallel")
+    }
+    for plan in plans.values():
+        totals = {name: sum(parts.values()) for name, parts in plan["phases"].items()}
+        assert plan["peak_bytes"] == max(totals.values())
+        assert set(totals) >= {"begin", "layer forward", "layer solve", "layer write"}
+        solve, forward = plan["phases"]["layer solve"], plan["phases"]["layer forward"]
+        assert "SparseGPT workspace" in solve and "chunk temporaries" not in solve
+        assert "chunk temporaries" in forward and "SparseGPT workspace" not in forward
+        assert "writing a layer" in plan["phases"]["layer write"]
+    hidden, inter = WIDE["hidden"], WIDE["inter"]
+    one_group = inter * inter * 4  # the widest input: down_proj's
+    every_group = (3 * hidden * hidden + inter * inter) * 4  # q/k/v, o, gate/up (hidden wide) and down
+    assert plans["sequential"]["phases"]["layer solve"]["statistics (Hessian)"] == one_group
+    assert plans["parallel"]["phases"]["layer solve"]["statistics (Hessian)"] == every_group
+
+
 def test_impossible_budget_is_refused_before_any_weight_is_read(tiny_models, corpus_file, tmp_path, monkeypatch):
     folder = tiny_models("llama", layers=4, **WIDE)
     monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: (_ for _ in ()).throw(AssertionError("weight read")))

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmprune.engine.activations import Activations, DiskChunk
+from llmprune.engine.devices import trim_heap
 from llmprune.engine.plan import Choice
 from llmprune.engine.prune_layer import LayerPruner
 from llmprune.engine.resume import RunState
@@ -70,8 +71,10 @@ def prune_layers(
         side = writer.work / RunState.side_for(index)
         side.mkdir(parents=True, exist_ok=True)
         acts.spill_to = side if spilled else None
+        trim_heap()
         layer = skeleton.load_layer(index, device, compute_dtype)
         modules = pruner.prune(stream, index, layer, acts)
+        trim_heap()
         prefix = f"{skeleton.layers_prefix}.{index}."
         tensors = {
             prefix + k: v.detach().to("cpu", save_dtype) if v.is_floating_point() else v.cpu()

@@ -35,7 +35,8 @@ class Geometry:
     layer_params: int  # largest decoder layer
     rest_params: int  # embeddings, final norm, head (tied counted once)
     max_in: int  # widest input of a pruned Linear (its Hessian is max_in x max_in)
-    max_rows: int  # most output rows of a pruned Linear
+    max_weight: int  # most elements of one pruned Linear's weight
+    group_inputs: tuple[int, ...]  # input width of each group of Linears sharing statistics (largest layer)
     eager_attention: bool
 
     @classmethod
@@ -61,9 +62,28 @@ class Geometry:
             layer_params=layer_params,
             rest_params=rest,
             max_in=max((m.in_features for m in linears), default=hidden),
-            max_rows=max((m.out_features for m in linears), default=hidden),
+            max_weight=max((m.in_features * m.out_features for m in linears), default=hidden * hidden),
+            group_inputs=max(map(_group_inputs, targets_by_layer), key=lambda g: sum(i * i for i in g), default=()),
             eager_attention=getattr(skeleton.config, "_attn_implementation", "sdpa") == "eager",
         )
+
+
+def _group_inputs(targets: dict) -> tuple[int, ...]:
+    """Input widths of a layer's statistic groups, from the config alone. Linears of one parent share an
+    input when they follow each other with the same input width (q/k/v, gate/up), except the parent's
+    last Linear, its output projection (o_proj, down_proj). Where that guess is wrong it splits a group,
+    so it never counts fewer Hessians than the run holds."""
+    by_parent: dict[str, list] = {}
+    for name, module in targets.items():
+        by_parent.setdefault(name.rpartition(".")[0], []).append(module)
+    widths = []
+    for modules in by_parent.values():
+        for position, module in enumerate(modules):
+            last = position == len(modules) - 1 and position > 0
+            joins = position > 0 and not last and module.in_features == modules[position - 1].in_features
+            if not joins:
+                widths.append(module.in_features)
+    return tuple(sorted(widths, reverse=True))
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,10 @@ class MemoryPlan:
         for name, size in sorted(self.phases[worst].items(), key=lambda kv: -kv[1]):
             lines.append(f"  {name:<28} {_gib(size):>10}")
         lines.append(f"  {'total':<28} {_gib(self.peak):>10}   + {_gib(self.overhead)} interpreter and libraries")
+        for name, parts in self.phases.items():
+            if name != worst:
+                own = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if k not in self.phases[worst] and v)
+                lines.append(f"  {name} phase {_gib(sum(parts.values()))}" + (f" ({own})" if own else ""))
         if self.host:
             lines.append(
                 f"  host memory {_gib(self.host_peak)} ({', '.join(f'{k} {_gib(v)}' for k, v in self.host.items())})"
@@ -164,13 +188,20 @@ class Request:
 
 
 def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) -> tuple[dict, dict]:
-    """Per-phase component bytes on the compute device, and host bytes (GPU runs)."""
+    """Per-phase component bytes on the compute device, and host bytes (GPU runs).
+
+    A layer goes through three sub-phases that never overlap: the forward (chunk temporaries), the
+    solves (one Linear's workspace at a time) and the write (the layer in the save dtype). What lives
+    across them (the layer's weights, the statistics, the activations) is counted in each; the peak is
+    the largest sub-phase, not their sum.
+    """
     c = torch.finfo(req.compute_dtype).bits // 8
     a = torch.finfo(choice.act_dtype).bits // 8
     tokens = req.windows * req.seqlen
     chunk_tokens = choice.chunk * req.seqlen
     d, inter = geo.hidden, geo.intermediate
     on_gpu = device.type == "cuda"
+    sequential = choice.order == "sequential"
 
     temporaries = chunk_tokens * (6 * d + 3 * inter) * c
     if geo.eager_attention:
@@ -182,37 +213,40 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
         per_token = max(attention_state + 2 * d, 3 * d + inter)
     else:
         per_token = max(attention_state, 2 * d)
-    stash = tokens * per_token * c if choice.order == "sequential" else 0
-    hessian = geo.max_in**2 * 4 if req.method_statistics == "hessian" else geo.max_in * 4
-    inverse = 0
-    if req.inverse:
+    stash = tokens * per_token * c if sequential else 0
+    # statistics: one group at a time in the sequential order, every group at once in the parallel one
+    widths = (geo.max_in,) if sequential or not geo.group_inputs else geo.group_inputs
+    if req.method_statistics == "hessian":
+        statistics = sum(w * w * 4 for w in widths)
+    else:
+        statistics = sum(w * 4 + req.error_tokens * w * c for w in widths) if req.method_statistics == "sqnorm" else 0
+    n, e = geo.max_in, geo.max_weight
+    if req.inverse:  # the Hessian copy, the damped matrix, its Cholesky factor, the inverse, its factor
         b = torch.finfo(choice.inverse_dtype).bits // 8
-        inverse = 4 * geo.max_in**2 * b + 2 * geo.max_in**2 * 4 + 3 * geo.max_rows * geo.max_in * 4
-    sample = req.error_tokens * geo.max_in * c if req.method_statistics != "hessian" else 0
+        workspace = n * n * 4 + 4 * n * n * b + (n * n * (b + 4) if b != 4 else 0) + 3 * e * 4 + e
+    else:  # scores, the sorted values and their int64 indices, masks
+        workspace = 18 * e
     # writing a layer: a CPU copy in the save dtype (unless it already is one) plus the serialized bytes
     saved = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
     write_buffer = saved + (saved if on_gpu or req.save_dtype != req.compute_dtype else 0)
 
-    loop = {
-        "layer weights": geo.layer_params * c,
-        "chunk temporaries": temporaries,
-        "statistics (Hessian)" if req.method_statistics == "hessian" else "statistics": hessian + sample,
-    }
-    if inverse:
-        loop["SparseGPT workspace"] = inverse
-    if choice.order == "sequential":
-        loop["barrier state (all chunks)"] = max(stash, store)
+    stats_name = "statistics (Hessian)" if req.method_statistics == "hessian" else "statistics"
+    held = {"layer weights": geo.layer_params * c}
+    if sequential:
+        held["barrier state (all chunks)"] = max(stash, store)
         chunks = -(-req.windows // choice.chunk)
-        loop["chunk threads"] = chunks * THREAD_BYTES if chunks > 1 else 0
+        held["chunk threads"] = chunks * THREAD_BYTES if chunks > 1 else 0
     elif store:
-        loop["calibration activations"] = store
+        held["calibration activations"] = store
+    held["bookkeeping"] = BOOKKEEPING
+    forward = {**held, "chunk temporaries": temporaries, stats_name: statistics}
     if streamed:
-        loop["activation chunks in flight"] = streamed
-    loop["writing a layer"] = write_buffer if not on_gpu else saved
-    loop["bookkeeping"] = BOOKKEEPING
+        forward["activation chunks in flight"] = streamed
+    solve = {**held, stats_name: statistics, "SparseGPT workspace" if req.inverse else "method workspace": workspace}
+    write = {**held, "writing a layer": write_buffer if not on_gpu else saved}
     rest = geo.rest_params * c
     begin = {"embeddings and head": rest, "calibration activations": store + streamed, "chunk temporaries": temporaries}
-    phases = {"begin": begin, "layer": loop}
+    phases = {"begin": begin, "layer forward": forward, "layer solve": solve, "layer write": write}
     if req.eval_windows:
         logits = req.seqlen * geo.vocab * 4 * 3
         phases["eval"] = {
@@ -226,7 +260,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     if on_gpu:
         if choice.activations == "host":
             host["calibration activations"] = tokens * d * a
-        if choice.park == "host" and choice.order == "sequential":
+        if choice.park == "host" and sequential:
             host["parked barrier state"] = tokens * max(3 * d + inter - per_token, 0) * c
         host["writing a layer"] = 2 * saved
     return phases, host

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.activations import Activations
+from llmprune.engine.devices import trim_heap
 from llmprune.engine.lockstep import Lockstep
 from llmprune.engine.parking import ChunkTracker, Parking
 from llmprune.engine.stream import LayerStream
@@ -251,6 +252,8 @@ class LayerPruner:
         group.done = True
         group.stats = None
         group.sample = None
+        del solved
+        trim_heap()  # the solves' small buffers would otherwise stay in the heap through the next forward
 
 
 def _relative_error(
