@@ -220,10 +220,11 @@ def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs
 
 
 def commit() -> str:
-    """The llmprune commit being measured (with '+changes' when the working tree differs from it)."""
+    """The llmprune commit being measured (with '+changes' when its code differs from it in the working tree)."""
     git = ["git", "-C", str(HERE.parent)]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    code = ["status", "--porcelain", "--untracked-files=no", "--", "llmprune", "scripts"]
+    dirty = subprocess.run([*git, *code], capture_output=True, text=True)
     return (head or "unknown") + ("+changes" if dirty.stdout.strip() else "")
 
 
