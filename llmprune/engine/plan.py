@@ -218,8 +218,8 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     widths = (geo.max_in,) if sequential or not geo.group_inputs else geo.group_inputs
     if req.method_statistics == "hessian":
         statistics = sum(w * w * 4 for w in widths)
-    else:
-        statistics = sum(w * 4 + req.error_tokens * w * c for w in widths) if req.method_statistics == "sqnorm" else 0
+    else:  # Wanda's squared norms, and the token sample for the reconstruction error (any method without a Hessian)
+        statistics = sum((w * 4 if req.method_statistics == "sqnorm" else 0) + req.error_tokens * w * c for w in widths)
     n, e = geo.max_in, geo.max_weight
     if req.inverse:  # the Hessian copy, the damped matrix, its Cholesky factor, the inverse, its factor
         b = torch.finfo(choice.inverse_dtype).bits // 8
