@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import resource
 import sys
 
@@ -97,7 +98,9 @@ def peak_cuda(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """glibc, loaded once (trim_heap runs after every group of solves); None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
