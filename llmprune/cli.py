@@ -81,6 +81,14 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--dtype", default=None, help="output dtype: float32, float16 or bfloat16 (default: as input)")
     parser.add_argument(
+        "--forward-dtype",
+        default="auto",
+        metavar="DTYPE",
+        help="dtype of the calibration forward's matmuls and attention: auto, float32, bfloat16 or float16 (GPU). "
+        "Lower runs under autocast; statistics, solves and saved weights keep full precision. auto: the model's "
+        "dtype on a GPU; on a CPU bfloat16 for bfloat16 models where the CPU has native bf16, else float32",
+    )
+    parser.add_argument(
         "--targets",
         nargs="+",
         default=["*"],

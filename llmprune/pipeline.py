@@ -29,7 +29,9 @@ from llmprune.engine.devices import (
     available_memory,
     compute_dtype,
     current_rss,
+    forward_dtype,
     parse_dtype,
+    parse_forward_dtype,
     peak_cuda,
     peak_rss,
     resolve_device,
@@ -75,6 +77,7 @@ class Settings:
     eval_samples: int | None = None
     device: str = "auto"
     dtype: str | None = None
+    forward_dtype: str = "auto"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     order: str = "sequential"
@@ -196,6 +199,7 @@ def prune(model: str, **options) -> dict:
     check_options(settings, pattern)
     device = resolve_device(settings.device)
     save_dtype_override = parse_dtype(settings.dtype)
+    forward_request = parse_forward_dtype(settings.forward_dtype, device)
     budgets = parse_budgets(settings.max_memory, device)
     if settings.activations not in ("auto", "memory", "disk"):
         raise LLMPruneError(f"--activations must be auto, memory or disk (got {settings.activations!r})")
@@ -206,6 +210,7 @@ def prune(model: str, **options) -> dict:
     skeleton = build_skeleton(folder)
     save_dtype = save_dtype_override or skeleton.dtype
     cdtype = compute_dtype(device, skeleton.dtype)
+    fdtype = forward_dtype(device, skeleton.dtype, forward_request)
     limit = context_length(skeleton)
     seqlen = min(settings.seqlen, limit) if limit else settings.seqlen
     if seqlen != settings.seqlen:
@@ -234,6 +239,7 @@ def prune(model: str, **options) -> dict:
         ignore=list(settings.ignore),
         order=settings.order,
         dtype=str(save_dtype),
+        forward_dtype=str(fdtype),
         dampening=settings.dampening,
         blocksize=settings.blocksize,
         batch_size=settings.batch_size,
@@ -270,8 +276,8 @@ def prune(model: str, **options) -> dict:
     _log(
         settings,
         f"{settings.method} {pattern} sparsity {pattern.sparsity:g} on {folder.name} "
-        f"({skeleton.num_layers} layers, {device.type}); calibration {calib.count} x {calib.seqlen} "
-        f"tokens from {calib.source}",
+        f"({skeleton.num_layers} layers, {device.type}, forward in {str(fdtype).removeprefix('torch.')}); "
+        f"calibration {calib.count} x {calib.seqlen} tokens from {calib.source}",
     )
     method = method_cls(dampening=settings.dampening, blocksize=settings.blocksize, inverse_dtype=choice.inverse_dtype)
     solvers = solver_devices(device, settings.solver_devices)
@@ -309,12 +315,14 @@ def prune(model: str, **options) -> dict:
             save_dtype,
             f"{settings.method} {pattern}",
             settings.quiet,
+            forward_dtype=fdtype,
         )
         units = [layer_unit(i) for i in range(skeleton.num_layers)] + ["rest"]
         writer.write_unit("rest", _cast_all(skeleton.read(skeleton.rest_keys()), save_dtype))
         writer.write_shards(units, parse_size(settings.max_shard_size))
         writer.copy_aux(folder, output_config(folder, save_dtype_override))
         report = _report(settings, folder, pattern, calib, state.layers, save_dtype, device, plan)
+        report["forward_dtype"] = str(fdtype).removeprefix("torch.")
         report["solver_devices"] = [str(d) for d in solvers]
         report["timings"] = {"prune_seconds": round(state.prune_seconds, 2)}
         writer.write_json(REPORT_NAME, report)

@@ -121,8 +121,9 @@ def main() -> None:
         old = json.loads(saved.read_text())
         runs = {tag: {name: old["runs"].get(tag, {}).get(name, []) for name in [*variants, "peer"]} for tag in jobs}
         ppl, rounds = old["ppl"], old.get("rounds", [])
-    done = min(len(r) for by_name in runs.values() for r in by_name.values())
-    runs = {tag: {name: r[:done] for name, r in by_name.items()} for tag, by_name in runs.items()}
+    done = min(len(by_name[name]) for by_name in runs.values() for name in ("", "peer"))
+    # a variant new to a resumed run has no times for the earlier rounds: None there, paired only from now on
+    runs = {tag: {name: (r + [None] * done)[:done] for name, r in by_name.items()} for tag, by_name in runs.items()}
     for pair in range(done, args.pairs):  # rounds outer, so every config has the same number of pairs at any time
         for tag, (method, pattern) in jobs.items():
             peer_out = out / f"peer-{tag}"
@@ -204,9 +205,10 @@ def peer_command(python: Path, folder: Path, windows: Path, method: str, pattern
 
 def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs: dict, ppl: dict) -> dict:
     """Medians over the interleaved pairs so far: times, peak RSS and their per-pair ratios."""
-    pairs = list(zip(runs[name], runs["peer"]))
+    pairs = [(a, b) for a, b in zip(runs[name], runs["peer"]) if a is not None]
+    fewer = f", {len(pairs)} of {len(runs['peer'])} pairs" if len(pairs) < len(runs["peer"]) else ""
     return {
-        "config": f"{config[0]} {config[1]}" + (f" (`{' '.join(flags)}`)" if name else ""),
+        "config": f"{config[0]} {config[1]}" + (f" (`{' '.join(flags)}`{fewer})" if name else ""),
         "ppl_ours": ppl[f"{name}-{tag}"],
         "ppl_peer": ppl[f"peer-{tag}"],
         "time_ours": statistics.median(a[0] for a, _ in pairs),

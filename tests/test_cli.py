@@ -56,6 +56,8 @@ def _bad_cases(model, corpus_file, tmp_path):
         "empty calibration folder": ([model, "--calibration", empty_dir, "--no-eval"], "no .txt, .md or .jsonl"),
         "missing model": ([tmp_path / "no-such-model", *base], "cannot find model"),
         "bad int": ([model, "--samples", "many", *base[:1]], "invalid int value"),
+        "bad forward dtype": ([model, "--forward-dtype", "fp8", *base], "--forward-dtype must be one of"),
+        "float16 forward on cpu": ([model, "--forward-dtype", "float16", "--device", "cpu", *base], "needs a GPU"),
     }
 
 
@@ -74,6 +76,8 @@ def _bad_cases(model, corpus_file, tmp_path):
         "empty calibration folder",
         "missing model",
         "bad int",
+        "bad forward dtype",
+        "float16 forward on cpu",
     ],
 )
 def test_bad_input_one_line_error_and_no_output(case, model, corpus_file, tmp_path, capsys):

@@ -291,3 +291,52 @@ def test_concurrent_solves_on_several_devices_match_one(tiny_models, corpus_file
     assert report["solver_devices"] == ["cpu", "cpu"]
     one, two = _read_output(tmp_path / "one"), _read_output(tmp_path / "two")
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_bfloat16_forward_runs_matmuls_in_bf16_and_keeps_full_precision_weights(tiny_models, corpus_file, tmp_path):
+    """--forward-dtype bfloat16 on an fp32 model: the layers' Linears compute in bf16 (autocast), yet the
+    saved weights are the fp32 originals where kept, and the masks stay close to the fp32 run's."""
+    folder = tiny_models("llama", layers=2)
+    common = dict(method="wanda", calibration=str(corpus_file), samples=8, seqlen=32, no_eval=True, quiet=True)
+
+    def linear_output_dtypes(**options) -> tuple[dict, set[torch.dtype]]:
+        seen: set[torch.dtype] = set()
+
+        def record(module, args, output):
+            if isinstance(module, nn.Linear):
+                seen.add(output.dtype)
+
+        handle = nn.modules.module.register_module_forward_hook(record)
+        try:
+            return llmprune.prune(str(folder), **options, **common), seen
+        finally:
+            handle.remove()
+
+    low, low_seen = linear_output_dtypes(output=str(tmp_path / "bf16"), forward_dtype="bfloat16")
+    full, full_seen = linear_output_dtypes(output=str(tmp_path / "fp32"))
+    assert torch.bfloat16 in low_seen and full_seen == {torch.float32}  # (argument capture runs in fp32)
+    assert low["forward_dtype"] == "bfloat16" and full["forward_dtype"] == "float32"
+    dense = _read_output(folder)
+    low_w, full_w = _read_output(tmp_path / "bf16"), _read_output(tmp_path / "fp32")
+    keys = [k for k in dense if k.endswith("proj.weight")]
+    agree = []
+    for key in keys:
+        original, pruned = dense[key].float(), low_w[key]
+        assert pruned.dtype == torch.float32
+        assert not torch.equal(original, original.bfloat16().float())  # bf16 rounding would show
+        kept = pruned != 0
+        torch.testing.assert_close(pruned[kept], original[kept], rtol=0, atol=0)
+        agree.append(float(((low_w[key] == 0) == (full_w[key] == 0)).float().mean()))
+    assert min(agree) > 0.9, agree
+
+
+def test_forward_dtype_choice():
+    from llmprune.engine.devices import cpu_has_native_bf16, forward_dtype, parse_forward_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert forward_dtype(cpu, torch.float32) == torch.float32
+    assert forward_dtype(cpu, torch.bfloat16) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert forward_dtype(cpu, torch.float16) == torch.float32
+    assert forward_dtype(gpu, torch.float16) == torch.float16
+    assert forward_dtype(cpu, torch.float32, parse_forward_dtype("bfloat16", cpu)) == torch.bfloat16
+    assert parse_forward_dtype("auto", cpu) is None and parse_forward_dtype("float16", gpu) == torch.float16

@@ -49,8 +49,45 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def compute_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
-    """The model's own dtype on a GPU; float32 on a CPU (half-precision CPU matmuls are slow and lossy)."""
+    """Dtype the layers are loaded and kept in: the model's own on a GPU; float32 on a CPU (exact for
+    every half-precision input; the solves and the saved weights need no more)."""
     return weights if device.type == "cuda" else torch.float32
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): oneDNN's bf16 matmuls then
+    run about twice as fast as float32 ones; without it they are emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def parse_forward_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """--forward-dtype as a dtype (None for auto), rejected before any work when it cannot run."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise LLMPruneError(f"--forward-dtype must be one of auto, {', '.join(DTYPES)} (got {name!r})")
+    if device.type == "cpu" and name == "float16":
+        raise LLMPruneError("--forward-dtype float16 needs a GPU; on a CPU use bfloat16 or float32")
+    return DTYPES[name]
+
+
+def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
+    """Dtype of the calibration forward's matmuls and attention (--forward-dtype).
+
+    auto: the model's own dtype on a GPU; on a CPU bfloat16 for a bfloat16 model when the CPU has
+    native bf16, else float32. Statistics, solves and saved weights stay in full precision either way.
+    """
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        return model
+    return torch.bfloat16 if model == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
 
 
 def available_memory(device: torch.device) -> int:

@@ -51,11 +51,12 @@ def prune_layers(
     save_dtype: torch.dtype,
     label: str,
     quiet: bool,
+    forward_dtype: torch.dtype | None = None,
 ) -> None:
     """Prune layers state.next_layer .. end, committing each one (state is updated in place)."""
     spilled = choice.activations == "disk"
     act_device = torch.device("cpu") if choice.activations != "device" else device
-    stream = LayerStream(skeleton, device, compute_dtype, choice.chunk, act_device, choice.act_dtype)
+    stream = LayerStream(skeleton, device, compute_dtype, choice.chunk, act_device, choice.act_dtype, forward_dtype)
     if state.next_layer == 0:
         first_side = writer.work / RunState.side_for(1)  # layer 0 reads the side layer 1 writes
         first_side.mkdir(parents=True, exist_ok=True)

@@ -29,10 +29,12 @@ class LayerStream:
         batch_size: int,
         act_device: torch.device | None = None,
         act_dtype: torch.dtype | None = None,
+        forward_dtype: torch.dtype | None = None,
     ) -> None:
         self.sk = skeleton
         self.device = device
         self.dtype = compute_dtype
+        self.forward_dtype = forward_dtype or compute_dtype  # lower: layer calls run under autocast
         self.batch_size = max(1, batch_size)
         self.act_device = act_device or device
         self.act_dtype = act_dtype or compute_dtype
@@ -114,9 +116,14 @@ class LayerStream:
             self._example = tuple([None] * len(output)) if isinstance(output, (tuple, list)) else torch.empty(0)
 
     def run(self, index: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Layer `index` on one chunk of hidden states (moved to the compute device)."""
+        """Layer `index` on one chunk of hidden states (moved to the compute device).
+
+        With a forward dtype below the compute dtype, the layer runs under autocast: its matmuls and
+        attention in that dtype, its weights untouched (the solves and the saved tensors keep them)."""
         rest, kwargs = self.call(index, x.shape[0])
-        output = layer(x.to(self.device, self.dtype), *rest, **kwargs)
+        lower = self.forward_dtype != self.dtype
+        with torch.autocast(self.device.type, dtype=self.forward_dtype, enabled=lower):
+            output = layer(x.to(self.device, self.dtype), *rest, **kwargs)
         self._note_output(output)
         return unwrap(output)
 

@@ -64,6 +64,8 @@ def _check_settings(settings) -> None:
         raise LLMPruneError(f"--save-format {settings.save_format} is for 2:4-sparse models, not structured ones")
     if settings.resume:
         raise LLMPruneError("structured runs are not resumable (they are short); run the command again")
+    if settings.forward_dtype not in (None, "auto"):
+        raise LLMPruneError("--forward-dtype is for the unstructured methods; structured runs take Fisher gradients")
     if settings.plan_only or settings.max_memory is not None:
         raise LLMPruneError(
             "--plan-only and --max-memory plan the unstructured engine; structured runs have no plan yet"
