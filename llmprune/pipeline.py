@@ -28,6 +28,7 @@ from llmprune.data.windows import (
 from llmprune.engine.devices import (
     available_memory,
     compute_dtype,
+    cpu_has_native_bf16,
     current_rss,
     forward_dtype,
     parse_dtype,
@@ -211,6 +212,8 @@ def prune(model: str, **options) -> dict:
     save_dtype = save_dtype_override or skeleton.dtype
     cdtype = compute_dtype(device, skeleton.dtype)
     fdtype = forward_dtype(device, skeleton.dtype, forward_request)
+    if device.type == "cpu" and fdtype == torch.bfloat16 and not cpu_has_native_bf16():
+        _log(settings, "note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
     limit = context_length(skeleton)
     seqlen = min(settings.seqlen, limit) if limit else settings.seqlen
     if seqlen != settings.seqlen:

@@ -138,7 +138,7 @@ def main() -> None:
                 )
             )
             print(
-                f"{tag} round {pair}: "
+                f"{tag} round {pair + 1}: "
                 + " | ".join(
                     f"{name or 'ours'} {r[-1][0]:.1f} s {r[-1][1] / 2**30:.2f} GiB" for name, r in runs[tag].items()
                 ),

@@ -80,14 +80,13 @@ def parse_forward_dtype(name: str | None, device: torch.device) -> torch.dtype |
 def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
     """Dtype of the calibration forward's matmuls and attention (--forward-dtype).
 
-    auto: the model's own dtype on a GPU; on a CPU bfloat16 for a bfloat16 model when the CPU has
-    native bf16, else float32. Statistics, solves and saved weights stay in full precision either way.
+    auto: the model's own dtype on a GPU, float32 on a CPU. bfloat16 on a CPU is opt-in: measured on
+    SmolLM2-135M it was 1.2-1.3x faster but lost 3-6% perplexity at 2:4 (BENCHMARKS.md). Statistics,
+    solves and saved weights stay in full precision either way.
     """
     if requested is not None:
         return requested
-    if device.type == "cuda":
-        return model
-    return torch.bfloat16 if model == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
+    return model if device.type == "cuda" else torch.float32
 
 
 def available_memory(device: torch.device) -> int:
