@@ -85,8 +85,8 @@ def prune_parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="DTYPE",
         help="dtype of the calibration forward's matmuls and attention: auto, float32, bfloat16 or float16 (GPU). "
-        "Lower runs under autocast; statistics, solves and saved weights keep full precision. auto: the model's "
-        "dtype on a GPU; on a CPU bfloat16 for bfloat16 models where the CPU has native bf16, else float32",
+        "Narrower than the layers runs under autocast, wider loads the layers in it; statistics, solves and saved "
+        "weights keep full precision. auto: the model's dtype on a GPU, float32 on a CPU",
     )
     parser.add_argument(
         "--targets",

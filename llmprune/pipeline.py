@@ -210,8 +210,8 @@ def prune(model: str, **options) -> dict:
     folder = resolve_model(model, quiet=settings.quiet)
     skeleton = build_skeleton(folder)
     save_dtype = save_dtype_override or skeleton.dtype
-    cdtype = compute_dtype(device, skeleton.dtype)
     fdtype = forward_dtype(device, skeleton.dtype, forward_request)
+    cdtype = compute_dtype(device, skeleton.dtype, fdtype)
     if device.type == "cpu" and fdtype == torch.bfloat16 and not cpu_has_native_bf16():
         _log(settings, "note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
     limit = context_length(skeleton)

@@ -330,8 +330,45 @@ def test_bfloat16_forward_runs_matmuls_in_bf16_and_keeps_full_precision_weights(
     assert min(agree) > 0.9, agree
 
 
+@pytest.mark.parametrize("order", ["sequential", "parallel"])
+def test_bfloat16_forward_keeps_statistics_and_solves_out_of_autocast(order, tiny_models, corpus_file, tmp_path):
+    """The statistics and the SparseGPT solve run inside the forward's hooks, so inside its autocast:
+    they must switch it off, or their matmuls (Hessian, OBS updates, errors) would run in bfloat16."""
+    folder = tiny_models("llama", layers=2)
+    calls: list[tuple[str, bool]] = []
+    add, solve = InputStats.add, METHODS["sparsegpt"].prune
+
+    def recorded(name, function):
+        def wrapper(*args, **kwargs):
+            calls.append((name, torch.is_autocast_enabled("cpu")))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InputStats, "add", recorded("add", add))
+        patch.setattr(METHODS["sparsegpt"], "prune", recorded("prune", solve))
+        report = llmprune.prune(
+            str(folder),
+            method="sparsegpt",
+            calibration=str(corpus_file),
+            samples=4,
+            seqlen=32,
+            batch_size=2,
+            order=order,
+            forward_dtype="bfloat16",
+            output=str(tmp_path / "out"),
+            no_eval=True,
+            quiet=True,
+        )
+    assert {name for name, _ in calls} == {"add", "prune"}
+    assert not any(enabled for _, enabled in calls), calls
+    errors = [m["error"] for layer in report["layers"] for m in layer["modules"]]
+    assert all(0 < e < 1 for e in errors), errors
+
+
 def test_forward_dtype_choice():
-    from llmprune.engine.devices import forward_dtype, parse_forward_dtype
+    from llmprune.engine.devices import compute_dtype, forward_dtype, parse_forward_dtype
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert forward_dtype(cpu, torch.float32) == torch.float32
@@ -340,3 +377,9 @@ def test_forward_dtype_choice():
     assert forward_dtype(gpu, torch.float16) == torch.float16
     assert forward_dtype(cpu, torch.float32, parse_forward_dtype("bfloat16", cpu)) == torch.bfloat16
     assert parse_forward_dtype("auto", cpu) is None and parse_forward_dtype("float16", gpu) == torch.float16
+    # the layers are held at least as wide as the forward: a float32 forward of a bf16 model on a GPU
+    # loads float32 layers (autocast cannot widen), a bf16 forward keeps them in the model's dtype
+    assert compute_dtype(gpu, torch.bfloat16, torch.float32) == torch.float32
+    assert compute_dtype(gpu, torch.bfloat16, torch.bfloat16) == torch.bfloat16
+    assert compute_dtype(gpu, torch.float32, torch.bfloat16) == torch.float32
+    assert compute_dtype(cpu, torch.bfloat16, torch.bfloat16) == torch.float32

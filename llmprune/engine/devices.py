@@ -48,10 +48,11 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def compute_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
-    """Dtype the layers are loaded and kept in: the model's own on a GPU; float32 on a CPU (exact for
-    every half-precision input; the solves and the saved weights need no more)."""
-    return weights if device.type == "cuda" else torch.float32
+def compute_dtype(device: torch.device, weights: torch.dtype, forward: torch.dtype | None = None) -> torch.dtype:
+    """Dtype the layers are loaded and kept in: the model's own on a GPU, float32 on a CPU (exact for
+    every half-precision input), and never narrower than the forward (autocast only narrows)."""
+    dtype = weights if device.type == "cuda" else torch.float32
+    return forward if forward is not None and forward.itemsize > dtype.itemsize else dtype
 
 
 @functools.cache

@@ -90,6 +90,12 @@ def group_by_input(
     return groups
 
 
+def full_precision(device: torch.device) -> torch.autocast:
+    """Autocast off: statistics, solves and errors run in their own dtypes even inside a forward that
+    runs under --forward-dtype's autocast (its matmuls would otherwise drop to bf16/fp16)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 @dataclass
 class _Group:
     names: list[str]
@@ -165,7 +171,7 @@ class LayerPruner:
                     return
                 chunk = step.chunk
                 tracker = trackers[chunk]
-                with tracker.paused():
+                with tracker.paused(), full_precision(args[0].device):
                     self._observe(group, module, args[0])
                     park = [inputs[chunk], *tracker.alive()] if self.parking.mode != "memory" else []
                     step.barrier(lambda: self._apply(targets, group, prefix, reports), park=park)
@@ -193,7 +199,11 @@ class LayerPruner:
         """The papers' order: statistics of every group from one pass of the dense layer."""
 
         def hook_for(group: _Group):
-            return lambda module, args: self._observe(group, module, args[0])
+            def hook(module: nn.Module, args: tuple) -> None:
+                with full_precision(args[0].device):
+                    self._observe(group, module, args[0])
+
+            return hook
 
         handles = [targets[g.names[0]].register_forward_pre_hook(hook_for(g)) for g in groups]
         try:
