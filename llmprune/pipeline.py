@@ -27,6 +27,7 @@ from llmprune.data.windows import (
 )
 from llmprune.engine.devices import (
     available_memory,
+    check_forward_mix,
     compute_dtype,
     cpu_has_native_bf16,
     current_rss,
@@ -212,6 +213,7 @@ def prune(model: str, **options) -> dict:
     save_dtype = save_dtype_override or skeleton.dtype
     fdtype = forward_dtype(device, skeleton.dtype, forward_request)
     cdtype = compute_dtype(device, skeleton.dtype, fdtype)
+    check_forward_mix(cdtype, fdtype)
     if device.type == "cpu" and fdtype == torch.bfloat16 and not cpu_has_native_bf16():
         _log(settings, "note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
     limit = context_length(skeleton)

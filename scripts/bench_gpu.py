@@ -218,8 +218,6 @@ def main() -> None:
         "sparsegpt-2:4-8L": [str(models[8]), "--method", "sparsegpt", "--pattern", "2:4", *common],
         "sparsegpt-50%-4L-forward-float32": [str(models[4]), "--method", "sparsegpt", *common,
                                              "--forward-dtype", "float32"],
-        "sparsegpt-50%-4L-forward-float16": [str(models[4]), "--method", "sparsegpt", *common,
-                                             "--forward-dtype", "float16"],
     }  # fmt: skip
     rows = []
     command = "python scripts/bench_gpu.py " + " ".join(sys.argv[1:])

@@ -368,7 +368,8 @@ def test_bfloat16_forward_keeps_statistics_and_solves_out_of_autocast(order, tin
 
 
 def test_forward_dtype_choice():
-    from llmprune.engine.devices import compute_dtype, forward_dtype, parse_forward_dtype
+    from llmprune.engine.devices import check_forward_mix, compute_dtype, forward_dtype, parse_forward_dtype
+    from llmprune.errors import LLMPruneError
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert forward_dtype(cpu, torch.float32) == torch.float32
@@ -383,3 +384,7 @@ def test_forward_dtype_choice():
     assert compute_dtype(gpu, torch.bfloat16, torch.bfloat16) == torch.bfloat16
     assert compute_dtype(gpu, torch.float32, torch.bfloat16) == torch.float32
     assert compute_dtype(cpu, torch.bfloat16, torch.bfloat16) == torch.float32
+    check_forward_mix(torch.float32, torch.bfloat16)
+    check_forward_mix(torch.bfloat16, torch.bfloat16)
+    with pytest.raises(LLMPruneError, match="mixes half types"):
+        check_forward_mix(torch.bfloat16, torch.float16)

@@ -78,6 +78,19 @@ def parse_forward_dtype(name: str | None, device: torch.device) -> torch.dtype |
     return DTYPES[name]
 
 
+def check_forward_mix(layers: torch.dtype, forward: torch.dtype) -> None:
+    """Refuse a forward in the other half type than the layers' (bf16 layers, fp16 forward or back):
+    mixing them promotes the residual stream to float32, which the memory plan does not count (measured
+    on an H200: 22.2 GiB against a 18.9 GiB plan)."""
+    half = (torch.float16, torch.bfloat16)
+    if layers in half and forward in half and layers != forward:
+        name = str(layers).removeprefix("torch.")
+        raise LLMPruneError(
+            f"--forward-dtype {str(forward).removeprefix('torch.')} on {name} layers mixes half "
+            f"types; use {name} or float32"
+        )
+
+
 def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
     """Dtype of the calibration forward's matmuls and attention (--forward-dtype).
 
