@@ -95,8 +95,8 @@ def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dty
     """Dtype of the calibration forward's matmuls and attention (--forward-dtype).
 
     auto: the model's own dtype on a GPU, float32 on a CPU. bfloat16 on a CPU is opt-in: measured on
-    SmolLM2-135M it was 1.2-1.3x faster but lost 3-6% perplexity at 2:4 (BENCHMARKS.md). Statistics,
-    solves and saved weights stay in full precision either way.
+    SmolLM2-135M, Wanda ran 1.3x faster but lost 6% perplexity at 2:4, SparseGPT no faster
+    (BENCHMARKS.md). Statistics, solves and saved weights stay in full precision either way.
     """
     if requested is not None:
         return requested
