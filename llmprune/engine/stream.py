@@ -122,8 +122,7 @@ class LayerStream:
         attention in that dtype, its weights untouched (the solves and the saved tensors keep them)."""
         rest, kwargs = self.call(index, x.shape[0])
         lower = self.forward_dtype != self.dtype
-        # no weight cache: each lockstep chunk thread would keep its own cast copy of the layer
-        with torch.autocast(self.device.type, dtype=self.forward_dtype, enabled=lower, cache_enabled=False):
+        with torch.autocast(self.device.type, dtype=self.forward_dtype, enabled=lower):
             output = layer(x.to(self.device, self.dtype), *rest, **kwargs)
         self._note_output(output)
         return unwrap(output)
