@@ -40,11 +40,12 @@ def solver_devices(device: torch.device, spec: str | None = None) -> list[torch.
     return [device]
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+def parse_dtype(name: str | None, flag: str = "--dtype") -> torch.dtype | None:
+    """A dtype flag's value as a dtype (None for auto); `flag` names it in the error."""
     if name in (None, "auto"):
         return None
     if name not in DTYPES:
-        raise LLMPruneError(f"--dtype must be one of auto, {', '.join(DTYPES)} (got {name!r})")
+        raise LLMPruneError(f"{flag} must be one of auto, {', '.join(DTYPES)} (got {name!r})")
     return DTYPES[name]
 
 
@@ -69,13 +70,10 @@ def cpu_has_native_bf16() -> bool:
 
 def parse_forward_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
     """--forward-dtype as a dtype (None for auto), rejected before any work when it cannot run."""
-    if name in (None, "auto"):
-        return None
-    if name not in DTYPES:
-        raise LLMPruneError(f"--forward-dtype must be one of auto, {', '.join(DTYPES)} (got {name!r})")
-    if device.type == "cpu" and name == "float16":
+    dtype = parse_dtype(name, "--forward-dtype")
+    if device.type == "cpu" and dtype == torch.float16:
         raise LLMPruneError("--forward-dtype float16 needs a GPU; on a CPU use bfloat16 or float32")
-    return DTYPES[name]
+    return dtype
 
 
 def check_forward_mix(layers: torch.dtype, forward: torch.dtype) -> None:
@@ -94,13 +92,11 @@ def check_forward_mix(layers: torch.dtype, forward: torch.dtype) -> None:
 def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
     """Dtype of the calibration forward's matmuls and attention (--forward-dtype).
 
-    auto: the model's own dtype on a GPU, float32 on a CPU. bfloat16 on a CPU is opt-in: measured on
-    SmolLM2-135M, Wanda ran 1.3x faster but lost 6% perplexity at 2:4, SparseGPT no faster
-    (BENCHMARKS.md). Statistics, solves and saved weights stay in full precision either way.
+    auto: the layers' own dtype (the model's on a GPU, float32 on a CPU). bfloat16 on a CPU is opt-in:
+    measured on SmolLM2-135M, Wanda ran 1.3x faster but lost 6% perplexity at 2:4, SparseGPT no
+    faster (BENCHMARKS.md). Statistics, solves and saved weights stay in full precision either way.
     """
-    if requested is not None:
-        return requested
-    return model if device.type == "cuda" else torch.float32
+    return requested if requested is not None else compute_dtype(device, model)
 
 
 def available_memory(device: torch.device) -> int:
