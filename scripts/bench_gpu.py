@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import machine, update_section
+from benchlib import machine, measure_llmprune, update_section
 
-HERE = Path(__file__).resolve().parent
 SHAPES = {
     "7b": dict(hidden=4096, inter=11008, heads=32),  # Llama-2-7B's decoder layer
     "tiny": dict(hidden=256, inter=688, heads=4),  # a smoke test of this script on a CPU
@@ -121,19 +119,13 @@ def subset(model: Path, folder: Path, layers: int) -> Path:
 
 def run(label: str, argv: list[str], out: Path, device: str) -> dict:
     """One measured `llmprune` process; its row."""
-    result, log = out / f"{label}.json", out / f"{label}.log"
     folder = out / f"out-{label}"
-    cmd = [sys.executable, str(HERE / "measure_process.py"), "--out", str(result), "--",
-           sys.executable, "-m", "llmprune", *argv, "--device", device, "--no-eval", "--overwrite",
-           "--output", str(folder)]  # fmt: skip
-    with log.open("w") as handle:
-        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
+    log = out / f"{label}.log"
+    code, measured, report = measure_llmprune([*argv, "--device", device], folder, out / f"{label}.json", log)
     if code != 0:
         tail = log.read_text()[-1500:]
         print(f"{label} failed (exit {code}):\n{tail}", flush=True)
         return {"label": label, "failed": code, "reason": (tail.strip().splitlines() or [""])[-1][:200]}
-    measured = json.loads(result.read_text())
-    report = json.loads((folder / "llmprune.json").read_text())
     plan = report["memory_plan"]
     row = {
         "label": label,

@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
-from benchlib import machine, update_section
-
-HERE = Path(__file__).resolve().parent
+from benchlib import machine, measure_llmprune, update_section
 
 
 def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
@@ -26,29 +23,10 @@ def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
     saved = out / f"{label}.row.json"
     if reuse and saved.exists():
         return json.loads(saved.read_text())
-    result = out / f"{label}.json"
-    log = out / f"{label}.log"
-    cmd = [
-        sys.executable,
-        str(HERE / "measure_process.py"),
-        "--out",
-        str(result),
-        "--",
-        sys.executable,
-        "-m",
-        "llmprune",
-        *argv,
-        "--no-eval",
-        "--quiet",
-        "--overwrite",
-    ]
-    with log.open("w") as handle:
-        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
+    folder, log = out / f"out-{label}", out / f"{label}.log"
+    code, measured, report = measure_llmprune([*argv, "--quiet"], folder, out / f"{label}.json", log)
     if code != 0:
         sys.exit(f"{label} failed: see {log}")
-    measured = json.loads(result.read_text())
-    folder = Path(argv[argv.index("--output") + 1])
-    report = json.loads((folder / "llmprune.json").read_text())
     plan = report["memory_plan"]
     planned = plan["peak_bytes"] + plan["overhead_bytes"]
     row = {
@@ -125,11 +103,7 @@ def main() -> None:
         small = ["--calibration", "shakespeare", "--samples", "8", "--seqlen", "256"]
         jobs["llama-2b-sparsegpt"] = [str(big), "--method", "sparsegpt", *small]
         jobs["llama-2b-sparsegpt-budget-2GB"] = [str(big), "--method", "sparsegpt", *small, "--max-memory", "2GB"]
-    rows = [
-        run(label, [*argv, "--output", str(out / f"out-{label}")], out, args.reuse)
-        for label, argv in jobs.items()
-        if not args.only or label in args.only
-    ]
+    rows = [run(label, argv, out, args.reuse) for label, argv in jobs.items() if not args.only or label in args.only]
     lines = [
         f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_memory.py {' '.join(sys.argv[1:])}`.",
         "",

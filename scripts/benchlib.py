@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 
 def machine() -> str:
@@ -24,6 +29,21 @@ def machine() -> str:
     except ImportError:
         pass
     return text
+
+
+def measure_llmprune(argv: list[str], folder: Path, result: Path, log: Path) -> tuple[int, dict, dict]:
+    """Run `llmprune ARGV --output FOLDER --no-eval --overwrite` under measure_process.py, its output to LOG.
+
+    Returns the exit code, the measured process (wall time, peak RSS) and the run's llmprune.json
+    report; both dicts are empty when the run failed.
+    """
+    cmd = [sys.executable, str(HERE / "measure_process.py"), "--out", str(result), "--",
+           sys.executable, "-m", "llmprune", *argv, "--no-eval", "--overwrite", "--output", str(folder)]  # fmt: skip
+    with log.open("w") as handle:
+        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        return code, {}, {}
+    return 0, json.loads(result.read_text()), json.loads((folder / "llmprune.json").read_text())
 
 
 def update_section(path: Path, table: str, name: str) -> None:
