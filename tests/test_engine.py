@@ -330,41 +330,96 @@ def test_bfloat16_forward_runs_matmuls_in_bf16_and_keeps_full_precision_weights(
     assert min(agree) > 0.9, agree
 
 
+def _watch_statistics_and_solves(patch: pytest.MonkeyPatch, probe) -> list[tuple[str, object]]:
+    """Record probe() at every statistics update (InputStats.add) and SparseGPT solve."""
+    calls: list[tuple[str, object]] = []
+    for owner, name in ((InputStats, "add"), (METHODS["sparsegpt"], "prune")):
+        function = getattr(owner, name)
+
+        def wrapper(*args, _name=name, _function=function, **kwargs):
+            calls.append((_name, probe()))
+            return _function(*args, **kwargs)
+
+        patch.setattr(owner, name, wrapper)
+    return calls
+
+
+def _prune_tiny_sparsegpt(folder, corpus_file, output, **options) -> dict:
+    return llmprune.prune(
+        str(folder),
+        method="sparsegpt",
+        calibration=str(corpus_file),
+        samples=4,
+        seqlen=32,
+        batch_size=2,
+        output=str(output),
+        no_eval=True,
+        quiet=True,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("order", ["sequential", "parallel"])
 def test_bfloat16_forward_keeps_statistics_and_solves_out_of_autocast(order, tiny_models, corpus_file, tmp_path):
     """The statistics and the SparseGPT solve run inside the forward's hooks, so inside its autocast:
     they must switch it off, or their matmuls (Hessian, OBS updates, errors) would run in bfloat16."""
     folder = tiny_models("llama", layers=2)
-    calls: list[tuple[str, bool]] = []
-    add, solve = InputStats.add, METHODS["sparsegpt"].prune
-
-    def recorded(name, function):
-        def wrapper(*args, **kwargs):
-            calls.append((name, torch.is_autocast_enabled("cpu")))
-            return function(*args, **kwargs)
-
-        return wrapper
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(InputStats, "add", recorded("add", add))
-        patch.setattr(METHODS["sparsegpt"], "prune", recorded("prune", solve))
-        report = llmprune.prune(
-            str(folder),
-            method="sparsegpt",
-            calibration=str(corpus_file),
-            samples=4,
-            seqlen=32,
-            batch_size=2,
-            order=order,
-            forward_dtype="bfloat16",
-            output=str(tmp_path / "out"),
-            no_eval=True,
-            quiet=True,
-        )
+        calls = _watch_statistics_and_solves(patch, lambda: torch.is_autocast_enabled("cpu"))
+        report = _prune_tiny_sparsegpt(folder, corpus_file, tmp_path / "out", order=order, forward_dtype="bfloat16")
     assert {name for name, _ in calls} == {"add", "prune"}
     assert not any(enabled for _, enabled in calls), calls
     errors = [m["error"] for layer in report["layers"] for m in layer["modules"]]
     assert all(0 < e < 1 for e in errors), errors
+
+
+def test_chunk_tracker_only_when_parking_and_never_around_our_own_code(tiny_models, corpus_file, tmp_path):
+    """The chunk tracker (a Python dispatch mode) is installed only when barrier state is parked, and
+    our own code in the hooks leaves it: a SparseGPT solve is thousands of small ops, each of which
+    would otherwise pass through Python. With every storage parked (min_bytes 1), disk parking still
+    finds the chunks' state, and the result is bit-identical to keeping it in memory."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from llmprune.engine.parking import ChunkTracker, Parking
+
+    folder = tiny_models("llama", layers=2)
+    park_one = Parking.park
+
+    def run(park: str) -> tuple[list, set, int]:
+        in_forward: set[type] = set()
+        parked: list[int] = []
+
+        def counting_park(self, tensor):
+            result = park_one(self, tensor)
+            parked.append(result.nbytes if result is not None else 0)
+            return result
+
+        def linear_mode(module, args, output):
+            if isinstance(module, nn.Linear):
+                in_forward.add(type(_get_current_dispatch_mode()))
+
+        handle = nn.modules.module.register_module_forward_hook(linear_mode)
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                ours = _watch_statistics_and_solves(patch, _get_current_dispatch_mode)
+                patch.setattr(Parking, "park", counting_park)
+                patch.setattr(Parking.__init__, "__defaults__", ("memory", None, 1))
+                patch.setattr(ChunkTracker.__init__, "__defaults__", (1,))
+                _prune_tiny_sparsegpt(folder, corpus_file, tmp_path / park, park=park)
+        finally:
+            handle.remove()
+        return ours, in_forward, sum(parked)
+
+    for park in ("memory", "disk"):
+        ours, in_forward, parked = run(park)
+        assert {name for name, _ in ours} == {"add", "prune"}
+        assert all(mode is None for _, mode in ours), ours
+        if park == "memory":
+            assert in_forward == {type(None)} and parked == 0
+        else:
+            assert ChunkTracker in in_forward and parked > 0
+    memory, disk = _read_output(tmp_path / "memory"), _read_output(tmp_path / "disk")
+    assert memory.keys() == disk.keys() and all(torch.equal(memory[k], disk[k]) for k in memory)
 
 
 def test_forward_dtype_choice():

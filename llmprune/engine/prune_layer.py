@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -159,11 +160,12 @@ class LayerPruner:
         """One forward: every chunk waits at each group until all chunks have fed its statistics.
 
         While waiting, a chunk parks everything it holds: the layer input and every storage its
-        forward has allocated so far (tracked per chunk thread by a ChunkTracker).
+        forward has allocated so far (tracked per chunk thread by a ChunkTracker, only when parking).
         """
         step = Lockstep(len(acts), self.parking)
         inputs: dict[int, torch.Tensor] = {}
-        trackers: dict[int, ChunkTracker] = {}
+        trackers: dict[int, ChunkTracker | None] = {}
+        tracking = self.parking.mode != "memory"
 
         def hook_for(group: _Group):
             def hook(module: nn.Module, args: tuple) -> None:
@@ -171,18 +173,18 @@ class LayerPruner:
                     return
                 chunk = step.chunk
                 tracker = trackers[chunk]
-                with tracker.paused(), full_precision(args[0].device):
+                with tracker.paused() if tracker else nullcontext(), full_precision(args[0].device):
                     self._observe(group, module, args[0])
-                    park = [inputs[chunk], *tracker.alive()] if self.parking.mode != "memory" else []
+                    park = [inputs[chunk], *tracker.alive()] if tracker else []
                     step.barrier(lambda: self._apply(targets, group, prefix, reports), park=park)
 
             return hook
 
         def work(position: int) -> None:
             inputs[position] = acts.take(position)
-            trackers[position] = ChunkTracker()
+            trackers[position] = ChunkTracker() if tracking else None
             try:
-                with torch.no_grad(), trackers[position]:
+                with torch.no_grad(), trackers[position] or nullcontext():
                     output = stream.run(index, layer, inputs[position]).to(stream.act_device, stream.act_dtype)
             finally:
                 del inputs[position], trackers[position]
