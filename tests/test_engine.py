@@ -383,16 +383,22 @@ def test_chunk_tracker_only_when_parking_and_never_around_our_own_code(tiny_mode
     from llmprune.engine.parking import ChunkTracker, Parking
 
     folder = tiny_models("llama", layers=2)
-    park_one = Parking.park
+    park_one, alive = Parking.park, ChunkTracker.alive
 
-    def run(park: str) -> tuple[list, set, int]:
+    def run(park: str) -> tuple[list, set, int, list[int]]:
         in_forward: set[type] = set()
         parked: list[int] = []
+        tracked: list[int] = []
 
         def counting_park(self, tensor):
             result = park_one(self, tensor)
             parked.append(result.nbytes if result is not None else 0)
             return result
+
+        def counting_alive(self):
+            storages = alive(self)
+            tracked.append(len(storages))
+            return storages
 
         def linear_mode(module, args, output):
             if isinstance(module, nn.Linear):
@@ -403,21 +409,23 @@ def test_chunk_tracker_only_when_parking_and_never_around_our_own_code(tiny_mode
             with pytest.MonkeyPatch.context() as patch:
                 ours = _watch_statistics_and_solves(patch, _get_current_dispatch_mode)
                 patch.setattr(Parking, "park", counting_park)
-                patch.setattr(Parking.__init__, "__defaults__", ("memory", None, 1))
+                patch.setattr(ChunkTracker, "alive", counting_alive)
+                patch.setattr(Parking.__init__, "__defaults__", Parking.__init__.__defaults__[:-1] + (1,))
                 patch.setattr(ChunkTracker.__init__, "__defaults__", (1,))
                 _prune_tiny_sparsegpt(folder, corpus_file, tmp_path / park, park=park)
         finally:
             handle.remove()
-        return ours, in_forward, sum(parked)
+        return ours, in_forward, sum(parked), tracked
 
     for park in ("memory", "disk"):
-        ours, in_forward, parked = run(park)
+        ours, in_forward, parked, tracked = run(park)
         assert {name for name, _ in ours} == {"add", "prune"}
         assert all(mode is None for _, mode in ours), ours
         if park == "memory":
-            assert in_forward == {type(None)} and parked == 0
-        else:
+            assert in_forward == {type(None)} and parked == 0 and not tracked
+        else:  # every barrier (q/k/v, o, gate/up, down of each layer, each chunk) finds state to park
             assert ChunkTracker in in_forward and parked > 0
+            assert len(tracked) == 2 * 4 * 2 and all(tracked), tracked
     memory, disk = _read_output(tmp_path / "memory"), _read_output(tmp_path / "disk")
     assert memory.keys() == disk.keys() and all(torch.equal(memory[k], disk[k]) for k in memory)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
 PARK_MODES = ("memory", "host", "disk")
 
@@ -125,9 +125,11 @@ class ChunkTracker(TorchDispatchMode):
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Leave the dispatch mode while our own code runs: its ops are not recorded and skip the
-        Python dispatch (a SparseGPT solve's many small ops were 2-3x slower through it)."""
-        with _disable_current_modes():
+        """Leave this tracker (the innermost mode) while our own code runs: its ops are not recorded
+        and skip the Python dispatch (a SparseGPT solve's many small ops were 2-3x slower through it)."""
+        if _get_current_dispatch_mode() is not self:
+            raise RuntimeError("ChunkTracker.paused() outside its own forward")
+        with _pop_mode_temporarily():
             yield
 
     def alive(self) -> list[torch.UntypedStorage]:

@@ -165,7 +165,7 @@ class LayerPruner:
         step = Lockstep(len(acts), self.parking)
         inputs: dict[int, torch.Tensor] = {}
         trackers: dict[int, ChunkTracker | None] = {}
-        tracking = self.parking.mode != "memory"
+        tracking = self.parking.mode != "memory" and len(acts) > 1  # one chunk never waits, never parks
 
         def hook_for(group: _Group):
             def hook(module: nn.Module, args: tuple) -> None:
