@@ -1,0 +1,100 @@
+"""One decoder layer's forward per calibration window under three glibc malloc settings, in the main
+thread and in lockstep chunk threads (as the engine runs it): how much llmprune's allocator setting
+(`return_freed_memory`: M_MMAP_THRESHOLD 1 MiB, M_ARENA_MAX 2) costs the forward.
+
+Each setting runs in its own process (mallopt cannot be undone); prints one Markdown table.
+
+    python scripts/bench_allocator.py [--model smollm2-135m-gguf] [--windows 32] [--seqlen 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+SETTINGS = {
+    "glibc defaults": [],
+    "llmprune's (`M_MMAP_THRESHOLD` 1 MiB, `M_ARENA_MAX` 2)": "llmprune",
+    "`M_ARENA_MAX` 2 only": [(-8, 2)],
+}
+CASES = [("main", 8), ("lockstep", 8), ("main", 2), ("lockstep", 2)]
+
+
+def measure(setting: str, model_name: str, windows: int, seqlen: int, repeats: int) -> list[float]:
+    """Median ms per window for each case, in this process, after applying `setting`."""
+    import ctypes
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.engine.devices import return_freed_memory
+    from llmprune.engine.lockstep import Lockstep
+    from llmprune.models.resolve import resolve_model
+
+    if SETTINGS[setting] == "llmprune":
+        return_freed_memory()
+    else:
+        for option, value in SETTINGS[setting]:
+            ctypes.CDLL("libc.so.6").mallopt(option, value)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name, quiet=True), dtype=torch.float32)
+    layer = model.model.layers[0]
+    hidden = torch.randn(windows, seqlen, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    calls: dict[int, tuple] = {}
+
+    def forward(x: torch.Tensor) -> None:
+        if x.shape[0] not in calls:
+            positions = torch.arange(seqlen)[None].expand(x.shape[0], -1)
+            calls[x.shape[0]] = (positions, model.model.rotary_emb(x, positions))
+        positions, rope = calls[x.shape[0]]
+        with torch.no_grad():
+            layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
+
+    def run(kind: str, size: int) -> float:
+        started = time.perf_counter()
+        if kind == "main":
+            for start in range(0, windows, size):
+                forward(hidden[start : start + size])
+        else:
+            Lockstep(windows // size).run(lambda k: forward(hidden[k * size : (k + 1) * size]))
+        return time.perf_counter() - started
+
+    for case in CASES:
+        run(*case)
+    seconds: dict[tuple, list[float]] = {case: [] for case in CASES}
+    for _ in range(repeats):  # cases interleaved
+        for case in CASES:
+            seconds[case].append(run(*case))
+    return [statistics.median(seconds[case]) / windows * 1000 for case in CASES]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-gguf")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)  # the child process's one setting
+    args = parser.parse_args()
+    if args.setting:
+        per_window = measure(args.setting, args.model, args.windows, args.seqlen, args.repeats)
+        print(" ".join(f"{ms:.1f}" for ms in per_window))
+        return
+
+    from benchlib import machine
+
+    heads = [f"{'main thread' if kind == 'main' else 'lockstep threads'}, chunks of {size}" for kind, size in CASES]
+    print(f"{machine()}; one layer of {args.model}, {args.windows} windows of {args.seqlen} tokens, ms per window")
+    print("| allocator | " + " | ".join(heads) + " |")
+    print("|---" * (len(CASES) + 1) + "|")
+    for setting in SETTINGS:
+        child = [sys.executable, __file__, "--setting", setting, "--model", args.model, "--windows", str(args.windows)]
+        child += ["--seqlen", str(args.seqlen), "--repeats", str(args.repeats)]
+        result = subprocess.run(child, capture_output=True, text=True, check=True)
+        print(f"| {setting} | " + " | ".join(result.stdout.split()) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
