@@ -126,7 +126,7 @@ class ChunkTracker(TorchDispatchMode):
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Leave this tracker (the innermost mode) while our own code runs: its ops are not recorded
-        and skip the Python dispatch (a SparseGPT solve's many small ops were 2-3x slower through it)."""
+        and skip the Python dispatch (SparseGPT's solves, many small ops, took a third longer through it)."""
         if _get_current_dispatch_mode() is not self:
             raise RuntimeError("ChunkTracker.paused() outside its own forward")
         with _pop_mode_temporarily():
