@@ -93,7 +93,7 @@ def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dty
     """Dtype of the calibration forward's matmuls and attention (--forward-dtype).
 
     auto: the layers' own dtype (the model's on a GPU, float32 on a CPU). bfloat16 on a CPU is opt-in:
-    measured on SmolLM2-135M, Wanda ran 1.3x faster but lost 6% perplexity at 2:4, SparseGPT no
+    measured on SmolLM2-135M, Wanda ran 1.3x faster but lost 6% perplexity at 2:4, SparseGPT 1.1x
     faster (BENCHMARKS.md). Statistics, solves and saved weights stay in full precision either way.
     """
     return requested if requested is not None else compute_dtype(device, model)
