@@ -28,18 +28,17 @@ def measure(setting: str, model_name: str, windows: int, seqlen: int, repeats: i
     import ctypes
 
     import torch
-    from transformers import AutoModelForCausalLM
+    from benchlib import layer_forward, load_float32_model
 
     from llmprune.engine.devices import return_freed_memory
     from llmprune.engine.lockstep import Lockstep
-    from llmprune.models.resolve import resolve_model
 
     if SETTINGS[setting] == "llmprune":
         return_freed_memory()
     else:
         for option, value in SETTINGS[setting]:
             ctypes.CDLL("libc.so.6").mallopt(option, value)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name, quiet=True), dtype=torch.float32)
+    model = load_float32_model(model_name)
     layer = model.model.layers[0]
     hidden = torch.randn(windows, seqlen, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     calls: dict[int, tuple] = {}
@@ -49,8 +48,7 @@ def measure(setting: str, model_name: str, windows: int, seqlen: int, repeats: i
             positions = torch.arange(seqlen)[None].expand(x.shape[0], -1)
             calls[x.shape[0]] = (positions, model.model.rotary_emb(x, positions))
         positions, rope = calls[x.shape[0]]
-        with torch.no_grad():
-            layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
+        layer_forward(layer, x, rope, positions)
 
     def run(kind: str, size: int) -> float:
         started = time.perf_counter()

@@ -13,7 +13,7 @@ import functools
 import time
 
 import torch
-from benchlib import machine
+from benchlib import layer_forward, load_float32_model, machine
 
 OPS = ("aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mul", "aten::copy_", "aten::silu")
 
@@ -27,11 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from torch.profiler import profile
-    from transformers import AutoModelForCausalLM
 
-    from llmprune.models.resolve import resolve_model
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model, quiet=True), dtype=torch.float32)
+    model = load_float32_model(args.model)
     positions = torch.arange(args.seqlen)[None].expand(args.windows, -1)
     shape = (args.windows, args.seqlen, model.config.hidden_size)
     hidden = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -43,7 +40,7 @@ def main() -> None:
         layer = copy.deepcopy(model.model.layers[0]).to(torch.bfloat16 if low else torch.float32)
         x = hidden.to(torch.bfloat16 if low else torch.float32)
         rope = tuple(t.to(x.dtype) for t in model.model.rotary_emb(x, positions))
-        run = functools.partial(forward, layer, x, rope, positions, name == "bfloat16 autocast")
+        run = functools.partial(layer_forward, layer, x, rope, positions, name == "bfloat16 autocast")
         for _ in range(2):
             run()
         started = time.perf_counter()
@@ -54,12 +51,6 @@ def main() -> None:
             run()
         by_op = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
         print(f"| {name} | {seconds:.3f} | " + " | ".join(f"{by_op.get(op, 0):.1f}" for op in OPS) + " |")
-
-
-def forward(layer, x: torch.Tensor, rope: tuple, positions: torch.Tensor, autocast: bool) -> None:
-    """The decoder layer on one chunk, as llmprune's stream calls it (causal, no mask tensor)."""
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        layer(x, position_embeddings=rope, attention_mask=None, position_ids=positions)
 
 
 if __name__ == "__main__":

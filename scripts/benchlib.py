@@ -46,6 +46,25 @@ def measure_llmprune(argv: list[str], folder: Path, result: Path, log: Path) -> 
     return 0, json.loads(result.read_text()), json.loads((folder / "llmprune.json").read_text())
 
 
+def load_float32_model(name: str):
+    """A causal LM that llmprune accepts (alias, folder, GGUF), loaded whole in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.models.resolve import resolve_model
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name, quiet=True), dtype=torch.float32)
+
+
+def layer_forward(layer, x, rope: tuple, positions, autocast: bool = False) -> None:
+    """One decoder layer on one chunk, as llmprune's stream calls it (causal, no mask tensor);
+    under bfloat16 autocast when asked."""
+    import torch
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(x, position_embeddings=rope, attention_mask=None, position_ids=positions)
+
+
 def update_section(path: Path, table: str, name: str) -> None:
     """Replace the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` (appending it if absent)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
