@@ -1,8 +1,10 @@
-"""One decoder layer's forward per calibration window under three glibc malloc settings, in the main
+"""One decoder layer's forward per calibration window under several allocator settings, in the main
 thread and in lockstep chunk threads (as the engine runs it): how much llmprune's allocator setting
-(`return_freed_memory`: M_MMAP_THRESHOLD 1 MiB, M_ARENA_MAX 2) costs the forward.
+(`return_freed_memory`: M_MMAP_THRESHOLD 1 MiB, M_ARENA_MAX 2) costs the forward, and what torch's
+transparent huge pages for large buffers take back.
 
-Each setting runs in its own process (mallopt cannot be undone); prints one Markdown table.
+Each setting runs in its own process (mallopt cannot be undone, torch reads THP_MEM_ALLOC_ENABLE once);
+prints one Markdown table.
 
     python scripts/bench_allocator.py [--model smollm2-135m-gguf] [--windows 32] [--seqlen 512]
 """
@@ -10,15 +12,17 @@ Each setting runs in its own process (mallopt cannot be undone); prints one Mark
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import time
 
-SETTINGS = {
-    "glibc defaults": [],
-    "llmprune's (`M_MMAP_THRESHOLD` 1 MiB, `M_ARENA_MAX` 2)": "llmprune",
-    "`M_ARENA_MAX` 2 only": [(-8, 2)],
+SETTINGS = {  # name: (mallopt calls or "llmprune", environment)
+    "glibc defaults": ([], {}),
+    "llmprune's (`M_MMAP_THRESHOLD` 1 MiB, `M_ARENA_MAX` 2)": ("llmprune", {}),
+    "llmprune's with torch's huge pages (`THP_MEM_ALLOC_ENABLE=1`)": ("llmprune", {"THP_MEM_ALLOC_ENABLE": "1"}),
+    "`M_ARENA_MAX` 2 only": ([(-8, 2)], {}),
 }
 CASES = [("main", 8), ("lockstep", 8), ("main", 2), ("lockstep", 2)]
 
@@ -33,10 +37,11 @@ def measure(setting: str, model_name: str, windows: int, seqlen: int, repeats: i
     from llmprune.engine.devices import return_freed_memory
     from llmprune.engine.lockstep import Lockstep
 
-    if SETTINGS[setting] == "llmprune":
+    calls, _ = SETTINGS[setting]
+    if calls == "llmprune":
         return_freed_memory()
     else:
-        for option, value in SETTINGS[setting]:
+        for option, value in calls:
             ctypes.CDLL("libc.so.6").mallopt(option, value)
     model = load_float32_model(model_name)
     layer = model.model.layers[0]
@@ -90,7 +95,8 @@ def main() -> None:
     for setting in SETTINGS:
         child = [sys.executable, __file__, "--setting", setting, "--model", args.model, "--windows", str(args.windows)]
         child += ["--seqlen", str(args.seqlen), "--repeats", str(args.repeats)]
-        result = subprocess.run(child, capture_output=True, text=True, check=True)
+        environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | SETTINGS[setting][1]
+        result = subprocess.run(child, capture_output=True, text=True, check=True, env=environment)
         print(f"| {setting} | " + " | ".join(result.stdout.split()) + " |", flush=True)
 
 
