@@ -37,11 +37,11 @@ def measure(setting: str, model_name: str, windows: int, seqlen: int, repeats: i
     from llmprune.engine.devices import return_freed_memory
     from llmprune.engine.lockstep import Lockstep
 
-    calls, _ = SETTINGS[setting]
-    if calls == "llmprune":
+    mallopts, _ = SETTINGS[setting]
+    if mallopts == "llmprune":
         return_freed_memory()
     else:
-        for option, value in calls:
+        for option, value in mallopts:
             ctypes.CDLL("libc.so.6").mallopt(option, value)
     model = load_float32_model(model_name)
     layer = model.model.layers[0]
@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # the child process's one setting
     args = parser.parse_args()
+    if any(args.windows % size for _, size in CASES):  # a partial chunk would be timed as none
+        parser.error(f"--windows must be a multiple of every chunk size ({sorted({size for _, size in CASES})})")
     if args.setting:
         per_window = measure(args.setting, args.model, args.windows, args.seqlen, args.repeats)
         print(" ".join(f"{ms:.1f}" for ms in per_window))
