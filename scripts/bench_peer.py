@@ -10,11 +10,14 @@ the same held-out windows. llm-compressor runs from its own virtualenv, created 
 
 With --resume, the rounds already in OUT/runs.json are kept and the run continues up to --pairs rounds
 (each round records the llmprune commit it measured, so rounds from several sessions can be told apart).
+A perplexity is kept with the SHA-256 of the weights it was measured on and reused only for the same
+weights: an output that a later build writes differently is evaluated again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -114,7 +117,7 @@ def main() -> None:
     configs = [(m, p) for m, p in CONFIGS if not args.only or f"{m}:{p}" in args.only]
     jobs = {f"{m}-{p.replace(':', 'of')}": (m, p) for m, p in configs}
     runs: dict[str, dict[str, list]] = {tag: {name: [] for name in [*variants, "peer"]} for tag in jobs}
-    ppl: dict[str, float] = {}
+    ppl: dict[str, dict] = {}  # output key -> {sha256, ppl, round}
     rounds: list[dict] = []
     saved = out / "runs.json"
     if args.resume and saved.exists():
@@ -144,11 +147,16 @@ def main() -> None:
                 ),
                 flush=True,
             )
-            if f"peer-{tag}" not in ppl:  # outputs are deterministic: evaluate them once
-                ppl[f"peer-{tag}"] = perplexity(peer_out, held_out, device, 8).perplexity
-            for name in variants:
-                if f"{name}-{tag}" not in ppl:
-                    ppl[f"{name}-{tag}"] = perplexity(ours_folder(out, name, tag), held_out, device, 8).perplexity
+            outputs = {f"peer-{tag}": peer_out} | {f"{name}-{tag}": ours_folder(out, name, tag) for name in variants}
+            for key, folder_out in outputs.items():
+                digest = weights_digest(folder_out)
+                known = ppl.get(key)
+                if isinstance(known, dict) and known["sha256"] == digest:
+                    continue  # the same weights as an earlier round: the same perplexity
+                if isinstance(known, dict):
+                    print(f"{key}: weights differ from the last evaluated round's; evaluating again", flush=True)
+                value = perplexity(folder_out, held_out, device, 8).perplexity
+                ppl[key] = {"sha256": digest, "ppl": value, "round": pair + 1}
         rounds.append({"round": pair + 1, "date": str(date.today()), "llmprune_commit": commit()})
         rows = [summary(tag, jobs[tag], name, variants[name], runs[tag], ppl) for tag in jobs for name in variants]
         saved.write_text(json.dumps({"runs": runs, "ppl": ppl, "dense": dense, "rounds": rounds}, indent=1))
@@ -157,6 +165,16 @@ def main() -> None:
         (out / "bench_peer.md").write_text(table + "\n")
         if args.write:
             update_section(Path(args.write), table, "bench_peer")
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 over an output's safetensors files, so a perplexity is reused only for the very same weights."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def ours_folder(out: Path, name: str, tag: str) -> Path:
@@ -209,8 +227,8 @@ def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs
     fewer = f", {len(pairs)} of {len(runs['peer'])} pairs" if len(pairs) < len(runs["peer"]) else ""
     return {
         "config": f"{config[0]} {config[1]}" + (f" (`{' '.join(flags)}`{fewer})" if name else ""),
-        "ppl_ours": ppl[f"{name}-{tag}"],
-        "ppl_peer": ppl[f"peer-{tag}"],
+        "ppl_ours": ppl[f"{name}-{tag}"]["ppl"],
+        "ppl_peer": ppl[f"peer-{tag}"]["ppl"],
         "time_ours": statistics.median(a[0] for a, _ in pairs),
         "time_peer": statistics.median(b[0] for _, b in pairs),
         "time_ratio": statistics.median(a[0] / b[0] for a, b in pairs),
@@ -236,7 +254,8 @@ def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path
         f"torch {torch.__version__}. Command: `python scripts/bench_peer.py {' '.join(sys.argv[1:])}`.",
         "",
         f"Calibration: {args.samples} x {args.seqlen} tokens of `{args.corpus}` (seed {args.seed}), the same token "
-        f"ids for both tools. Perplexity: llmprune's streamed evaluation of each output on {eval_windows} held-out "
+        "ids for both tools. Perplexity: llmprune's streamed evaluation of each output's latest weights (evaluated "
+        f"again whenever a round wrote different weights) on {eval_windows} held-out "
         f"windows of {args.seqlen} tokens (dense: {dense:.3f}). Time and peak RSS: each tool's whole pruning "
         f"process, {pairs} interleaved pair{'s' if pairs > 1 else ''} (of {args.pairs} asked), median; "
         "ratios are ours / llm-compressor. Rounds: "
