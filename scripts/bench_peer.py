@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import machine, update_section
+from benchlib import add_window_args, machine, model_and_corpus, update_section
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
@@ -71,12 +71,8 @@ def versions(python: Path, package: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-gguf")
-    parser.add_argument("--corpus", default="shakespeare")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=512)
+    add_window_args(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument(
         "--pairs", type=int, default=3, help="interleaved rounds in all (with --resume, counting old ones)"
     )
@@ -94,18 +90,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from llmprune.data.sources import resolve_source
-    from llmprune.data.windows import TokenizedCorpus, calibration_windows, evaluation_windows
+    from llmprune.data.windows import calibration_windows
     from llmprune.eval.perplexity import perplexity
-    from llmprune.models.resolve import resolve_model
-    from llmprune.pipeline import load_tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    folder = resolve_model(args.model, quiet=True)
-    corpus = TokenizedCorpus(resolve_source(args.corpus), load_tokenizer(folder))
+    folder, corpus, held_out = model_and_corpus(args)
     calib = calibration_windows(corpus, args.samples, args.seqlen, args.seed)
-    held_out = evaluation_windows(corpus, args.seqlen, args.eval_samples, spec=args.corpus)
     windows_file = out / "windows.safetensors"
     save_file({"input_ids": calib.ids.contiguous()}, str(windows_file))
     python = peer_python(Path(args.peer_venv))

@@ -75,3 +75,24 @@ def update_section(path: Path, table: str, name: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def add_window_args(parser) -> None:
+    """The flags that pick the model, the corpus and the calibration and held-out window sizes."""
+    parser.add_argument("--model", default="smollm2-135m-gguf")
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=64)
+
+
+def model_and_corpus(args) -> tuple:
+    """From add_window_args' flags: the model folder, its tokenized corpus and the held-out windows."""
+    from llmprune.data.sources import resolve_source
+    from llmprune.data.windows import TokenizedCorpus, evaluation_windows
+    from llmprune.models.resolve import resolve_model
+    from llmprune.pipeline import load_tokenizer
+
+    folder = resolve_model(args.model, quiet=True)
+    corpus = TokenizedCorpus(resolve_source(args.corpus), load_tokenizer(folder))
+    return folder, corpus, evaluation_windows(corpus, args.seqlen, args.eval_samples, spec=args.corpus)
