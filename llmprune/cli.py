@@ -98,10 +98,10 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore", nargs="+", default=[], metavar="GLOB", help="Linear modules to leave dense")
     parser.add_argument(
         "--order",
-        default="sequential",
-        choices=["sequential", "parallel"],
-        help="sequential: prune each module as soon as it has seen all windows (default); "
-        "parallel: every module sees dense inputs, as in the papers",
+        default="parallel",
+        choices=["parallel", "sequential"],
+        help="parallel: every module sees the dense layer's inputs, as in the papers (default); "
+        "sequential: prune each module as soon as it has seen all windows, one forward per layer",
     )
     parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward (default auto)")
     parser.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")

@@ -82,7 +82,7 @@ class Settings:
     forward_dtype: str = "auto"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
-    order: str = "sequential"
+    order: str = "parallel"
     batch_size: int | None = None
     dampening: float = 0.01
     blocksize: int = 128

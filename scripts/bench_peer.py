@@ -10,6 +10,7 @@ the same held-out windows. llm-compressor runs from its own virtualenv, created 
 
 With --resume, the rounds already in OUT/runs.json are kept and the run continues up to --pairs rounds
 (each round records the llmprune commit it measured, so rounds from several sessions can be told apart).
+A --variant of earlier rounds that is not passed again stays in the table with the pairs it has.
 A perplexity is kept with the SHA-256 of the weights it was measured on and reused only for the same
 weights: an output that a later build writes differently is evaluated again.
 """
@@ -110,10 +111,13 @@ def main() -> None:
     runs: dict[str, dict[str, list]] = {tag: {name: [] for name in [*variants, "peer"]} for tag in jobs}
     ppl: dict[str, dict] = {}  # output key -> {sha256, ppl, round}
     rounds: list[dict] = []
+    kept: dict[str, list[str]] = {}  # variants of earlier rounds not run this time: still in the table
     saved = out / "runs.json"
     if args.resume and saved.exists():
         old = json.loads(saved.read_text())
-        runs = {tag: {name: old["runs"].get(tag, {}).get(name, []) for name in [*variants, "peer"]} for tag in jobs}
+        kept = {name: flags for name, flags in old.get("flags", {}).items() if name not in variants}
+        names = [*variants, *kept, "peer"]
+        runs = {tag: {name: old["runs"].get(tag, {}).get(name, []) for name in names} for tag in jobs}
         ppl, rounds = old["ppl"], old.get("rounds", [])
     done = min(len(by_name[name]) for by_name in runs.values() for name in ("", "peer"))
     # a variant new to a resumed run has no times for the earlier rounds: None there, paired only from now on
@@ -149,8 +153,10 @@ def main() -> None:
                 value = perplexity(folder_out, held_out, device, 8).perplexity
                 ppl[key] = {"sha256": digest, "ppl": value, "round": pair + 1}
         rounds.append({"round": pair + 1, "date": str(date.today()), "llmprune_commit": commit()})
-        rows = [summary(tag, jobs[tag], name, variants[name], runs[tag], ppl) for tag in jobs for name in variants]
-        saved.write_text(json.dumps({"runs": runs, "ppl": ppl, "dense": dense, "rounds": rounds}, indent=1))
+        shown = variants | kept
+        rows = [summary(tag, jobs[tag], name, flags, runs[tag], ppl) for tag in jobs for name, flags in shown.items()]
+        record = {"runs": runs, "ppl": ppl, "dense": dense, "rounds": rounds, "flags": shown}
+        saved.write_text(json.dumps(record, indent=1))
         table = render(rows, dense, args, held_out.count, python, pair + 1, rounds)
         print(table, flush=True)
         (out / "bench_peer.md").write_text(table + "\n")
@@ -215,9 +221,11 @@ def peer_command(python: Path, folder: Path, windows: Path, method: str, pattern
 def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs: dict, ppl: dict) -> dict:
     """Medians over the interleaved pairs so far: times, peak RSS and their per-pair ratios."""
     pairs = [(a, b) for a, b in zip(runs[name], runs["peer"]) if a is not None]
-    fewer = f", {len(pairs)} of {len(runs['peer'])} pairs" if len(pairs) < len(runs["peer"]) else ""
+    notes = [f"`{' '.join(flags)}`"] if flags else []
+    if len(pairs) < len(runs["peer"]):
+        notes.append(f"{len(pairs)} of {len(runs['peer'])} pairs")
     return {
-        "config": f"{config[0]} {config[1]}" + (f" (`{' '.join(flags)}`{fewer})" if name else ""),
+        "config": f"{config[0]} {config[1]}" + (f" ({', '.join(notes)})" if notes else ""),
         "ppl_ours": ppl[f"{name}-{tag}"]["ppl"],
         "ppl_peer": ppl[f"peer-{tag}"]["ppl"],
         "time_ours": statistics.median(a[0] for a, _ in pairs),
@@ -249,7 +257,7 @@ def render(rows: list[dict], dense: float, args, eval_windows: int, python: Path
         f"again whenever a round wrote different weights) on {eval_windows} held-out "
         f"windows of {args.seqlen} tokens (dense: {dense:.3f}). Time and peak RSS: each tool's whole pruning "
         f"process, {pairs} interleaved pair{'s' if pairs > 1 else ''} (of {args.pairs} asked), median; "
-        "ratios are ours / llm-compressor. Rounds: "
+        "ratios are ours / llm-compressor; a row without flags is llmprune's default configuration. Rounds: "
         + "; ".join(f"{r['round']} on {r['date']} at llmprune {r['llmprune_commit']}" for r in rounds)
         + ".",
         "",

@@ -144,8 +144,8 @@ def test_chunked_sequential_matches_one_pass(tiny_models, corpus_file, tmp_path)
     """Sequential order over chunks (several partial passes) equals the single full-batch pass."""
     folder = tiny_models("llama", layers=2)
     common = dict(method="sparsegpt", calibration=str(corpus_file), samples=8, seqlen=32, no_eval=True, quiet=True)
-    llmprune.prune(str(folder), output=str(tmp_path / "one"), batch_size=8, **common)
-    llmprune.prune(str(folder), output=str(tmp_path / "chunks"), batch_size=3, **common)
+    llmprune.prune(str(folder), output=str(tmp_path / "one"), batch_size=8, order="sequential", **common)
+    llmprune.prune(str(folder), output=str(tmp_path / "chunks"), batch_size=3, order="sequential", **common)
     one, chunks = _read_output(tmp_path / "one"), _read_output(tmp_path / "chunks")
     for key in one:
         torch.testing.assert_close(chunks[key], one[key], rtol=0, atol=1e-5, msg=key)
@@ -412,7 +412,7 @@ def test_chunk_tracker_only_when_parking_and_never_around_our_own_code(tiny_mode
                 patch.setattr(ChunkTracker, "alive", counting_alive)
                 patch.setattr(Parking.__init__, "__defaults__", Parking.__init__.__defaults__[:-1] + (1,))
                 patch.setattr(ChunkTracker.__init__, "__defaults__", (1,))
-                _prune_tiny_sparsegpt(folder, corpus_file, tmp_path / park, park=park)
+                _prune_tiny_sparsegpt(folder, corpus_file, tmp_path / park, park=park, order="sequential")
         finally:
             handle.remove()
         return ours, in_forward, sum(parked), tracked
@@ -451,3 +451,26 @@ def test_forward_dtype_choice():
     check_forward_mix(torch.bfloat16, torch.bfloat16)
     with pytest.raises(LLMPruneError, match="mixes half types"):
         check_forward_mix(torch.bfloat16, torch.float16)
+
+
+def test_statistics_pass_stops_once_every_group_is_fed(tiny_models, corpus_file, tmp_path):
+    """In the papers' order a chunk's dense pass ends once the last group (down_proj) has fed its
+    statistics: down_proj's matmul runs only in the propagating pass, gate/up in both."""
+    folder = tiny_models("llama", layers=2)  # hidden 64, intermediate 128
+    calls = {"gate/up": 0, "down": 0}
+
+    def count(module, args, output):
+        if not isinstance(module, nn.Linear) or args[0].shape[0] != 2:  # chunks of 2 (not the one-window probes)
+            return
+        if module.in_features == 128:
+            calls["down"] += 1
+        elif module.out_features == 128:
+            calls["gate/up"] += 1
+
+    handle = nn.modules.module.register_module_forward_hook(count)
+    try:
+        _prune_tiny_sparsegpt(folder, corpus_file, tmp_path / "out")  # 4 windows in chunks of 2, default order
+    finally:
+        handle.remove()
+    layers, chunks = 2, 2
+    assert calls == {"gate/up": layers * chunks * 2 * 2, "down": layers * chunks}

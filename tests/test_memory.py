@@ -53,9 +53,10 @@ def test_plan_only_reads_no_weights_and_names_components(tiny_models, corpus_fil
         raise AssertionError("a weight was read")
 
     monkeypatch.setattr(Checkpoint, "read", no_weights)
-    result = llmprune.prune(
-        str(folder), calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True, output="unused"
-    )
+    common = dict(calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True, output="unused")
+    default = llmprune.prune(str(folder), **common)
+    assert default["memory_plan"]["choice"]["order"] == "parallel" and "barrier state" not in default["plan"]
+    result = llmprune.prune(str(folder), order="sequential", **common)
     text = result["plan"]
     for component in (
         "layer weights",
@@ -127,8 +128,10 @@ def test_spilled_activations_give_identical_weights(tiny_models, corpus_file, tm
     common = dict(
         method="sparsegpt", calibration=str(corpus_file), samples=8, seqlen=64, batch_size=2, no_eval=True, quiet=True
     )
-    llmprune.prune(str(folder), output=str(tmp_path / "memory"), park="memory", **common)
-    report = llmprune.prune(str(folder), output=str(tmp_path / "disk"), park="disk", activations="disk", **common)
+    llmprune.prune(str(folder), output=str(tmp_path / "memory"), park="memory", order="sequential", **common)
+    report = llmprune.prune(
+        str(folder), output=str(tmp_path / "disk"), park="disk", activations="disk", order="sequential", **common
+    )
     assert report["memory_plan"]["choice"]["activations"] == "disk"
     assert report["memory_plan"]["choice"]["order"] == "sequential"
     a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "disk")

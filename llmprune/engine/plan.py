@@ -140,9 +140,10 @@ class MemoryPlan:
             )
         c = self.choice
         waiting = "stay in memory" if c.park == "memory" else f"park to {c.park}"
+        order = f"{c.order} order" + (f"; waiting chunks {waiting}" if c.order == "sequential" else "")
         lines.append(
             f"  chunks of {c.chunk} windows; activations on {c.activations} in {str(c.act_dtype)[6:]}; "
-            f"{c.order} order; waiting chunks {waiting}; Hessian inverse in {str(c.inverse_dtype)[6:]}"
+            f"{order}; Hessian inverse in {str(c.inverse_dtype)[6:]}"
         )
         lines.extend(f"  adapted: {a}" for a in self.adaptations)
         return "\n".join(lines)
@@ -285,7 +286,7 @@ def make_plan(
         steps.append(
             ("activations stored in the model dtype", lambda ch: dataclasses.replace(ch, act_dtype=req.model_dtype))
         )
-    if park == "memory" and req.park == "auto":
+    if park == "memory" and req.park == "auto" and req.order == "sequential":  # only that order has waiting chunks
         steps.append(
             (
                 "waiting chunks park to " + ("host memory" if on_gpu else "disk"),
