@@ -206,7 +206,7 @@ def main() -> None:
         f"sparsegpt-50%-8L-{args.budget}": [str(models[8]), "--method", "sparsegpt", *common, "--max-memory",
                                             args.budget],
         "sparsegpt-50%-4L": [str(models[4]), "--method", "sparsegpt", *common],
-        "sparsegpt-50%-4L-parallel": [str(models[4]), "--method", "sparsegpt", *common, "--order", "parallel"],
+        "sparsegpt-50%-4L-sequential": [str(models[4]), "--method", "sparsegpt", *common, "--order", "sequential"],
         "wanda-50%-8L": [str(models[8]), "--method", "wanda", *common],
         "sparsegpt-2:4-8L": [str(models[8]), "--method", "sparsegpt", "--pattern", "2:4", *common],
         "sparsegpt-50%-4L-forward-float32": [str(models[4]), "--method", "sparsegpt", *common,

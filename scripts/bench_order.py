@@ -2,8 +2,8 @@
 only for one draw of calibration windows?
 
 For each seed, draws the calibration windows as bench_peer.py does (same corpus, sizes and function),
-prunes with `--order sequential` (the default: true-sequential, one forward) and `--order parallel`
-(the papers' two passes), and evaluates both outputs with llmprune's perplexity code on the same
+prunes with `--order sequential` (true-sequential, one forward) and `--order parallel` (the default:
+the papers' two passes), and evaluates both outputs with llmprune's perplexity code on the same
 held-out windows. Prints one Markdown table; each run is a whole process (wall time, peak RSS).
 
     python scripts/bench_order.py [--seeds 0 1 2] [--configs sparsegpt:unstructured sparsegpt:2:4] [--out bench-order]
@@ -62,7 +62,7 @@ def main() -> None:
             rows.append((seed, method, pattern, ppl["sequential"], ppl["parallel"]))
     print(f"\n{machine()}; torch {torch.__version__}; {args.model}, {args.samples} x {args.seqlen} tokens of "
           f"`{args.corpus}`, {held_out.count} held-out windows\n")  # fmt: skip
-    print("| seed | config | ppl sequential (default) | ppl parallel | sequential / parallel |")
+    print("| seed | config | ppl sequential | ppl parallel (default) | sequential / parallel |")
     print("|---|---|---|---|---|")
     for seed, method, pattern, seq, par in rows:
         print(f"| {seed} | {method} {pattern} | {seq:.3f} | {par:.3f} | {seq / par:.3f} |")

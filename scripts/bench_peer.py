@@ -10,7 +10,8 @@ the same held-out windows. llm-compressor runs from its own virtualenv, created 
 
 With --resume, the rounds already in OUT/runs.json are kept and the run continues up to --pairs rounds
 (each round records the llmprune commit it measured, so rounds from several sessions can be told apart).
-A --variant of earlier rounds that is not passed again stays in the table with the pairs it has.
+A --variant of earlier rounds (runs.json records each variant's flags) that is not passed again stays in
+the table with the pairs it has.
 A perplexity is kept with the SHA-256 of the weights it was measured on and reused only for the same
 weights: an output that a later build writes differently is evaluated again.
 """
@@ -138,7 +139,8 @@ def main() -> None:
             print(
                 f"{tag} round {pair + 1}: "
                 + " | ".join(
-                    f"{name or 'ours'} {r[-1][0]:.1f} s {r[-1][1] / 2**30:.2f} GiB" for name, r in runs[tag].items()
+                    f"{name or 'ours'} {runs[tag][name][-1][0]:.1f} s {runs[tag][name][-1][1] / 2**30:.2f} GiB"
+                    for name in [*variants, "peer"]
                 ),
                 flush=True,
             )
@@ -154,7 +156,12 @@ def main() -> None:
                 ppl[key] = {"sha256": digest, "ppl": value, "round": pair + 1}
         rounds.append({"round": pair + 1, "date": str(date.today()), "llmprune_commit": commit()})
         shown = variants | kept
-        rows = [summary(tag, jobs[tag], name, flags, runs[tag], ppl) for tag in jobs for name, flags in shown.items()]
+        rows = [
+            summary(tag, jobs[tag], name, flags, runs[tag], ppl)
+            for tag in jobs
+            for name, flags in shown.items()
+            if f"{name}-{tag}" in ppl and any(r is not None for r in runs[tag][name])  # a kept one may lack this config
+        ]
         record = {"runs": runs, "ppl": ppl, "dense": dense, "rounds": rounds, "flags": shown}
         saved.write_text(json.dumps(record, indent=1))
         table = render(rows, dense, args, held_out.count, python, pair + 1, rounds)

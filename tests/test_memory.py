@@ -122,6 +122,20 @@ def test_impossible_budget_is_refused_before_any_weight_is_read(tiny_models, cor
     assert plan["memory_plan"]["peak_bytes"] <= plan["memory_plan"]["budget_bytes"]
 
 
+def test_two_pass_order_adapts_to_one_group_at_a_time(tiny_models, corpus_file):
+    """With few tokens, one group's Hessian at a time (the sequential order, waiting chunks parked) needs
+    less than the two-pass order's every group at once: a budget between the two adapts to it."""
+    folder = tiny_models("llama", layers=2, **WIDE)
+    common = dict(calibration=str(corpus_file), samples=1, seqlen=16, no_eval=True, plan_only=True, output="unused")
+    parallel = llmprune.prune(str(folder), **common)["memory_plan"]
+    sequential = llmprune.prune(str(folder), order="sequential", park="disk", **common)["memory_plan"]
+    assert sequential["peak_bytes"] < parallel["peak_bytes"]
+    budget = str((sequential["peak_bytes"] + parallel["peak_bytes"]) // 2)
+    plan = llmprune.prune(str(folder), max_memory=budget, **common)["memory_plan"]
+    assert (plan["choice"]["order"], plan["choice"]["park"]) == ("sequential", "disk")
+    assert plan["adaptations"][-1].startswith("sequential order") and plan["peak_bytes"] <= plan["budget_bytes"]
+
+
 def test_spilled_activations_give_identical_weights(tiny_models, corpus_file, tmp_path):
     """Activations on disk (and parked barrier state) change where bytes live, not a single result bit."""
     folder = tiny_models("llama", layers=3, **WIDE)

@@ -301,6 +301,14 @@ def make_plan(
         steps.append(
             ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))
         )
+    elif req.method_statistics != "none":  # few tokens: one group's statistics at a time beats every group's
+        parked = ("host" if on_gpu else "disk") if req.park == "auto" else req.park
+        steps.append(
+            (
+                f"sequential order: one group's statistics at a time, waiting chunks park to {parked}",
+                lambda ch: dataclasses.replace(ch, order="sequential", park=parked),
+            )
+        )
     if req.inverse:
         steps.append(("float32 Hessian inverse", lambda ch: dataclasses.replace(ch, inverse_dtype=torch.float32)))
 
