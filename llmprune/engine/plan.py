@@ -286,11 +286,12 @@ def make_plan(
         steps.append(
             ("activations stored in the model dtype", lambda ch: dataclasses.replace(ch, act_dtype=req.model_dtype))
         )
-    if park == "memory" and req.park == "auto" and req.order == "sequential":  # only that order has waiting chunks
+    park_to = "host" if on_gpu else "disk"  # where waiting chunks park when the budget needs it
+    if req.park == "auto" and req.order == "sequential":  # only that order has waiting chunks
         steps.append(
             (
                 "waiting chunks park to " + ("host memory" if on_gpu else "disk"),
-                lambda ch: dataclasses.replace(ch, park="host" if on_gpu else "disk"),
+                lambda ch: dataclasses.replace(ch, park=park_to),
             )
         )
     if req.activations == "auto":
@@ -302,7 +303,7 @@ def make_plan(
             ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))
         )
     elif req.method_statistics != "none":  # few tokens: one group's statistics at a time beats every group's
-        parked = ("host" if on_gpu else "disk") if req.park == "auto" else req.park
+        parked = park_to if req.park == "auto" else req.park
         steps.append(
             (
                 f"sequential order: one group's statistics at a time, waiting chunks park to {parked}",
