@@ -139,8 +139,7 @@ class MemoryPlan:
                 f"  host memory {_gib(self.host_peak)} ({', '.join(f'{k} {_gib(v)}' for k, v in self.host.items())})"
             )
         c = self.choice
-        waiting = "stay in memory" if c.park == "memory" else f"park to {c.park}"
-        order = f"{c.order} order" + (f"; waiting chunks {waiting}" if c.order == "sequential" else "")
+        order = f"{c.order} order" + (f"; waiting chunks {waiting(c.park)}" if c.order == "sequential" else "")
         lines.append(
             f"  chunks of {c.chunk} windows; activations on {c.activations} in {str(c.act_dtype)[6:]}; "
             f"{order}; Hessian inverse in {str(c.inverse_dtype)[6:]}"
@@ -267,6 +266,11 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     return phases, host
 
 
+def waiting(park: str) -> str:
+    """What the sequential order's waiting chunks do with their state, in words, for a --park value."""
+    return {"memory": "stay in memory", "host": "park to host memory"}.get(park, f"park to {park}")
+
+
 def make_plan(
     geo: Geometry, req: Request, device: torch.device, budget: int, host_budget: int | None, overhead: int
 ) -> MemoryPlan:
@@ -290,7 +294,7 @@ def make_plan(
     if req.park == "auto" and req.order == "sequential":  # only that order has waiting chunks
         steps.append(
             (
-                "waiting chunks park to " + ("host memory" if on_gpu else "disk"),
+                f"waiting chunks {waiting(park_to)}",
                 lambda ch: dataclasses.replace(ch, park=park_to),
             )
         )
@@ -306,7 +310,7 @@ def make_plan(
         parked = park_to if req.park == "auto" else req.park
         steps.append(
             (
-                f"sequential order: one group's statistics at a time, waiting chunks park to {parked}",
+                f"sequential order: one group's statistics at a time, waiting chunks {waiting(parked)}",
                 lambda ch: dataclasses.replace(ch, order="sequential", park=parked),
             )
         )
