@@ -32,6 +32,7 @@ from llmprune.engine.devices import (
     cpu_has_native_bf16,
     current_rss,
     forward_dtype,
+    is_absent,
     parse_dtype,
     parse_forward_dtype,
     peak_cuda,
@@ -199,7 +200,7 @@ def prune(model: str, **options) -> dict:
         raise LLMPruneError(f"--remove/--target-flops are for structured methods ({', '.join(STRUCTURED_METHODS)})")
     pattern = Pattern.parse(settings.pattern, settings.sparsity)
     check_options(settings, pattern)
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, absent_ok=settings.plan_only)
     save_dtype_override = parse_dtype(settings.dtype)
     forward_request = parse_forward_dtype(settings.forward_dtype, device)
     budgets = parse_budgets(settings.max_memory, device)
@@ -259,8 +260,7 @@ def prune(model: str, **options) -> dict:
         chunk=settings.batch_size or default_chunk(calib.count, calib.seqlen, device),
         order=settings.order,
         park=settings.park,
-        method_statistics=method_cls.statistics,
-        inverse=method_cls.statistics == "hessian",
+        method=method_cls,
         activations=settings.activations,
         compute_dtype=cdtype,
         model_dtype=skeleton.dtype,
@@ -273,6 +273,11 @@ def prune(model: str, **options) -> dict:
     if saved is not None:
         plan.choice = choice_from_dict(saved.choice)
         plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
+    if is_absent(device):
+        plan.notes.append(
+            f"planned for {device}, which this machine does not have: the GPU defaults (layers in "
+            f"{str(cdtype).removeprefix('torch.')}, chunks of up to {request.chunk} windows) and the budget given"
+        )
     if not settings.quiet or settings.plan_only:
         print(plan.render(), flush=True)
     if settings.plan_only:
@@ -366,15 +371,20 @@ def _resumable_state(writer: OutputFolder, fingerprint: dict, settings: Settings
 
 
 def parse_budgets(text: str | None, device: torch.device) -> tuple[int, int | None]:
-    """--max-memory: one SIZE for the compute device, or 'cpu=SIZE,cuda=SIZE'. Default: what is free."""
+    """--max-memory: one SIZE for the compute device, or 'cpu=SIZE,cuda=SIZE' (cuda:N names the same
+    budget). Default: what is free."""
     values: dict[str, int] = {}
     if text:
         for part in text.split(","):
             key, _, size = part.rpartition("=")
-            values[key.strip() or device.type] = parse_size(size)
-    budget = values.get(device.type, available_memory(device))
-    host = values.get("cpu", available_memory(torch.device("cpu"))) if device.type == "cuda" else None
-    return budget, host
+            key = key.strip().partition(":")[0] or device.type
+            if key not in ("cpu", "cuda"):
+                raise LLMPruneError(f"--max-memory: {part.strip()!r} names no device; use SIZE or cpu=SIZE,cuda=SIZE")
+            values[key] = parse_size(size)
+    budget = values[device.type] if device.type in values else available_memory(device)
+    if device.type != "cuda":
+        return budget, None
+    return budget, values["cpu"] if "cpu" in values else available_memory(torch.device("cpu"))
 
 
 def _check_token_windows(windows: Windows, skeleton: Skeleton, limit: int | None) -> None:

@@ -22,7 +22,7 @@ PHASES: list[tuple[str, tuple[str, ...]]] = [
     (
         "pruning solve",
         (
-            "inverse_cholesky (",
+            "inverse_factor (",
             "llmprune/methods/sparsegpt.py",
             "llmprune/methods/wanda.py",
             "llmprune/methods/masks.py",

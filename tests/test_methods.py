@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_sparsegpt import reference_prune
 
 from llmprune.errors import LLMPruneError
 from llmprune.methods import METHODS, InputStats, Pattern, masks
-from llmprune.methods.sparsegpt import SparseGPT, inverse_cholesky
+from llmprune.methods.sparsegpt import SparseGPT, inverse_factor, workspace_bytes
 
 
 def _problem(rows=48, cols=64, tokens=512, seed=0):
@@ -94,15 +95,99 @@ def test_sparsegpt_dead_inputs_are_zeroed():
 def test_damping_retry_is_reported_not_silent():
     # An indefinite "Hessian" (a negative eigenvalue) that 1% damping cannot fix.
     h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5]))
-    upper, info = inverse_cholesky(h, 0.01, torch.float64)
+    upper, info = inverse_factor(h, 0.01, torch.float64)
     assert info["damping_retries"] >= 1
     assert torch.isfinite(upper).all()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_in_place_solve_equals_the_reference_solve(pattern, dtype, seed):
+    """The in-place solve (one n x n buffer, row-chunked lazy updates, a factor shared by the group)
+    gives the reference SparseGPT solve's weights and masks, on random Hessians with a dead input."""
+    w, x = _problem(96, 320, tokens=400, seed=seed)  # fewer tokens than inputs: damping makes it definite
+    x[:, 7] = 0
+    pat = Pattern.parse(pattern, None)
+    stats = _stats("hessian", x)
+    hessian = stats.hessian.clone()
+    expected, expected_mask = reference_prune(w, hessian, pat, dtype)
+    for _member in range(2):  # the second member of a group reuses the first one's factor
+        result = SparseGPT(inverse_dtype=dtype).prune(w, stats, pat)
+        assert torch.equal(result.mask, expected_mask)
+        assert torch.allclose(result.weight, expected, rtol=0, atol=1e-5)
+    assert torch.equal(stats.hessian, hessian)  # the solve only read the Hessian
+
+
+def test_the_hessian_is_mirrored_in_place():
+    _, x = _problem(4, 600, tokens=64)
+    stats = _stats("hessian", x)
+    full = stats.hessian
+    assert torch.equal(full, full.T)
+    assert torch.allclose(full, x.T @ x, rtol=1e-5, atol=1e-3)
+
+
+def test_group_members_share_one_factor(monkeypatch):
+    from llmprune.methods import sparsegpt
+
+    calls = []
+    real = sparsegpt.inverse_factor
+    monkeypatch.setattr(sparsegpt, "inverse_factor", lambda *a: calls.append(1) or real(*a))
+    w, x = _problem(16, 64)
+    stats = _stats("hessian", x)
+    for _ in range(3):  # q, k, v
+        SparseGPT().prune(w, stats, Pattern.parse("unstructured", 0.5))
+    assert len(calls) == 1
+
+
+PEAK_OF_ONE_SOLVE = """
+import json, sys, torch
+from llmprune.engine.devices import current_rss, peak_rss, return_freed_memory, trim_heap, warm_up_kernels
+from llmprune.methods import InputStats, Pattern
+from llmprune.methods.sparsegpt import SparseGPT
+return_freed_memory()
+n, rows, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+g = torch.Generator().manual_seed(0)
+stats = InputStats(n, "hessian", torch.device("cpu"))
+stats.add(torch.randn(2048, n, generator=g))
+weight = torch.randn(rows, n, generator=g)
+warm_up_kernels()  # LAPACK's code pages, paged in lazily, are not the solve's workspace
+stats.hessian  # mirrored (in place) before the measurement: the Hessian is the statistics, not the workspace
+trim_heap()
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+base = current_rss()
+result = SparseGPT(inverse_dtype=dtype).prune(weight, stats, Pattern(0.5))
+print(json.dumps({"peak": peak_rss() - base, "result": result.weight.numel() * 4 + result.mask.numel()}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_one_solve_at_n_4096_stays_within_its_bound(dtype):
+    """Measured in a fresh process (VmHWM reset before the solve): the peak a solve adds to the Hessian
+    and the weight is at most the plan's workspace, which is one n x n buffer of the inverse's dtype,
+    the weight-sized working copy and mask, and O(n · block) elements."""
+    import json
+    import subprocess
+    import sys
+
+    n = rows = 4096
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_OF_ONE_SOLVE, str(n), str(rows), dtype], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    inverse = getattr(torch, dtype)
+    bound = workspace_bytes(n, rows, inverse, torch.float32, 128)
+    weight_buffers = rows * n * (4 + 1)  # the float32 working weight (returned) and the mask
+    assert bound <= 1.25 * n * n * inverse.itemsize + weight_buffers + 64 * n * 128
+    assert measured <= bound, (measured / 2**20, bound / 2**20)
+    assert measured >= n * n * inverse.itemsize  # it did hold the factor (the reading measures something)
 
 
 def test_hopeless_hessian_raises():
     h = torch.diag(torch.tensor([1.0, -1e12]))
     with pytest.raises(LLMPruneError, match="not positive definite"):
-        inverse_cholesky(h, 0.01, torch.float64)
+        inverse_factor(h, 0.01, torch.float64)
 
 
 def test_spread_counts_sum_exactly():

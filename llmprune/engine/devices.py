@@ -14,16 +14,21 @@ from llmprune.errors import LLMPruneError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+def resolve_device(name: str, absent_ok: bool = False) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error unless `absent_ok`
+    (a plan for a device this machine does not have)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise LLMPruneError(f"--device {name}: not a device name ({exc})") from exc
+        if not torch.cuda.is_available() and not absent_ok:
             raise LLMPruneError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
-        return torch.device(name)
+        return device
     raise LLMPruneError(f"--device must be auto, cpu or cuda (got {name!r})")
 
 
@@ -99,8 +104,17 @@ def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dty
     return requested if requested is not None else compute_dtype(device, model)
 
 
+def is_absent(device: torch.device) -> bool:
+    """A CUDA device this machine does not have (only a plan can target it)."""
+    return device.type == "cuda" and not torch.cuda.is_available()
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free for this process on `device` (MemAvailable for the CPU)."""
+    if is_absent(device):
+        raise LLMPruneError(
+            f"{device} is not on this machine: a plan for it needs its budget, e.g. --max-memory {device.type}=80GB"
+        )
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmprune.errors import LLMPruneError
+from llmprune.methods.base import PruningMethod
 
 GiB = 2**30
 BOOKKEEPING = 16 * 2**20  # Python objects, reports, file buffers
@@ -35,7 +36,7 @@ class Geometry:
     layer_params: int  # largest decoder layer
     rest_params: int  # embeddings, final norm, head (tied counted once)
     max_in: int  # widest input of a pruned Linear (its Hessian is max_in x max_in)
-    max_weight: int  # most elements of one pruned Linear's weight
+    shapes: tuple[tuple[int, int], ...]  # the distinct [out, in] shapes of the pruned Linears
     group_inputs: tuple[int, ...]  # input width of each group of Linears sharing statistics (largest layer)
     eager_attention: bool
 
@@ -62,7 +63,7 @@ class Geometry:
             layer_params=layer_params,
             rest_params=rest,
             max_in=max((m.in_features for m in linears), default=hidden),
-            max_weight=max((m.in_features * m.out_features for m in linears), default=hidden * hidden),
+            shapes=tuple(sorted({(m.out_features, m.in_features) for m in linears})),
             group_inputs=max(map(_group_inputs, targets_by_layer), key=lambda g: sum(i * i for i in g), default=()),
             eager_attention=getattr(skeleton.config, "_attn_implementation", "sdpa") == "eager",
         )
@@ -110,6 +111,7 @@ class MemoryPlan:
     host: dict[str, int] = field(default_factory=dict)  # host-side bytes when computing on a GPU
     overhead: int = 0  # interpreter + libraries, measured at start, outside the budget
     adaptations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
@@ -145,6 +147,7 @@ class MemoryPlan:
             f"{order}; Hessian inverse in {str(c.inverse_dtype)[6:]}"
         )
         lines.extend(f"  adapted: {a}" for a in self.adaptations)
+        lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -157,6 +160,7 @@ class MemoryPlan:
             "phases": self.phases,
             "choice": choice_to_dict(self.choice),
             "adaptations": self.adaptations,
+            "notes": self.notes,
         }
 
 
@@ -178,13 +182,22 @@ class Request:
     chunk: int
     order: str
     park: str  # "auto" or a mode
-    method_statistics: str  # "none", "sqnorm", "hessian"
-    inverse: bool  # the method inverts Hessians (SparseGPT)
+    method: type[PruningMethod]
     compute_dtype: torch.dtype
     model_dtype: torch.dtype
     save_dtype: torch.dtype
     activations: str = "auto"  # "auto", "memory" or "disk"
     error_tokens: int = 1024
+
+    @property
+    def method_statistics(self) -> str:
+        """ "none", "sqnorm" or "hessian"."""
+        return self.method.statistics
+
+    @property
+    def inverse(self) -> bool:
+        """Whether the method inverts Hessians (SparseGPT): it then has a float32-inverse adaptation."""
+        return self.method.statistics == "hessian"
 
 
 def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) -> tuple[dict, dict]:
@@ -220,12 +233,15 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
         statistics = sum(w * w * 4 for w in widths)
     else:  # Wanda's squared norms, and the token sample for the reconstruction error (any method without a Hessian)
         statistics = sum((w * 4 if req.method_statistics == "sqnorm" else 0) + req.error_tokens * w * c for w in widths)
-    n, e = geo.max_in, geo.max_weight
-    if req.inverse:  # the Hessian copy, the damped matrix, its Cholesky factor, the inverse, its factor
-        b = torch.finfo(choice.inverse_dtype).bits // 8
-        workspace = n * n * 4 + 4 * n * n * b + (n * n * (b + 4) if b != 4 else 0) + 3 * e * 4 + e
-    else:  # scores, the sorted values and their int64 indices, masks
-        workspace = 18 * e
+    # one solve at a time: the method's own buffers, then the pruned weight rounded to the save dtype and back
+    roundtrip = req.save_dtype.itemsize + c if req.save_dtype != req.compute_dtype else 0
+    workspace = max(
+        (
+            req.method.workspace_bytes(rows, cols, req.compute_dtype, choice.inverse_dtype) + rows * cols * roundtrip
+            for rows, cols in geo.shapes
+        ),
+        default=0,
+    )
     # writing a layer: a CPU copy in the save dtype (unless it already is one) plus the serialized bytes
     saved = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
     write_buffer = saved + (saved if on_gpu or req.save_dtype != req.compute_dtype else 0)

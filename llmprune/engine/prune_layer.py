@@ -252,13 +252,8 @@ class LayerPruner:
             result = self.method.prune(weight, stats, self.pattern)
             return result, time.perf_counter() - started
 
-        if len(devices) > 1 and len(names) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(devices), len(names))) as pool:
-                solved = list(pool.map(solve, range(len(names))))
-        else:
-            solved = [solve(position) for position in range(len(names))]
-        for name, (result, seconds) in zip(names, solved):
-            module = targets[name]
+        def record(position: int, result, seconds: float) -> None:
+            module = targets[names[position]]
             dense = module.weight.data
             weight = result.weight.to(dense.device)
             if self.save_dtype is not None and weight.dtype != self.save_dtype:
@@ -267,36 +262,49 @@ class LayerPruner:
             module.weight.data = weight
             reports.append(
                 {
-                    "name": f"{prefix}.{name}",
+                    "name": f"{prefix}.{names[position]}",
                     "shape": list(dense.shape),
-                    "sparsity": float(result.mask.float().mean()),
-                    "zeros": int((weight == 0).sum()),
+                    "sparsity": int(result.mask.sum()) / result.mask.numel(),
+                    "zeros": int(weight.numel() - weight.count_nonzero()),
                     "error": error,
                     "seconds": round(seconds, 4),
                     **result.info,
                 }
             )
+
+        if len(devices) > 1 and len(names) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(devices), len(names))) as pool:
+                solved = list(pool.map(solve, range(len(names))))
+            for position, (result, seconds) in enumerate(solved):
+                record(position, result, seconds)
+            del solved
+        else:  # one member at a time: a solve's buffers are freed before the next one starts
+            for position in range(len(names)):
+                record(position, *solve(position))
         group.done = True
         group.stats = None
         group.sample = None
-        del solved
         trim_heap()  # the solves' small buffers would otherwise stay in the heap through the next forward
 
 
 def _relative_error(
-    dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor | None, stats: InputStats | None
+    dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor | None, stats: InputStats | None, rows: int = 256
 ) -> float | None:
     """‖(W - W')X‖² / ‖WX‖² over the module's calibration inputs X: exactly through the Hessian XᵀX
-    when the method has one (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)), else on a sample of the inputs."""
-    if stats is not None and stats.kind == "hessian":
-        h = stats.hessian
-        delta = dense.float() - pruned.float()
-        base = ((dense.float() @ h) * dense.float()).sum()
-        diff = ((delta @ h) * delta).sum()
-        return float(diff / base) if float(base) > 0 else 0.0
-    if sample is None:
+    when the method has one (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)), else on a sample of the inputs. Summed a
+    chunk of `rows` output rows at a time, so it holds O(rows · n), never a copy of the weight."""
+    h = stats.hessian if stats is not None and stats.kind == "hessian" else None
+    if h is None and sample is None:
         return None
-    x = sample.float()
-    base = (x @ dense.float().T).pow(2).sum()
-    diff = (x @ (dense.float() - pruned.float()).T).pow(2).sum()
-    return float(diff / base) if float(base) > 0 else 0.0
+    x = sample.float() if h is None else None
+    base = diff = 0.0
+    for start in range(0, dense.shape[0], rows):
+        w = dense[start : start + rows].float()
+        delta = w - pruned[start : start + rows].float()
+        if h is not None:
+            base += float(((w @ h) * w).sum())
+            diff += float(((delta @ h) * delta).sum())
+        else:
+            base += float((x @ w.T).pow(2).sum())
+            diff += float((x @ delta.T).pow(2).sum())
+    return diff / base if base > 0 else 0.0

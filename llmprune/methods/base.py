@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -69,21 +70,32 @@ class InputStats:
         self._upper = torch.zeros(dim, dim, dtype=torch.float32, device=device) if kind == "hessian" else None
         self._full: torch.Tensor | None = None
         self._lock = threading.Lock()
+        self._derived: dict = {}
         self.sqnorm = torch.zeros(dim, dtype=torch.float32, device=device) if kind == "sqnorm" else None
 
     @property
     def hessian(self) -> torch.Tensor | None:
-        """The full symmetric Σ x xᵀ (mirrored from the accumulated upper blocks once)."""
+        """The full symmetric Σ x xᵀ, mirrored once from the accumulated upper blocks, in place: the
+        strict lower triangle is overwritten with the upper one's transpose, block by block, so reading
+        the Hessian costs no second n x n matrix."""
         with self._lock:  # concurrent solves on several devices read it at once
             if self._full is None and self._upper is not None:
-                self._full = torch.triu(self._upper) + torch.triu(self._upper, 1).T
-                self._upper = None
+                self._full, self._upper = _mirror_upper(self._upper, self.BLOCK), None
         return self._full
+
+    def derived(self, key: object, make: Callable[[], object]) -> object:
+        """What `make` computes from these statistics, computed once and kept as long as they are: the
+        Linears of a group share one Hessian, so they share its inverse factor too."""
+        with self._lock:
+            if key not in self._derived:
+                self._derived[key] = make()
+            return self._derived[key]
 
     def to(self, device: torch.device) -> InputStats:
         """A copy of these statistics on another device (for a solve on a second GPU)."""
         copy = InputStats.__new__(InputStats)
         copy.kind, copy.tokens, copy._upper, copy._lock = self.kind, self.tokens, None, threading.Lock()
+        copy._derived = {}
         copy._full = self.hessian.to(device) if self.kind == "hessian" else None
         copy.sqnorm = self.sqnorm.to(device) if self.sqnorm is not None else None
         return copy
@@ -103,6 +115,19 @@ class InputStats:
             self.sqnorm += x.float().pow(2).sum(0)
 
 
+def _mirror_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
+    """Make `upper` symmetric in place from its upper triangle (the accumulated blocks also fill the
+    diagonal blocks' lower halves: those are overwritten too, so the result is exactly
+    triu(upper) + triu(upper, 1).T). Extra memory: one block x block tile."""
+    dim = upper.shape[0]
+    for start in range(0, dim, block):
+        stop = min(start + block, dim)
+        tile = upper[start:stop, start:stop]
+        tile.copy_(torch.triu(tile) + torch.triu(tile, 1).T)
+        upper[stop:, start:stop].copy_(upper[start:stop, stop:].T)
+    return upper
+
+
 @dataclass
 class Pruned:
     """A method's answer for one Linear: the new weight (same dtype), the pruned mask, and notes."""
@@ -120,6 +145,12 @@ class PruningMethod(ABC):
 
     def __init__(self, **options) -> None:
         self.options = options
+
+    @classmethod
+    def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
+        """Peak bytes one solve of a [rows, cols] weight holds beyond the layer and its statistics, for the
+        memory plan. Default: the scores, their sorted values and int64 indices, and the mask."""
+        return 18 * rows * cols
 
     @abstractmethod
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:

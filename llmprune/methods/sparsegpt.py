@@ -3,6 +3,11 @@
 Per Linear: the Hessian H = Σ x xᵀ of its calibration inputs, dampened by 1% of its mean diagonal,
 inverted through Cholesky; then columns are pruned left to right in blocks of 128 with lazy
 OBS updates that push each pruned weight's error onto the columns not yet visited.
+
+Memory: the inverse's factor is built in one n x n buffer (damped, factored, inverted and factored
+again in place; H is only read) and shared by the Linears of a group; the OBS loop reads it one block
+of rows at a time and applies its lazy updates in row chunks, so beyond that buffer a solve holds the
+weight, its mask and O(n · block) elements.
 """
 
 from __future__ import annotations
@@ -14,31 +19,64 @@ from llmprune.methods import masks
 from llmprune.methods.base import InputStats, Pattern, Pruned, PruningMethod
 
 MAX_DAMPING_RETRIES = 6
+UPDATE_ELEMENTS = 1 << 22  # largest temporary of a lazy update (elements): its rows are chunked to fit
 
 
-def inverse_cholesky(hessian: torch.Tensor, dampening: float, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = dampening·mean(diag H).
+def inverse_factor(hessian: torch.Tensor, dampening: float, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Upper Cholesky factor U of (H' + λI)⁻¹ (so that it equals UᵀU), in one n x n buffer of `dtype`.
 
-    If H + λI is not positive definite, λ grows tenfold and the solve is retried; every retry is
-    reported (never a silent fallback to magnitude pruning).
+    H' is H with the diagonal of dead inputs (never nonzero) set to 1, λ = dampening·mean(diag H'). The
+    buffer is column-major, the layout LAPACK factors in place (a row-major one is copied first), so
+    damping, potrf, potri and potrf again all happen in it. H is read, never written: if H' + λI is not
+    positive definite, the buffer is refilled from H, λ grows tenfold and the solve is retried; every
+    retry is reported (never a silent fallback to magnitude pruning).
     """
-    h = hessian.to(dtype)
-    damp = dampening * float(torch.diagonal(h).mean())
+    n = hessian.shape[0]
+    dead = torch.diagonal(hessian) == 0
+    factor = torch.empty(n, n, dtype=dtype, device=hessian.device).mT  # column-major
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
+
+    def refill() -> None:
+        factor.mT.copy_(hessian)  # H is symmetric: its row-major bytes are its column-major bytes
+        factor.diagonal().masked_fill_(dead, 1.0)
+
+    refill()
+    mean = float(factor.diagonal().mean())
+    damp = dampening * mean
     for retry in range(MAX_DAMPING_RETRIES + 1):
-        damped = h.clone()
-        damped.diagonal().add_(damp)
-        factor, info = torch.linalg.cholesky_ex(damped)
+        if retry:
+            refill()
+        factor.diagonal().add_(damp)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper.float(), {
-                    "damping": damp / max(float(torch.diagonal(h).mean()), 1e-30),
-                    "damping_retries": retry,
-                }
+            torch.cholesky_inverse(factor, out=factor)
+            torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
+            if int(info) == 0 and _finite(factor):
+                return factor, {"damping": damp / max(mean, 1e-30), "damping_retries": retry}
         damp = damp * 10 if damp > 0 else 1e-6
     raise LLMPruneError(
         f"Hessian is not positive definite even with damping {damp:g} after {MAX_DAMPING_RETRIES} retries"
     )
+
+
+def _finite(matrix: torch.Tensor, block: int = 256) -> bool:
+    """Whether every element is finite, checked a block at a time in storage order (no n x n bool, and
+    no contiguous copy of a strided block)."""
+    dense = matrix if matrix.is_contiguous() else matrix.mT
+    return all(bool(torch.isfinite(dense[i : i + block]).all()) for i in range(0, dense.shape[0], block))
+
+
+def workspace_bytes(n: int, rows: int, inverse_dtype: torch.dtype, weight_dtype: torch.dtype, block: int) -> int:
+    """Peak bytes one solve holds beyond the Hessian and the layer: the shared factor (n x n), the float32
+    working weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the
+    OBS loop (a block of the factor's rows, the block's weights, errors, scores and mask selection, and
+    one lazy update's row chunk), and LAPACK's own panel buffers while it factors (MKL keeps about 5 MiB
+    for each of potrf and potri at n = 4096). Counted by the memory plan; a test measures one solve."""
+    e = rows * n
+    result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
+    loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ELEMENTS, rows * n) * 4
+    lapack = 2 * n * block * 8
+    return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
 
 class SparseGPT(PruningMethod):
@@ -55,21 +93,26 @@ class SparseGPT(PruningMethod):
         self.blocksize = blocksize
         self.inverse_dtype = inverse_dtype
 
+    @classmethod
+    def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
+        return workspace_bytes(cols, rows, inverse_dtype, weight_dtype, 128)
+
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
         assert stats is not None and stats.hessian is not None
+        hessian = stats.hessian.to(weight.device)
+        key = ("sparsegpt inverse", self.dampening, self.inverse_dtype, weight.device)
+        hinv, info = stats.derived(key, lambda: inverse_factor(hessian, self.dampening, self.inverse_dtype))
         w = weight.float().clone()
         rows, cols = w.shape
-        h = stats.hessian.to(w.device).clone()
-        dead = torch.diagonal(h) == 0
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        hinv, info = inverse_cholesky(h, self.dampening, self.inverse_dtype)
+        w[:, torch.diagonal(hessian) == 0] = 0.0
         mask = torch.zeros_like(w, dtype=torch.bool)
         block = max(pattern.m, (self.blocksize // pattern.m) * pattern.m) if pattern.is_nm else self.blocksize
+        chunk = max(1, UPDATE_ELEMENTS // max(cols, 1))
         for i1 in range(0, cols, block):
             i2 = min(i1 + block, cols)
+            below = hinv[i1:i2].float().contiguous()  # this block's rows of the factor, in float32
             w1 = w[:, i1:i2].clone()
-            h1 = hinv[i1:i2, i1:i2]
+            h1 = below[:, i1:i2]
             d = torch.diagonal(h1)
             err1 = torch.zeros_like(w1)
             if pattern.is_nm:
@@ -87,5 +130,6 @@ class SparseGPT(PruningMethod):
                 err1[:, i] = err
             w[:, i1:i2] = w1.masked_fill(mask1, 0.0)
             mask[:, i1:i2] = mask1
-            w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
-        return Pruned(w.masked_fill(mask, 0.0).to(weight.dtype), mask, info)
+            for r in range(0, rows, chunk):  # the lazy update, a chunk of rows at a time
+                w[r : r + chunk, i2:].sub_(err1[r : r + chunk] @ below[:, i2:])
+        return Pruned(w.masked_fill_(mask, 0.0).to(weight.dtype), mask, info)

@@ -1,0 +1,159 @@
+"""Write a checkpoint of a real model's shapes without its weights: config.json, shard headers of the
+real names, dtypes and shapes, and sparse files (holes where the data would be), so `--plan-only`
+can plan OPT-175B or Llama-3.1-405B on a laptop. A 350 GB checkpoint takes a few MB of disk.
+
+    python scripts/shape_checkpoint.py opt-175b /tmp/shapes/opt-175b
+    llmprune /tmp/shapes/opt-175b --calibration /tmp/shapes/opt-175b/calibration.safetensors \\
+        --no-eval --plan-only --device cuda --max-memory cuda=80GB
+
+The folder also gets a token file of random ids (`calibration.safetensors`, 128 windows of 2048 by
+default), so no tokenizer is needed. Only plans can run on such a folder: its weights read as zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "opt-175b": dict(
+        model_type="opt",
+        hidden_size=12288,
+        ffn_dim=49152,
+        num_hidden_layers=96,
+        num_attention_heads=96,
+        word_embed_proj_dim=12288,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        dtype="float16",
+    ),
+    "llama-3.1-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+    ),
+    "llama-3.1-405b": dict(
+        model_type="llama",
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_hidden_layers=126,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    ),
+}
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor names and shapes, from the model built on the meta device (a tied head is
+    not a tensor of its own, as `save_pretrained` writes it)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings(), init_empty_weights():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=True)}
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def write_sparse_shard(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """A safetensors file whose header lists `shapes` and whose data is a hole of the right length."""
+    offset, header = 0, {"__metadata__": {"format": "pt"}}
+    for name, shape in shapes.items():
+        size = dtype.itemsize
+        for dim in shape:
+            size *= dim
+        entry = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = entry
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+    os.truncate(path, 8 + len(raw) + offset)
+    return offset
+
+
+def write_shape_checkpoint(
+    folder: Path, config_fields: dict, shard_bytes: int = 5 * 10**9, windows: int = 128, seqlen: int = 2048
+) -> Path:
+    """config.json, sparse shards of at most `shard_bytes` with their index, and a random token file."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    fields = dict(config_fields)
+    dtype = getattr(torch, fields.pop("dtype"))
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    config.dtype = dtype
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    used = 0
+    for name, shape in tensor_shapes(config).items():
+        size = dtype.itemsize * int(torch.tensor(shape).prod())
+        if shards[-1] and used + size > shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = shape
+        used += size
+    weight_map, total = {}, 0
+    for number, shard in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        total += write_sparse_shard(folder / file, shard, dtype)
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    vocab = int(config.get_text_config().vocab_size)
+    ids = torch.randint(0, vocab, (windows, seqlen), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, str(folder / "calibration.safetensors"))
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--shard-gb", type=float, default=5.0, help="largest shard in GB (default 5)")
+    parser.add_argument("--windows", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    args = parser.parse_args()
+    folder = write_shape_checkpoint(
+        args.folder, SHAPES[args.shape], int(args.shard_gb * 10**9), args.windows, args.seqlen
+    )
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()
