@@ -34,6 +34,10 @@ def _bad_cases(model, corpus_file, tmp_path):
     shutil.copytree(model, corrupt)
     shard = corrupt / "model.safetensors"
     os.truncate(shard, shard.stat().st_size - 100)
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(model, unreadable)
+    (unreadable / "model.safetensors").unlink()
+    (unreadable / "model.safetensors").mkdir()  # root reads any file: a folder is what cannot be read
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(model).save_pretrained(sharded, max_shard_size="100KB")
     shutil.copy(model / "tokenizer.json", sharded)
@@ -49,6 +53,8 @@ def _bad_cases(model, corpus_file, tmp_path):
         "n:m width": ([model, "--pattern", "2:7", *base], "does not divide the input width"),
         "bad pattern": ([model, "--pattern", "half", *base], "N:M"),
         "corrupt shard": ([corrupt, *base], "corrupt shard model.safetensors"),
+        "truncated shard": ([corrupt, *base], "truncated: tensor"),
+        "unreadable shard": ([unreadable, *base], "cannot read shard"),
         "missing shard": ([sharded, *base], "missing shard"),
         "unknown method": ([model, "--method", "obs", *base], "unknown --method 'obs'"),
         "unreadable calibration": ([model, "--calibration", binary, "--no-eval"], "cannot read calibration file"),
@@ -69,6 +75,8 @@ def _bad_cases(model, corpus_file, tmp_path):
         "n:m width",
         "bad pattern",
         "corrupt shard",
+        "truncated shard",
+        "unreadable shard",
         "missing shard",
         "unknown method",
         "unreadable calibration",
@@ -84,7 +92,7 @@ def test_bad_input_one_line_error_and_no_output(case, model, corpus_file, tmp_pa
     argv, message = _bad_cases(model, corpus_file, tmp_path)[case]
     out = tmp_path / "out"
     code, stdout, stderr = _run([*argv, "--output", out], capsys)
-    assert code != 0
+    assert code == 2
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("llmprune: error: "), stderr
     assert message in lines[0]

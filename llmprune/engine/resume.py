@@ -20,13 +20,12 @@ STATE_NAME = "state.json"
 
 def folder_identity(folder: Path) -> str:
     """sha256 of a model folder's config and shard headers (names, dtypes, shapes, offsets)."""
-    from llmprune.export.writer import read_header
+    from llmprune.models.tensorfile import read_header
 
     digest = hashlib.sha256((folder / "config.json").read_bytes())
     for shard in sorted(folder.glob("*.safetensors")):
-        _, header = read_header(shard)
         digest.update(shard.name.encode())
-        digest.update(json.dumps(header, sort_keys=True).encode())
+        digest.update(json.dumps(read_header(shard).raw, sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import INDEX_NAME
+from llmprune.models.tensorfile import read_header
 
 AUX_SUFFIXES = {".json", ".model", ".txt", ".jinja", ".tiktoken"}
 SKIP_FILES = {"config.json", INDEX_NAME, "llmprune.json"}
@@ -156,15 +157,8 @@ class OutputFolder:
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
-def read_header(path: Path) -> tuple[int, dict]:
-    """(header length, header dict) of a safetensors file."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return length, json.loads(handle.read(length))
-
-
 def _link_unit(path: Path, target: Path) -> dict:
-    _, header = read_header(path)
+    header = dict(read_header(path).raw)
     target.unlink(missing_ok=True)
     try:
         os.link(path, target)
@@ -180,13 +174,13 @@ def concat_safetensors(paths: list[Path], target: Path) -> dict:
     pieces: list[tuple[Path, int, int]] = []  # file, data start, data length
     offset = 0
     for path in paths:
-        length, header = read_header(path)
-        header.pop("__metadata__", None)
+        parsed = read_header(path)
+        header = {k: v for k, v in parsed.raw.items() if k != "__metadata__"}
         data_length = max((e["data_offsets"][1] for e in header.values()), default=0)
         for tensor, entry in header.items():
             begin, end = entry["data_offsets"]
             merged[tensor] = {**entry, "data_offsets": [begin + offset, end + offset]}
-        pieces.append((path, 8 + length, data_length))
+        pieces.append((path, parsed.data_start, data_length))
         offset += data_length
     body = dict(sorted(merged.items(), key=lambda kv: kv[1]["data_offsets"][0]))
     raw = json.dumps({"__metadata__": {"format": "pt"}, **body}, separators=(",", ":")).encode()

@@ -6,19 +6,23 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from llmprune.errors import LLMPruneError
+from llmprune.models.tensorfile import Header, read_header, read_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 
 
 class Checkpoint:
-    """The tensor-name -> shard-file map of a safetensors folder, with per-tensor reads."""
+    """The tensor-name -> shard-file map of a safetensors folder, with per-tensor reads.
+
+    Every shard's header is parsed and checked once, up front (headers are small); tensors are then read
+    by their byte ranges (models/tensorfile.py), so a shard of any size is read without mapping it."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.files: dict[str, Path] = {}
+        self.headers: dict[Path, Header] = {}
         index = self.folder / INDEX_NAME
         if index.is_file():
             try:
@@ -30,8 +34,8 @@ class Checkpoint:
             missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
             if missing:
                 raise LLMPruneError(f"missing shard {missing[0]} listed in {index}")
-            for shard in sorted(set(self.files.values())):  # headers are small: catch a corrupt shard up front
-                present = set(self._keys_of(shard))
+            for shard in sorted(set(self.files.values())):
+                present = self._header(shard).entries
                 absent = [n for n, f in self.files.items() if f == shard and n not in present]
                 if absent:
                     raise LLMPruneError(f"corrupt shard {shard.name}: it lacks {absent[0]} listed in {index.name}")
@@ -40,16 +44,13 @@ class Checkpoint:
             if not shards:
                 raise LLMPruneError(f"no safetensors files in {self.folder}")
             for shard in shards:
-                for name in self._keys_of(shard):
+                for name in self._header(shard).entries:
                     self.files[name] = shard
 
-    @staticmethod
-    def _keys_of(shard: Path) -> list[str]:
-        try:
-            with safe_open(str(shard), framework="pt") as handle:
-                return list(handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise LLMPruneError(f"corrupt shard {shard.name}: {exc}") from exc
+    def _header(self, shard: Path) -> Header:
+        if shard not in self.headers:
+            self.headers[shard] = read_header(shard)
+        return self.headers[shard]
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -58,7 +59,7 @@ class Checkpoint:
         return list(self.files)
 
     def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Read the named tensors (grouped by shard, each file opened once)."""
+        """Read the named tensors (grouped by shard, each file opened once), onto `device`."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.files:
@@ -66,30 +67,11 @@ class Checkpoint:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
-            try:
-                with safe_open(str(file), framework="pt", device=str(device)) as handle:
-                    for name in file_names:
-                        out[name] = handle.get_tensor(name)
-            except (SafetensorError, OSError) as exc:
-                raise LLMPruneError(f"corrupt shard {file.name}: {exc}") from exc
+            for name, tensor in read_tensors(self._header(file), file_names).items():
+                out[name] = tensor.to(device)
         return out
 
     def metadata(self, name: str) -> tuple[torch.dtype, list[int]]:
-        """Dtype and shape of one tensor, read from the shard header only."""
-        with safe_open(str(self.files[name]), framework="pt") as handle:
-            piece = handle.get_slice(name)
-            return _DTYPES[piece.get_dtype()], list(piece.get_shape())
-
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+        """Dtype and shape of one tensor, from the shard header only."""
+        entry = self._header(self.files[name]).entries[name]
+        return entry.dtype, list(entry.shape)
