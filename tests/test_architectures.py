@@ -46,3 +46,22 @@ def test_prune_load_and_match_logits(arch, tiny_models, corpus_file, tmp_path):
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == source["architectures"]
     assert written["model_type"] == source["model_type"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_sliced_perplexity_equals_the_models_own_loss(arch, tiny_models, monkeypatch):
+    """The evaluation's head and loss run over slices of the positions (here 7 at a time): the summed NLL
+    is the model's own mean loss times the token count, tied or untied head, soft-capped logits or not."""
+    from llmprune.data.windows import Windows
+    from llmprune.engine import stream
+    from llmprune.eval.perplexity import perplexity
+
+    folder = tiny_models(arch, layers=2)
+    monkeypatch.setattr(stream, "LOGIT_ELEMENTS", 512 * 7)
+    ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(0))
+    result = perplexity(folder, Windows(ids, "random"), torch.device("cpu"), batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        expected = sum(float(model(window[None], labels=window[None]).loss) for window in ids) / len(ids)
+    assert result.tokens == 3 * 39
+    assert result.nll == pytest.approx(expected, rel=1e-5)

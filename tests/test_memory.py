@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,48 @@ def test_impossible_budget_is_refused_before_any_weight_is_read(tiny_models, cor
     assert plan["memory_plan"]["peak_bytes"] <= plan["memory_plan"]["budget_bytes"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU this machine does not have")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_plan_only_for_a_gpu_this_machine_lacks(tiny_models, corpus_file, capsys, device):
+    from llmprune.cli import main
+
+    folder = tiny_models("llama", layers=2, **WIDE)
+    base = [str(folder), "--calibration", str(corpus_file), "--samples", "8", "--seqlen", "64", "--no-eval"]
+    assert main([*base, "--plan-only", "--device", device, "--max-memory", f"{device}=1GB,cpu=4GB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for " + device in out and "which this machine does not have" in out
+    assert "layers in float32" in out  # the model's own dtype: the GPU default, not the CPU's float32 rule
+    assert main([*base, "--plan-only", "--device", device]) == 2  # a plan for an absent GPU needs its budget
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--max-memory cuda=80GB" in lines[0]
+    assert main([*base, "--device", device]) == 2  # only a plan can target it
+
+
+@pytest.fixture(scope="module")
+def opt_175b(tmp_path_factory) -> Path:
+    """OPT-175B's config and shard headers of the real shapes (sparse files: a few MB of disk)."""
+    sys.path.insert(0, str(MEASURE.parent))
+    from shape_checkpoint import SHAPES, write_shape_checkpoint
+
+    return write_shape_checkpoint(tmp_path_factory.mktemp("opt-175b"), SHAPES["opt-175b"], windows=128, seqlen=2048)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU this machine does not have")
+def test_opt_175b_sparsegpt_plans_within_40_gib_of_one_gpu(opt_175b):
+    """The headline: SparseGPT 50% on OPT-175B (128 x 2048 calibration tokens) fits a 40 GiB GPU with the
+    activations in host memory, and its solve workspace is about one Hessian of fc2 (49152 x 49152)."""
+    common = dict(calibration=str(opt_175b / "calibration.safetensors"), no_eval=True, plan_only=True, output="unused")
+    wide = llmprune.prune(str(opt_175b), device="cuda", max_memory="cuda=80GB,cpu=1TB", **common)["memory_plan"]
+    n, rows = 49152, 12288
+    solve = wide["phases"]["layer solve"]
+    weight_buffers = rows * n * (4 + 1 + 2)  # float32 working weight, mask, float16 result
+    assert solve["SparseGPT workspace"] <= 1.25 * n * n * 8 + weight_buffers + 64 * n * 128
+    assert wide["choice"]["inverse_dtype"] == "torch.float64" and wide["peak_bytes"] <= 80e9
+    tight = llmprune.prune(str(opt_175b), device="cuda", max_memory="cuda=40GiB,cpu=1TB", **common)["memory_plan"]
+    assert tight["peak_bytes"] <= 40 * 2**30
+    assert tight["choice"]["activations"] == "host" and tight["choice"]["inverse_dtype"] == "torch.float64"
+
+
 def test_two_pass_order_adapts_to_one_group_at_a_time(tiny_models, corpus_file):
     """With few tokens, one group's Hessian at a time (the sequential order, waiting chunks parked) needs
     less than the two-pass order's every group at once: a budget between the two adapts to it."""
@@ -212,3 +255,27 @@ def test_model_larger_than_the_budget_prunes_within_it(tiny_models, corpus_file,
     # skeleton, the tokenizer and calibration tokens), measured by the run itself and printed with the plan
     assert summary["measured"]["peak_rss_bytes"] <= budget + memory["overhead_bytes"], memory
     assert report["achieved_sparsity"] == pytest.approx(0.5)
+
+
+def test_a_tied_head_is_held_and_planned_once(tiny_models, corpus_file, tmp_path):
+    """A tied checkpoint that also carries the head's copy (some do) holds one matrix, as stock loaders do."""
+    from safetensors.torch import save_file
+
+    from llmprune.models.skeleton import build_skeleton
+
+    folder = tmp_path / "tied"
+    shutil.copytree(tiny_models("llama", layers=2, **WIDE), folder)
+    tensors = _tensors(folder)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    skeleton = build_skeleton(folder)
+    assert "lm_head.weight" in skeleton.rest_keys() and "lm_head.weight" not in skeleton.resident_rest_keys()
+    skeleton.load_rest("cpu", torch.float32)
+    head, embed = skeleton.model.get_output_embeddings().weight, skeleton.model.get_input_embeddings().weight
+    assert head.data_ptr() == embed.data_ptr()
+    plan = llmprune.prune(
+        str(folder), calibration=str(corpus_file), samples=8, seqlen=64, eval_samples=2, plan_only=True, output="x"
+    )["memory_plan"]
+    table = WIDE["vocab"] * WIDE["hidden"] * 4
+    assert plan["phases"]["begin"]["embeddings"] == table + WIDE["hidden"] * 4  # the matrix and the final norm
+    assert plan["phases"]["eval"]["embeddings and head"] == table + WIDE["hidden"] * 4

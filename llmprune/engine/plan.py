@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmprune.engine.stream import logit_positions
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import PruningMethod
 
@@ -34,7 +35,8 @@ class Geometry:
     head_dim: int
     vocab: int
     layer_params: int  # largest decoder layer
-    rest_params: int  # embeddings, final norm, head (tied counted once)
+    rest_params: int  # embeddings and final norm (a tied head is the embedding matrix)
+    head_params: int  # an untied head (loaded only for the evaluation's loss)
     max_in: int  # widest input of a pruned Linear (its Hessian is max_in x max_in)
     shapes: tuple[tuple[int, int], ...]  # the distinct [out, in] shapes of the pruned Linears
     group_inputs: tuple[int, ...]  # input width of each group of Linears sharing statistics (largest layer)
@@ -47,10 +49,13 @@ class Geometry:
         heads = int(getattr(text, "num_attention_heads", 1) or 1)
         inter = int(getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden)
         layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in skeleton.layers)
-        rest = 0
-        for key in skeleton.rest_keys():  # what is actually loaded (a tied head is not in the checkpoint)
-            _, shape = skeleton.checkpoint.metadata(skeleton.key_map[key])
-            rest += int(torch.tensor(shape).prod()) if shape else 1
+
+        def count(keys: list[str]) -> int:
+            shapes = (skeleton.checkpoint.metadata(skeleton.key_map[key])[1] for key in keys)
+            return sum(int(torch.tensor(shape).prod()) if shape else 1 for shape in shapes)
+
+        rest = count(skeleton.resident_rest_keys(head=False))  # a tied head is the embedding matrix, once
+        head = count(skeleton.resident_rest_keys(head=True)) - rest
         linears = [m for targets in targets_by_layer for m in targets.values()]
         return cls(
             layers=len(skeleton.layers),
@@ -62,6 +67,7 @@ class Geometry:
             vocab=int(getattr(text, "vocab_size", 0) or 0),
             layer_params=layer_params,
             rest_params=rest,
+            head_params=head,
             max_in=max((m.in_features for m in linears), default=hidden),
             shapes=tuple(sorted({(m.out_features, m.in_features) for m in linears})),
             group_inputs=max(map(_group_inputs, targets_by_layer), key=lambda g: sum(i * i for i in g), default=()),
@@ -261,16 +267,16 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     solve = {**held, stats_name: statistics, "SparseGPT workspace" if req.inverse else "method workspace": workspace}
     write = {**held, "writing a layer": write_buffer if not on_gpu else saved}
     rest = geo.rest_params * c
-    begin = {"embeddings and head": rest, "calibration activations": store + streamed, "chunk temporaries": temporaries}
+    begin = {"embeddings": rest, "calibration activations": store + streamed, "chunk temporaries": temporaries}
     phases = {"begin": begin, "layer forward": forward, "layer solve": solve, "layer write": write}
     if req.eval_windows:
-        logits = req.seqlen * geo.vocab * 4 * 3
+        positions = min(req.seqlen, logit_positions(1, geo.vocab))
         phases["eval"] = {
-            "embeddings and head": rest,
+            "embeddings and head": rest + geo.head_params * c,
             "eval activations": req.eval_windows * req.seqlen * d * c,
             "layer weights": geo.layer_params * c,
             "chunk temporaries": temporaries,
-            "logits of one window": logits,
+            "logits of a slice": positions * geo.vocab * 4 * 3,  # logits, their float32 copy, log-softmax
         }
     host: dict[str, int] = {}
     if on_gpu:

@@ -17,6 +17,13 @@ from llmprune.engine.activations import Activations
 from llmprune.engine.capture import LayerCall, catch_first_inputs, catch_layer_calls, run_tail, unwrap
 from llmprune.models.skeleton import Skeleton
 
+LOGIT_ELEMENTS = 1 << 23  # the most logits one slice of the evaluation's head computes (32 MiB in float32)
+
+
+def logit_positions(windows: int, vocab: int) -> int:
+    """Positions per slice of the evaluation's head, so that a slice holds at most LOGIT_ELEMENTS logits."""
+    return max(1, LOGIT_ELEMENTS // max(1, windows * vocab))
+
 
 class LayerStream:
     """One model, one set of token windows, streamed layer by layer."""
@@ -42,12 +49,18 @@ class LayerStream:
         self._first_calls: dict[int, LayerCall] = {}
         self._calls: dict[int, list[LayerCall]] = {}
         self._example: Any = None  # output structure of a real layer (tensor or tuple)
-        self._rest_loaded = False
+        self._rest_loaded: str | None = None  # None, "embeddings" (no untied head) or "all"
 
-    def _ensure_rest(self) -> None:
-        if not self._rest_loaded:
-            self.sk.load_rest(self.device, self.dtype)
-            self._rest_loaded = True
+    def _ensure_rest(self, head: bool = False) -> None:
+        """The non-layer modules on the device; the head only when a loss or logits need it (an untied head
+        is as large as the embeddings and the forward through the layers never uses it)."""
+        want = "all" if head or self.sk.tied else "embeddings"
+        if self._rest_loaded == "all" or self._rest_loaded == want:
+            return
+        if self._rest_loaded is not None:
+            self.sk.unload_rest()
+        self.sk.load_rest(self.device, self.dtype, head=head)
+        self._rest_loaded = want
 
     def begin(self, ids: torch.Tensor, spill_to: Path | None = None) -> Activations:
         """Hidden states entering layer 0 for every window, in chunks of batch_size windows on act_device
@@ -138,29 +151,47 @@ class LayerStream:
         return acts
 
     def nll(self, acts: Activations, batch: int = 1) -> tuple[float, int]:
-        """Summed next-token negative log-likelihood and token count, through the model's own head."""
+        """Summed next-token negative log-likelihood and token count, through the model's own head.
+
+        The head and the loss run over slices of each window's positions (the model's own tail, with
+        `logits_to_keep` naming the slice), so the logits held at once are at most LOGIT_ELEMENTS, not a
+        window's seqlen x vocab."""
         assert self.ids is not None
-        self._ensure_rest()
+        self._ensure_rest(head=True)
         total, tokens = 0.0, 0
         with torch.no_grad():
             for start in range(0, acts.count, batch):
                 ids = self.ids[start : start + batch].to(self.device)
                 last = acts.windows(start, start + batch).to(self.device, self.dtype)
-                loss = run_tail(self.sk.model, self.sk.layers, ids, last, self._example, labels=ids).loss
-                count = ids.shape[0] * (ids.shape[1] - 1)
-                total += float(loss.double()) * count
-                tokens += count
+                positions = ids.shape[1] - 1
+                step = logit_positions(ids.shape[0], self.vocab)
+                for first in range(0, positions, step):
+                    keep = torch.arange(first, min(first + step, positions), device=self.device)
+                    logits = run_tail(
+                        self.sk.model, self.sk.layers, ids, last, self._example, logits_to_keep=keep
+                    ).logits
+                    labels = ids[:, keep + 1]
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.float().flatten(0, 1), labels.flatten(), reduction="sum"
+                    )
+                    total += float(loss.double())
+                    del logits
+                tokens += ids.shape[0] * positions
         return total, tokens
+
+    @property
+    def vocab(self) -> int:
+        return int(self.sk.config.get_text_config().vocab_size)
 
     def loss(self, ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
         """The model's mean next-token loss for `ids` given the last layer's outputs (differentiable)."""
-        self._ensure_rest()
+        self._ensure_rest(head=True)
         return run_tail(self.sk.model, self.sk.layers, ids, last_hidden, self._example, labels=ids).loss
 
     def logits(self, acts: Activations) -> torch.Tensor:
         """Logits for all windows (small inputs only: tests and spot checks)."""
         assert self.ids is not None
-        self._ensure_rest()
+        self._ensure_rest(head=True)
         last = acts.to_tensor().to(self.device, self.dtype)
         with torch.no_grad():
             output = run_tail(self.sk.model, self.sk.layers, self.ids.to(self.device), last, self._example)
@@ -168,9 +199,9 @@ class LayerStream:
 
     def close(self) -> None:
         """Free the non-layer modules."""
-        if self._rest_loaded:
+        if self._rest_loaded is not None:
             self.sk.unload_rest()
-            self._rest_loaded = False
+            self._rest_loaded = None
 
 
 def open_stream(

@@ -67,19 +67,37 @@ class Skeleton:
         """Return layer `index`'s parameters to the meta device so their memory is freed."""
         _move_except(self.layers[index], None, "meta")
 
-    def load_rest(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Materialize everything outside the decoder layers (small: embeddings, norms, head)."""
-        tensors = self.read(self.rest_keys(), device)
+    @property
+    def tied(self) -> bool:
+        """Whether the head shares the input embedding's matrix."""
+        return bool(getattr(self.config.get_text_config(), "tie_word_embeddings", False))
+
+    def head_key(self) -> str | None:
+        """State-dict name of the output embedding (head) weight, or None if the model has no head."""
+        output = self.model.get_output_embeddings()
+        return next((f"{name}.weight" for name, module in self.model.named_modules() if module is output), None)
+
+    def resident_rest_keys(self, head: bool = True) -> list[str]:
+        """The rest_keys that are held in memory: a tied head's own copy in the checkpoint is never read
+        (the head is the embedding matrix, held once), and an untied head only when `head`."""
+        skip = self.head_key() if self.tied or not head else None
+        return [k for k in self.rest_keys() if k != skip]
+
+    def load_rest(self, device: torch.device | str, dtype: torch.dtype, head: bool = True) -> None:
+        """Materialize everything outside the decoder layers (embeddings, norms and, if `head`, the head;
+        a tied head is the embedding matrix, held once)."""
+        tensors = self.read(self.resident_rest_keys(head), device)
         for name, tensor in tensors.items():
             _assign(self.model, name, _cast(tensor, dtype))
         output = self.model.get_output_embeddings()
-        if output is not None and output.weight.is_meta:
+        if output is not None and output.weight.is_meta and (head or self.tied):
             embed = self.model.get_input_embeddings()
-            if not getattr(self.config.get_text_config(), "tie_word_embeddings", False) or embed is None:
+            if not self.tied or embed is None:
                 raise LLMPruneError("checkpoint has no output-embedding (lm_head) weight and the model does not tie it")
             output.weight = embed.weight
+        skipped = None if head or self.tied else self.head_key()
         for name, param in self.model.named_parameters():
-            if param.is_meta and not name.startswith(self.layers_prefix + "."):
+            if param.is_meta and not name.startswith(self.layers_prefix + ".") and name != skipped:
                 raise LLMPruneError(f"checkpoint {self.folder} has no tensor for {name}")
         _move_except(self.model, self.layers, device)
 
@@ -91,14 +109,15 @@ class Skeleton:
 def _move_except(module: nn.Module, skip: nn.Module | None, device: torch.device | str) -> None:
     """Move parameters (and, unless to meta, buffers) of `module` except those under `skip`.
 
-    Buffers never go to meta: non-persistent ones (rotary frequencies) are not in the checkpoint.
+    Buffers never go to meta: non-persistent ones (rotary frequencies) are not in the checkpoint. A
+    parameter left on meta (an untied head not loaded) stays there.
     """
     if module is skip:
         return
     for child in module.children():
         _move_except(child, skip, device)
     for key, param in module._parameters.items():
-        if param is not None and param.device != torch.device(device):
+        if param is not None and param.device != torch.device(device) and not (param.is_meta and device != "meta"):
             module._parameters[key] = nn.Parameter(param.to(device), requires_grad=False)
     for key, buf in module._buffers.items():
         if buf is not None and device != "meta":
