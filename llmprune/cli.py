@@ -106,6 +106,12 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward (default auto)")
     parser.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")
     parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size (default 128)")
+    parser.add_argument(
+        "--inverse-dtype",
+        default="auto",
+        choices=["auto", "float64", "float32"],
+        help="dtype of SparseGPT's Hessian inverse factor; auto: float64 unless the memory plan needs float32",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument(
         "--park",

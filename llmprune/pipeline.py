@@ -87,6 +87,7 @@ class Settings:
     batch_size: int | None = None
     dampening: float = 0.01
     blocksize: int = 128
+    inverse_dtype: str = "auto"
     max_shard_size: str = "5GB"
     park: str = "auto"
     max_memory: str | None = None
@@ -204,6 +205,7 @@ def prune(model: str, **options) -> dict:
     save_dtype_override = parse_dtype(settings.dtype)
     forward_request = parse_forward_dtype(settings.forward_dtype, device)
     budgets = parse_budgets(settings.max_memory, device)
+    inverse_request = parse_inverse_dtype(settings.inverse_dtype)
     if settings.activations not in ("auto", "memory", "disk"):
         raise LLMPruneError(f"--activations must be auto, memory or disk (got {settings.activations!r})")
     output = Path(settings.output) if settings.output else default_output(model, settings.method, pattern)
@@ -248,6 +250,7 @@ def prune(model: str, **options) -> dict:
         forward_dtype=str(fdtype),
         dampening=settings.dampening,
         blocksize=settings.blocksize,
+        inverse_dtype=settings.inverse_dtype,
         batch_size=settings.batch_size,
         save_format=settings.save_format,
     )
@@ -261,6 +264,7 @@ def prune(model: str, **options) -> dict:
         order=settings.order,
         park=settings.park,
         method=method_cls,
+        inverse_dtype=inverse_request,
         activations=settings.activations,
         compute_dtype=cdtype,
         model_dtype=skeleton.dtype,
@@ -368,6 +372,14 @@ def _resumable_state(writer: OutputFolder, fingerprint: dict, settings: Settings
     if writer.partial.exists() and not settings.overwrite:
         raise LLMPruneError(f"{writer.partial} holds an unfinished run that cannot be resumed; pass --overwrite")
     return None
+
+
+def parse_inverse_dtype(name: str) -> torch.dtype | None:
+    """--inverse-dtype: None for auto (float64 unless the budget needs float32)."""
+    choices = {"auto": None, "float64": torch.float64, "float32": torch.float32}
+    if name not in choices:
+        raise LLMPruneError(f"--inverse-dtype must be one of {', '.join(choices)} (got {name!r})")
+    return choices[name]
 
 
 def parse_budgets(text: str | None, device: torch.device) -> tuple[int, int | None]:

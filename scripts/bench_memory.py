@@ -1,4 +1,6 @@
-"""Benchmark: the memory plan beside the measured peak, for SmolLM2-135M and a ~2B random-weight model.
+"""Benchmark: the memory plan beside the measured peak, for SmolLM2-135M, a ~2B random-weight Llama and a
+random-weight model of Qwen2.5-1.5B's shape (FFN 8960, a tied 151936-row head) under a 1.5 GB budget.
+(One SparseGPT solve on wide layers is scripts/bench_solve.py.)
 
 Each run is a whole `llmprune` process measured from outside (scripts/measure_process.py: wall time,
 peak RSS); the plan's peak (plus the interpreter overhead it measured) comes from its llmprune.json.
@@ -47,33 +49,45 @@ def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
     return row
 
 
-def random_model(folder: Path, tokenizer_from: Path) -> Path:
-    """A ~2B-parameter Llama with random weights, bfloat16, written as 1 GB shards (with a real tokenizer)."""
+LLAMA_2B = dict(
+    model_type="llama",
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    vocab_size=49152,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+
+def random_model(folder: Path, tokenizer_from: Path, fields: dict) -> Path:
+    """A random-weight model of the given config fields, bfloat16, written as 1 GB shards (with a real
+    tokenizer: SmolLM2's, whose ids all lie inside these vocabularies)."""
     if (folder / "config.json").exists():
         return folder
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        vocab_size=49152,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    fields = dict(fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), bos_token_id=1, eos_token_id=2, pad_token_id=2, **fields)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial, max_shard_size="1GB")
     AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(partial)
     partial.rename(folder)
     return folder
+
+
+def qwen_shape() -> dict:
+    """Qwen2.5-1.5B's shape (scripts/shape_checkpoint.py), as config fields for a random model."""
+    from shape_checkpoint import SHAPES
+
+    fields = dict(SHAPES["qwen2.5-1.5b"])
+    fields.pop("dtype")
+    return fields
 
 
 def main() -> None:
@@ -96,13 +110,24 @@ def main() -> None:
         "smollm2-sparsegpt-budget-900MB": [str(smol), "--method", "sparsegpt", *common, "--max-memory", "900MB"],
         "smollm2-wanda": [str(smol), "--method", "wanda", *common],
     }
-    if not args.skip_2b:
-        big = random_model(out / "llama-2b-random", smol)
+    if not args.skip_2b and (not args.only or any(label.startswith("llama-2b") for label in args.only)):
+        big = random_model(out / "llama-2b-random", smol, LLAMA_2B)
         params = sum(p.stat().st_size for p in big.glob("*.safetensors")) // 2
         print(f"random model: {params / 1e9:.2f} B parameters in {len(list(big.glob('*.safetensors')))} shards")
         small = ["--calibration", "shakespeare", "--samples", "8", "--seqlen", "256"]
         jobs["llama-2b-sparsegpt"] = [str(big), "--method", "sparsegpt", *small]
         jobs["llama-2b-sparsegpt-budget-2GB"] = [str(big), "--method", "sparsegpt", *small, "--max-memory", "2GB"]
+    if not args.only or any(label.startswith("qwen2.5-1.5b") for label in args.only):
+        qwen = random_model(out / "qwen2.5-1.5b-random", smol, qwen_shape())  # FFN 8960, tied 151936 x 1536 head
+        small = ["--calibration", "shakespeare", "--samples", "16", "--seqlen", "512", "--eval-samples", "4"]
+        jobs["qwen2.5-1.5b-sparsegpt-budget-1.5GB"] = [
+            str(qwen),
+            "--method",
+            "sparsegpt",
+            *small,
+            "--max-memory",
+            "1.5GB",
+        ]
     rows = [run(label, argv, out, args.reuse) for label, argv in jobs.items() if not args.only or label in args.only]
     lines = [
         f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_memory.py {' '.join(sys.argv[1:])}`.",

@@ -279,3 +279,18 @@ def test_a_tied_head_is_held_and_planned_once(tiny_models, corpus_file, tmp_path
     table = WIDE["vocab"] * WIDE["hidden"] * 4
     assert plan["phases"]["begin"]["embeddings"] == table + WIDE["hidden"] * 4  # the matrix and the final norm
     assert plan["phases"]["eval"]["embeddings and head"] == table + WIDE["hidden"] * 4
+
+
+def test_inverse_dtype_flag_and_the_float32_adaptation_comes_before_a_change_of_order(tiny_models, corpus_file):
+    folder = tiny_models("llama", layers=2, **WIDE)
+    common = dict(calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True, output="unused")
+    wide = llmprune.prune(str(folder), method="sparsegpt", **common)["memory_plan"]
+    narrow = llmprune.prune(str(folder), method="sparsegpt", inverse_dtype="float32", **common)["memory_plan"]
+    assert wide["choice"]["inverse_dtype"] == "torch.float64" and narrow["choice"]["inverse_dtype"] == "torch.float32"
+    solve = "layer solve"
+    saved = wide["phases"][solve]["SparseGPT workspace"] - narrow["phases"][solve]["SparseGPT workspace"]
+    assert saved == 768 * 768 * 4  # half the factor of the widest input (down_proj's 768)
+    with pytest.raises(LLMPruneError, match="needs at least") as refused:
+        llmprune.prune(str(folder), method="sparsegpt", **{**common, "max_memory": "64KB"})
+    steps = refused.value.args[0]
+    assert steps.index("float32 Hessian inverse") < steps.index("sequential order")

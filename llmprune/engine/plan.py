@@ -3,7 +3,7 @@ the shard headers alone, before any weight is read.
 
 If the plan exceeds the budget (--max-memory, default: what is free), the run adapts step by step
 (activations in the model dtype, smaller chunks, activations spilled to disk, parked barrier
-state, the two-pass order, a float32 Hessian inverse) and, if even the most frugal configuration
+state, a float32 Hessian inverse, the other order) and, if even the most frugal configuration
 does not fit, refuses before loading weights and names the smallest budget that would work.
 """
 
@@ -194,6 +194,7 @@ class Request:
     save_dtype: torch.dtype
     activations: str = "auto"  # "auto", "memory" or "disk"
     error_tokens: int = 1024
+    inverse_dtype: torch.dtype | None = None  # --inverse-dtype; None: float64 unless the budget needs float32
 
     @property
     def method_statistics(self) -> str:
@@ -300,7 +301,7 @@ def make_plan(
     on_gpu = device.type == "cuda"
     park = "memory" if req.park == "auto" else req.park  # parking costs I/O: only when the budget needs it
     where = "disk" if req.activations == "disk" else "device"
-    choice = Choice(req.chunk, where, req.compute_dtype, req.order, park, torch.float64)
+    choice = Choice(req.chunk, where, req.compute_dtype, req.order, park, req.inverse_dtype or torch.float64)
     adaptations: list[str] = []
 
     def plan_for(ch: Choice) -> MemoryPlan:
@@ -324,6 +325,8 @@ def make_plan(
         if on_gpu:
             steps.append(("activations kept in host memory", lambda ch: dataclasses.replace(ch, activations="host")))
         steps.append(("activations spilled to disk", lambda ch: dataclasses.replace(ch, activations="disk")))
+    if req.inverse and req.inverse_dtype is None:  # before a change of order, which changes far more results
+        steps.append(("float32 Hessian inverse", lambda ch: dataclasses.replace(ch, inverse_dtype=torch.float32)))
     if req.order == "sequential":
         steps.append(
             ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))
@@ -336,8 +339,6 @@ def make_plan(
                 lambda ch: dataclasses.replace(ch, order="sequential", park=parked),
             )
         )
-    if req.inverse:
-        steps.append(("float32 Hessian inverse", lambda ch: dataclasses.replace(ch, inverse_dtype=torch.float32)))
 
     plan = None
     for applied in range(len(steps) + 1):

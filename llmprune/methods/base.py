@@ -91,6 +91,13 @@ class InputStats:
                 self._derived[key] = make()
             return self._derived[key]
 
+    @classmethod
+    def from_hessian(cls, hessian: torch.Tensor, tokens: int = 0) -> InputStats:
+        """Statistics holding an already accumulated, symmetric Σ x xᵀ (benchmarks, saved Hessians)."""
+        stats = cls(0, "none", hessian.device)
+        stats.kind, stats.tokens, stats._full = "hessian", tokens, hessian
+        return stats
+
     def to(self, device: torch.device) -> InputStats:
         """A copy of these statistics on another device (for a solve on a second GPU)."""
         copy = InputStats.__new__(InputStats)

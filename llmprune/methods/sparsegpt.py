@@ -71,11 +71,12 @@ def workspace_bytes(n: int, rows: int, inverse_dtype: torch.dtype, weight_dtype:
     working weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the
     OBS loop (a block of the factor's rows, the block's weights, errors, scores and mask selection, and
     one lazy update's row chunk), and LAPACK's own panel buffers while it factors (MKL keeps about 5 MiB
-    for each of potrf and potri at n = 4096). Counted by the memory plan; a test measures one solve."""
+    for each of potrf and potri at n = 4096 and about 14 MiB at n = 8960 in float64, so 2 x n x 256
+    elements of 8 bytes are budgeted). Counted by the memory plan; a test measures one solve."""
     e = rows * n
     result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
     loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ELEMENTS, rows * n) * 4
-    lapack = 2 * n * block * 8
+    lapack = 2 * n * 256 * 8
     return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
 
