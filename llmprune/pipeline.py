@@ -265,6 +265,7 @@ def prune(model: str, **options) -> dict:
         park=settings.park,
         method=method_cls,
         inverse_dtype=inverse_request,
+        embedding_rows=int(torch.unique(calib.ids).numel()),
         activations=settings.activations,
         compute_dtype=cdtype,
         model_dtype=skeleton.dtype,

@@ -167,9 +167,11 @@ def test_opt_175b_sparsegpt_plans_within_40_gib_of_one_gpu(opt_175b):
 
 def test_two_pass_order_adapts_to_one_group_at_a_time(tiny_models, corpus_file):
     """With few tokens, one group's Hessian at a time (the sequential order, waiting chunks parked) needs
-    less than the two-pass order's every group at once: a budget between the two adapts to it."""
+    less than the two-pass order's every group at once: a budget between the two adapts to it (with the
+    inverse's dtype fixed: a float32 inverse, the earlier adaptation, would fit first)."""
     folder = tiny_models("llama", layers=2, **WIDE)
     common = dict(calibration=str(corpus_file), samples=1, seqlen=16, no_eval=True, plan_only=True, output="unused")
+    common["inverse_dtype"] = "float64"
     parallel = llmprune.prune(str(folder), **common)["memory_plan"]
     sequential = llmprune.prune(str(folder), order="sequential", park="disk", **common)["memory_plan"]
     assert sequential["peak_bytes"] < parallel["peak_bytes"]

@@ -68,3 +68,22 @@ def test_a_shard_larger_than_the_address_space_is_read_tensor_by_tensor(tiny_mod
     read = Checkpoint(folder).read(sorted(expected))
     assert all(torch.equal(read[k], expected[k]) for k in expected)
     assert (out / "model.safetensors").stat().st_size < (1 << 20)  # the padding is no tensor of the model
+
+
+def test_reading_some_rows_of_a_large_table_backs_only_their_pages(tmp_path):
+    """The embedding lookup of a CPU forward reads only the calibration ids' rows: the rest of the table is
+    never written, so its pages are never resident."""
+    from llmprune.engine.devices import current_rss, return_freed_memory
+
+    return_freed_memory()  # as every run does: a large buffer is its own mapping
+    table = torch.randn(40000, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    save_file({"embed.weight": table}, str(tmp_path / "model.safetensors"))
+    rows = torch.tensor([0, 1, 2, 7, 500, 501, 39999])
+    checkpoint = Checkpoint(tmp_path)
+    checkpoint.read_rows("embed.weight", rows[:2], torch.float32)  # the code paths' own pages, paged in once
+    before = current_rss()
+    out = checkpoint.read_rows("embed.weight", rows, torch.float32)
+    grown = current_rss() - before
+    assert out.shape == (40000, 256) and out.dtype == torch.float32
+    assert torch.equal(out[rows], table[rows].float())
+    assert grown < 2**20 < out.numel() * 4 // 32  # a few pages, not the 39 MiB table

@@ -20,6 +20,7 @@ from llmprune.methods.base import PruningMethod
 
 GiB = 2**30
 BOOKKEEPING = 16 * 2**20  # Python objects, reports, file buffers
+PAGE = 4096  # a row of the embedding table read alone backs at most ceil(row / PAGE) + 1 pages
 THREAD_BYTES = 8 * 2**20  # per lockstep chunk thread: its OpenMP team, BLAS buffers and malloc arena (measured ~7 MiB)
 
 
@@ -37,6 +38,8 @@ class Geometry:
     layer_params: int  # largest decoder layer
     rest_params: int  # embeddings and final norm (a tied head is the embedding matrix)
     head_params: int  # an untied head (loaded only for the evaluation's loss)
+    table_rows: int  # the input embedding table's rows and width (part of rest_params)
+    table_width: int
     max_in: int  # widest input of a pruned Linear (its Hessian is max_in x max_in)
     shapes: tuple[tuple[int, int], ...]  # the distinct [out, in] shapes of the pruned Linears
     group_inputs: tuple[int, ...]  # input width of each group of Linears sharing statistics (largest layer)
@@ -56,6 +59,8 @@ class Geometry:
 
         rest = count(skeleton.resident_rest_keys(head=False))  # a tied head is the embedding matrix, once
         head = count(skeleton.resident_rest_keys(head=True)) - rest
+        table = skeleton.embedding_key()
+        table_shape = skeleton.checkpoint.metadata(skeleton.key_map[table])[1] if table in skeleton.key_map else [0, 0]
         linears = [m for targets in targets_by_layer for m in targets.values()]
         return cls(
             layers=len(skeleton.layers),
@@ -68,6 +73,8 @@ class Geometry:
             layer_params=layer_params,
             rest_params=rest,
             head_params=head,
+            table_rows=int(table_shape[0]),
+            table_width=int(table_shape[1]) if len(table_shape) > 1 else 0,
             max_in=max((m.in_features for m in linears), default=hidden),
             shapes=tuple(sorted({(m.out_features, m.in_features) for m in linears})),
             group_inputs=max(map(_group_inputs, targets_by_layer), key=lambda g: sum(i * i for i in g), default=()),
@@ -195,6 +202,7 @@ class Request:
     activations: str = "auto"  # "auto", "memory" or "disk"
     error_tokens: int = 1024
     inverse_dtype: torch.dtype | None = None  # --inverse-dtype; None: float64 unless the budget needs float32
+    embedding_rows: int | None = None  # distinct calibration ids: the table rows a CPU forward reads
 
     @property
     def method_statistics(self) -> str:
@@ -268,7 +276,15 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     solve = {**held, stats_name: statistics, "SparseGPT workspace" if req.inverse else "method workspace": workspace}
     write = {**held, "writing a layer": write_buffer if not on_gpu else saved}
     rest = geo.rest_params * c
-    begin = {"embeddings": rest, "calibration activations": store + streamed, "chunk temporaries": temporaries}
+    table = geo.table_rows * geo.table_width * c
+    used = table
+    if req.embedding_rows is not None and not on_gpu:  # only the ids' rows are read; pages are the unit
+        used = min(table, req.embedding_rows * (-(-geo.table_width * c // PAGE) + 1) * PAGE)
+    begin = {
+        "embeddings": rest - table + used,
+        "calibration activations": store + streamed,
+        "chunk temporaries": temporaries,
+    }
     phases = {"begin": begin, "layer forward": forward, "layer solve": solve, "layer write": write}
     if req.eval_windows:
         positions = min(req.seqlen, logit_positions(1, geo.vocab))

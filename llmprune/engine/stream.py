@@ -49,24 +49,30 @@ class LayerStream:
         self._first_calls: dict[int, LayerCall] = {}
         self._calls: dict[int, list[LayerCall]] = {}
         self._example: Any = None  # output structure of a real layer (tensor or tuple)
-        self._rest_loaded: str | None = None  # None, "embeddings" (no untied head) or "all"
+        self._rest_loaded: str | None = None  # None, "rows" (the ids' rows, no head), "embeddings" or "all"
 
     def _ensure_rest(self, head: bool = False) -> None:
         """The non-layer modules on the device; the head only when a loss or logits need it (an untied head
         is as large as the embeddings and the forward through the layers never uses it)."""
-        want = "all" if head or self.sk.tied else "embeddings"
-        if self._rest_loaded == "all" or self._rest_loaded == want:
+        want = "all" if head else "rows" if self._rows_only() else "embeddings"
+        if self._rest_loaded == want or self._rest_loaded == "all" or (want == "rows" and self._rest_loaded):
             return
         if self._rest_loaded is not None:
             self.sk.unload_rest()
-        self.sk.load_rest(self.device, self.dtype, head=head)
+        rows = torch.unique(self.ids) if want == "rows" else None
+        self.sk.load_rest(self.device, self.dtype, head=head, rows=rows)
         self._rest_loaded = want
+
+    def _rows_only(self) -> bool:
+        """On a CPU, the forward through the layers reads only the embedding rows of the windows' ids (the
+        table's other pages are never touched, so never resident): a 151936-row table costs the rows used."""
+        return self.device.type == "cpu" and self.ids is not None
 
     def begin(self, ids: torch.Tensor, spill_to: Path | None = None) -> Activations:
         """Hidden states entering layer 0 for every window, in chunks of batch_size windows on act_device
         (or written to `spill_to` as they are computed)."""
-        self._ensure_rest()
         self.ids = ids
+        self._ensure_rest()
         acts = Activations([], spill_to)
         with torch.no_grad():
             for start in range(0, ids.shape[0], self.batch_size):
@@ -79,8 +85,8 @@ class LayerStream:
 
     def attach(self, ids: torch.Tensor) -> None:
         """Use `ids` for argument capture without computing layer-0 inputs (a resumed run has them)."""
-        self._ensure_rest()
         self.ids = ids
+        self._ensure_rest()
 
     def prepare(self, sizes: set[int]) -> None:
         """Catch every layer's arguments for these chunk sizes now, then free the non-layer modules.

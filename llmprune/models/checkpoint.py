@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from llmprune.errors import LLMPruneError
-from llmprune.models.tensorfile import Header, read_header, read_tensors
+from llmprune.models.tensorfile import Header, read_header, read_rows_into, read_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -69,6 +69,16 @@ class Checkpoint:
         for file, file_names in by_file.items():
             for name, tensor in read_tensors(self._header(file), file_names).items():
                 out[name] = tensor.to(device)
+        return out
+
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor of `name`'s full shape in `dtype` in which only rows `rows` (sorted, unique) are read;
+        the others are unset and, never touched, take no memory (embedding tables: see read_rows_into)."""
+        if name not in self.files:
+            raise LLMPruneError(f"checkpoint {self.folder} has no tensor {name!r}")
+        header = self._header(self.files[name])
+        out = torch.empty(header.entries[name].shape, dtype=dtype)
+        read_rows_into(header, name, rows, out)
         return out
 
     def metadata(self, name: str) -> tuple[torch.dtype, list[int]]:

@@ -83,10 +83,26 @@ class Skeleton:
         skip = self.head_key() if self.tied or not head else None
         return [k for k in self.rest_keys() if k != skip]
 
-    def load_rest(self, device: torch.device | str, dtype: torch.dtype, head: bool = True) -> None:
+    def embedding_key(self) -> str | None:
+        """State-dict name of the input embedding table."""
+        embed = self.model.get_input_embeddings()
+        return next((f"{name}.weight" for name, module in self.model.named_modules() if module is embed), None)
+
+    def load_rest(
+        self, device: torch.device | str, dtype: torch.dtype, head: bool = True, rows: torch.Tensor | None = None
+    ) -> None:
         """Materialize everything outside the decoder layers (embeddings, norms and, if `head`, the head;
-        a tied head is the embedding matrix, held once)."""
-        tensors = self.read(self.resident_rest_keys(head), device)
+        a tied head is the embedding matrix, held once). With `rows` (CPU, no head) only those rows of the
+        input embedding table are read: lookups of other ids would see garbage, so pass every id used."""
+        keys = self.resident_rest_keys(head)
+        table = self.embedding_key() if rows is not None else None
+        if table is not None:
+            if head or torch.device(device).type != "cpu":
+                raise LLMPruneError("a partial embedding table is for CPU forwards without the head")
+            raw = self.checkpoint.read_rows(self.key_map[table], rows, dtype)
+            _assign(self.model, table, raw)
+            keys = [k for k in keys if k != table]
+        tensors = self.read(keys, device)
         for name, tensor in tensors.items():
             _assign(self.model, name, _cast(tensor, dtype))
         output = self.model.get_output_embeddings()

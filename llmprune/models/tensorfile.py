@@ -124,3 +124,36 @@ def read_tensors(header: Header, names: list[str]) -> dict[str, torch.Tensor]:
     finally:
         os.close(fd)
     return out
+
+
+def read_rows_into(header: Header, name: str, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """Read only rows `rows` (sorted, unique) of 2-D tensor `name` into the same rows of `out` (cast to its
+    dtype), one positioned read per run of consecutive rows. The other rows of `out` are not touched: an
+    `out` fresh from torch.empty keeps their pages unbacked, so a large table costs only the rows read."""
+    entry = header.entries[name]
+    row_bytes = entry.stop - entry.start
+    row_bytes //= max(1, entry.shape[0])
+    runs = torch.nonzero(torch.diff(rows) != 1).flatten() + 1
+    bounds = [0, *runs.tolist(), len(rows)]
+    try:
+        fd = os.open(header.path, os.O_RDONLY)
+    except OSError as exc:
+        raise LLMPruneError(f"cannot read shard {header.path}: {exc.strerror or exc}") from exc
+    try:
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            if first == last:
+                continue
+            r0, r1 = int(rows[first]), int(rows[last - 1]) + 1
+            block = torch.empty((r1 - r0, *entry.shape[1:]), dtype=entry.dtype)
+            view = memoryview(block.view(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done : done + READ_BYTES]], entry.start + r0 * row_bytes + done)
+                if got <= 0:
+                    raise _corrupt(header.path, f"truncated while reading {name!r}")
+                done += got
+            out[r0:r1].copy_(block)
+    except OSError as exc:
+        raise LLMPruneError(f"cannot read shard {header.path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
