@@ -73,8 +73,9 @@ def make_layer(folder: Path, n: int, rows: int, tokens: int) -> None:
     torch.save(torch.randn(rows, n, generator=g) * 0.02, folder / "weight.pt")
 
 
-def solve(folder: Path, solver: str, dtype: str, pattern: str, reuse: bool) -> dict:
-    """One measured solve in a fresh process (its row kept in FOLDER/rows.jsonl; reused with --reuse)."""
+def solve(folder: Path, solver: str, dtype: str, pattern: str, reuse: bool | str) -> dict:
+    """One measured solve in a fresh process (its row kept in FOLDER/rows.jsonl; reused with --reuse;
+    with --reuse-only, {} where none was measured)."""
     saved = folder / "rows.jsonl"
     key = {"solver": solver, "dtype": dtype, "pattern": pattern}
     if reuse and saved.exists():
@@ -82,6 +83,8 @@ def solve(folder: Path, solver: str, dtype: str, pattern: str, reuse: bool) -> d
             row = json.loads(line)
             if all(row[k] == v for k, v in key.items()):
                 return row
+    if reuse == "only":
+        return {}
     code = CHILD.format(tests=str(ROOT / "tests"))
     proc = subprocess.run(
         [sys.executable, "-c", code, str(folder), solver, dtype, pattern], capture_output=True, text=True
@@ -95,14 +98,15 @@ def solve(folder: Path, solver: str, dtype: str, pattern: str, reuse: bool) -> d
     return row
 
 
-def agreement(folder: Path, pattern: str) -> float:
-    """Fraction of mask entries on which the float32 and float64 in-place solves agree."""
+def agreement(folder: Path, pattern: str) -> str:
+    """How many mask entries the float32 and float64 in-place solves disagree on, of how many."""
     import torch
 
     tag = pattern.replace(":", "of")
     a = torch.load(folder / f"result-in-place-float32-{tag}.pt")["mask"]
     b = torch.load(folder / f"result-in-place-float64-{tag}.pt")["mask"]
-    return float((a == b).float().mean())
+    differ = int((a != b).sum())
+    return f"{1 - differ / a.numel():.6f} ({differ} of {a.numel()} differ)"
 
 
 def main() -> None:
@@ -113,6 +117,7 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
     parser.add_argument("--out", default="bench-solve")
     parser.add_argument("--reuse", action="store_true", help="reuse the solves already measured in --out")
+    parser.add_argument("--reuse-only", action="store_true", help="tabulate the measured solves, run none")
     parser.add_argument("--write", help="update this Markdown file's bench_solve section")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -137,11 +142,16 @@ def main() -> None:
         make_layer(folder, n, rows, args.tokens)
         for pattern in args.patterns:
             for dtype in ("float64", "float32"):
-                new = solve(folder, "in-place", dtype, pattern, args.reuse)
-                old = solve(folder, "reference", dtype, pattern, args.reuse)
+                reuse = "only" if args.reuse_only else args.reuse
+                new = solve(folder, "in-place", dtype, pattern, reuse)
+                old = solve(folder, "reference", dtype, pattern, reuse)
+                if not new or not old:
+                    continue
                 bound = workspace_bytes(n, rows, getattr(torch, dtype), torch.float32, 128)
                 square = n * n * (8 if dtype == "float64" else 4) / 2**30
-                agree = f"{agreement(folder, pattern):.5f}" if dtype == "float32" else ""
+                tag = pattern.replace(":", "of")
+                both = all((folder / f"result-in-place-{d}-{tag}.pt").exists() for d in ("float32", "float64"))
+                agree = agreement(folder, pattern) if dtype == "float32" and both else ""
                 lines.append(
                     f"| {n} x {n}, {rows} x {n} | {pattern} | {dtype} | {new['peak'] / 2**30:.2f} "
                     f"({old['peak'] / 2**30:.2f}) | {bound / 2**30:.2f} | {square:.2f} | "

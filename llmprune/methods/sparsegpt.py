@@ -19,7 +19,7 @@ from llmprune.methods import masks
 from llmprune.methods.base import InputStats, Pattern, Pruned, PruningMethod
 
 MAX_DAMPING_RETRIES = 6
-UPDATE_ELEMENTS = 1 << 22  # largest temporary of a lazy update (elements): its rows are chunked to fit
+UPDATE_ROWS = 1024  # rows of the weight per lazy-update product: a 1024 x n temporary, still GEMM-sized
 
 
 def inverse_factor(hessian: torch.Tensor, dampening: float, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
@@ -75,7 +75,7 @@ def workspace_bytes(n: int, rows: int, inverse_dtype: torch.dtype, weight_dtype:
     elements of 8 bytes are budgeted). Counted by the memory plan; a test measures one solve."""
     e = rows * n
     result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
-    loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ELEMENTS, rows * n) * 4
+    loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
     lapack = 2 * n * 256 * 8
     return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
@@ -108,7 +108,6 @@ class SparseGPT(PruningMethod):
         w[:, torch.diagonal(hessian) == 0] = 0.0
         mask = torch.zeros_like(w, dtype=torch.bool)
         block = max(pattern.m, (self.blocksize // pattern.m) * pattern.m) if pattern.is_nm else self.blocksize
-        chunk = max(1, UPDATE_ELEMENTS // max(cols, 1))
         for i1 in range(0, cols, block):
             i2 = min(i1 + block, cols)
             below = hinv[i1:i2].float().contiguous()  # this block's rows of the factor, in float32
@@ -131,6 +130,6 @@ class SparseGPT(PruningMethod):
                 err1[:, i] = err
             w[:, i1:i2] = w1.masked_fill(mask1, 0.0)
             mask[:, i1:i2] = mask1
-            for r in range(0, rows, chunk):  # the lazy update, a chunk of rows at a time
-                w[r : r + chunk, i2:].sub_(err1[r : r + chunk] @ below[:, i2:])
+            for r in range(0, rows, UPDATE_ROWS):  # the lazy update, a chunk of rows at a time
+                w[r : r + UPDATE_ROWS, i2:].sub_(err1[r : r + UPDATE_ROWS] @ below[:, i2:])
         return Pruned(w.masked_fill_(mask, 0.0).to(weight.dtype), mask, info)
