@@ -49,19 +49,6 @@ def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
     return row
 
 
-LLAMA_2B = dict(
-    model_type="llama",
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=36,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    vocab_size=49152,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
-
-
 def random_model(folder: Path, tokenizer_from: Path, fields: dict) -> Path:
     """A random-weight model of the given config fields, bfloat16, written as 1 GB shards (with a real
     tokenizer: SmolLM2's, whose ids all lie inside these vocabularies)."""
@@ -81,11 +68,11 @@ def random_model(folder: Path, tokenizer_from: Path, fields: dict) -> Path:
     return folder
 
 
-def qwen_shape() -> dict:
-    """Qwen2.5-1.5B's shape (scripts/shape_checkpoint.py), as config fields for a random model."""
+def shape_fields(name: str) -> dict:
+    """A shape of scripts/shape_checkpoint.py as config fields for a random model (bfloat16 either way)."""
     from shape_checkpoint import SHAPES
 
-    fields = dict(SHAPES["qwen2.5-1.5b"])
+    fields = dict(SHAPES[name])
     fields.pop("dtype")
     return fields
 
@@ -111,14 +98,14 @@ def main() -> None:
         "smollm2-wanda": [str(smol), "--method", "wanda", *common],
     }
     if not args.skip_2b and (not args.only or any(label.startswith("llama-2b") for label in args.only)):
-        big = random_model(out / "llama-2b-random", smol, LLAMA_2B)
+        big = random_model(out / "llama-2b-random", smol, shape_fields("llama-1.8b"))
         params = sum(p.stat().st_size for p in big.glob("*.safetensors")) // 2
         print(f"random model: {params / 1e9:.2f} B parameters in {len(list(big.glob('*.safetensors')))} shards")
         small = ["--calibration", "shakespeare", "--samples", "8", "--seqlen", "256"]
         jobs["llama-2b-sparsegpt"] = [str(big), "--method", "sparsegpt", *small]
         jobs["llama-2b-sparsegpt-budget-2GB"] = [str(big), "--method", "sparsegpt", *small, "--max-memory", "2GB"]
     if not args.only or any(label.startswith("qwen2.5-1.5b") for label in args.only):
-        qwen = random_model(out / "qwen2.5-1.5b-random", smol, qwen_shape())  # FFN 8960, tied 151936 x 1536 head
+        qwen = random_model(out / "qwen2.5-1.5b-random", smol, shape_fields("qwen2.5-1.5b"))  # FFN 8960, tied head
         small = ["--calibration", "shakespeare", "--samples", "16", "--seqlen", "512", "--eval-samples", "4"]
         jobs["qwen2.5-1.5b-sparsegpt-budget-1.5GB"] = [
             str(qwen),

@@ -57,6 +57,18 @@ SHAPES = {
         rope_theta=500000.0,
         dtype="bfloat16",
     ),
+    "llama-1.8b": dict(  # the random-weight model of scripts/bench_memory.py
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=49152,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    ),
     "qwen2.5-1.5b": dict(
         model_type="qwen2",
         hidden_size=1536,
