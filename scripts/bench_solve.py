@@ -24,7 +24,7 @@ import json, sys, time, torch
 sys.path.insert(0, {tests!r})
 from llmprune.engine.devices import current_rss, peak_rss, return_freed_memory, trim_heap, warm_up_kernels
 from llmprune.methods import InputStats, Pattern
-from llmprune.methods.sparsegpt import SparseGPT, workspace_bytes
+from llmprune.methods.sparsegpt import SparseGPT
 from reference_sparsegpt import reference_prune
 return_freed_memory()
 folder, solver, dtype, pattern = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), sys.argv[4]
@@ -50,7 +50,7 @@ tag = f"{{solver}}-{{sys.argv[3]}}-{{pattern.replace(':', 'of')}}"
 torch.save({{"mask": mask, "weight": pruned}}, folder + f"/result-{{tag}}.pt")
 rows, n = weight.shape
 print(json.dumps({{"seconds": seconds, "peak": peak, "error": error,
-                  "bound": workspace_bytes(n, rows, dtype, torch.float32, 128)}}))
+                  "bound": SparseGPT.workspace_bytes(rows, n, torch.float32, dtype)}}))
 """
 
 
@@ -123,7 +123,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from llmprune.methods.sparsegpt import workspace_bytes
+    from llmprune.methods.sparsegpt import SparseGPT
 
     lines = [
         f"Measured {date.today()} on {_machine()}. Command: `python scripts/bench_solve.py {' '.join(sys.argv[1:])}`.",
@@ -147,7 +147,7 @@ def main() -> None:
                 old = solve(folder, "reference", dtype, pattern, reuse)
                 if not new or not old:
                     continue
-                bound = workspace_bytes(n, rows, getattr(torch, dtype), torch.float32, 128)
+                bound = SparseGPT.workspace_bytes(rows, n, torch.float32, getattr(torch, dtype))
                 square = n * n * (8 if dtype == "float64" else 4) / 2**30
                 tag = pattern.replace(":", "of")
                 both = all((folder / f"result-in-place-{d}-{tag}.pt").exists() for d in ("float32", "float64"))

@@ -8,7 +8,7 @@ from reference_sparsegpt import reference_prune
 
 from llmprune.errors import LLMPruneError
 from llmprune.methods import METHODS, InputStats, Pattern, masks
-from llmprune.methods.sparsegpt import SparseGPT, inverse_factor, workspace_bytes
+from llmprune.methods.sparsegpt import SparseGPT, inverse_factor
 
 
 def _problem(rows=48, cols=64, tokens=512, seed=0):
@@ -177,7 +177,7 @@ def test_one_solve_at_n_4096_stays_within_its_bound(dtype):
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
     inverse = getattr(torch, dtype)
-    bound = workspace_bytes(n, rows, inverse, torch.float32, 128)
+    bound = SparseGPT.workspace_bytes(rows, n, torch.float32, inverse)
     weight_buffers = rows * n * (4 + 1)  # the float32 working weight (returned) and the mask
     assert bound <= 1.25 * n * n * inverse.itemsize + weight_buffers + 64 * n * 128
     assert measured <= bound, (measured / 2**20, bound / 2**20)

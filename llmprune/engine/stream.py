@@ -25,6 +25,9 @@ def logit_positions(windows: int, vocab: int) -> int:
     return max(1, LOGIT_ELEMENTS // max(1, windows * vocab))
 
 
+REST_LEVELS = ("rows", "embeddings", "all")  # what of the non-layer modules is loaded, each covering the last
+
+
 class LayerStream:
     """One model, one set of token windows, streamed layer by layer."""
 
@@ -55,8 +58,8 @@ class LayerStream:
         """The non-layer modules on the device; the head only when a loss or logits need it (an untied head
         is as large as the embeddings and the forward through the layers never uses it)."""
         want = "all" if head else "rows" if self._rows_only() else "embeddings"
-        if self._rest_loaded == want or self._rest_loaded == "all" or (want == "rows" and self._rest_loaded):
-            return
+        if self._rest_loaded is not None and REST_LEVELS.index(self._rest_loaded) >= REST_LEVELS.index(want):
+            return  # what is loaded covers what is wanted
         if self._rest_loaded is not None:
             self.sk.unload_rest()
         rows = torch.unique(self.ids) if want == "rows" else None

@@ -66,20 +66,6 @@ def _finite(matrix: torch.Tensor, block: int = 256) -> bool:
     return all(bool(torch.isfinite(dense[i : i + block]).all()) for i in range(0, dense.shape[0], block))
 
 
-def workspace_bytes(n: int, rows: int, inverse_dtype: torch.dtype, weight_dtype: torch.dtype, block: int) -> int:
-    """Peak bytes one solve holds beyond the Hessian and the layer: the shared factor (n x n), the float32
-    working weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the
-    OBS loop (a block of the factor's rows, the block's weights, errors, scores and mask selection, and
-    one lazy update's row chunk), and LAPACK's own panel buffers while it factors (MKL keeps about 5 MiB
-    for each of potrf and potri at n = 4096 and about 14 MiB at n = 8960 in float64, so 2 x n x 256
-    elements of 8 bytes are budgeted). Counted by the memory plan; a test measures one solve."""
-    e = rows * n
-    result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
-    loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
-    lapack = 2 * n * 256 * 8
-    return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
-
-
 class SparseGPT(PruningMethod):
     """OBS-based pruning with weight reconstruction (unstructured or N:M)."""
 
@@ -95,8 +81,20 @@ class SparseGPT(PruningMethod):
         self.inverse_dtype = inverse_dtype
 
     @classmethod
-    def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
-        return workspace_bytes(cols, rows, inverse_dtype, weight_dtype, 128)
+    def workspace_bytes(
+        cls, rows: int, n: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype, block: int = 128
+    ) -> int:
+        """Peak bytes one solve holds beyond the Hessian and the layer: the shared factor (n x n), the float32
+        working weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the
+        OBS loop (a block of the factor's rows, the block's weights, errors, scores and mask selection, and
+        one lazy update's row chunk), and LAPACK's own panel buffers while it factors (MKL keeps about 5 MiB
+        for each of potrf and potri at n = 4096 and about 14 MiB at n = 8960 in float64, so 2 x n x 256
+        elements of 8 bytes are budgeted). Counted by the memory plan; a test measures one solve."""
+        e = rows * n
+        result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
+        loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
+        lapack = 2 * n * 256 * 8
+        return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
         assert stats is not None and stats.hessian is not None

@@ -9,9 +9,11 @@ its own buffer, so reading costs that tensor's bytes and nothing else, whatever 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,29 +102,41 @@ def _corrupt(path: Path, reason: str) -> LLMPruneError:
     return LLMPruneError(f"corrupt shard {path.name} in {path.parent}: {reason}")
 
 
-def read_tensors(header: Header, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of one file, each read into a fresh CPU tensor by positioned reads."""
-    out: dict[str, torch.Tensor] = {}
+def _pread(fd: int, header: Header, name: str, shape: tuple[int, ...], offset: int) -> torch.Tensor:
+    """A fresh CPU tensor of `name`'s dtype and `shape`, filled by positioned reads from byte `offset`."""
+    tensor = torch.empty(shape, dtype=header.entries[name].dtype)
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done : done + READ_BYTES]], offset + done)
+        if got <= 0:
+            raise _corrupt(header.path, f"truncated while reading {name!r} (byte {offset + done})")
+        done += got
+    return tensor
+
+
+@contextlib.contextmanager
+def _opened(header: Header) -> Iterator[int]:
+    """A read-only descriptor of the header's file; an OS error opening or reading it is one clear line."""
     try:
         fd = os.open(header.path, os.O_RDONLY)
     except OSError as exc:
         raise LLMPruneError(f"cannot read shard {header.path}: {exc.strerror or exc}") from exc
     try:
-        for name in names:
-            entry = header.entries[name]
-            tensor = torch.empty(entry.shape, dtype=entry.dtype)
-            view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-            done = 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done : done + READ_BYTES]], entry.start + done)
-                if got <= 0:
-                    raise _corrupt(header.path, f"truncated while reading {name!r} (byte {entry.start + done})")
-                done += got
-            out[name] = tensor
+        yield fd
     except OSError as exc:
         raise LLMPruneError(f"cannot read shard {header.path}: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
+
+
+def read_tensors(header: Header, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of one file, each read into a fresh CPU tensor by positioned reads."""
+    out: dict[str, torch.Tensor] = {}
+    with _opened(header) as fd:
+        for name in names:
+            entry = header.entries[name]
+            out[name] = _pread(fd, header, name, entry.shape, entry.start)
     return out
 
 
@@ -131,29 +145,12 @@ def read_rows_into(header: Header, name: str, rows: torch.Tensor, out: torch.Ten
     dtype), one positioned read per run of consecutive rows. The other rows of `out` are not touched: an
     `out` fresh from torch.empty keeps their pages unbacked, so a large table costs only the rows read."""
     entry = header.entries[name]
-    row_bytes = entry.stop - entry.start
-    row_bytes //= max(1, entry.shape[0])
+    row_bytes = (entry.stop - entry.start) // max(1, entry.shape[0])
     runs = torch.nonzero(torch.diff(rows) != 1).flatten() + 1
     bounds = [0, *runs.tolist(), len(rows)]
-    try:
-        fd = os.open(header.path, os.O_RDONLY)
-    except OSError as exc:
-        raise LLMPruneError(f"cannot read shard {header.path}: {exc.strerror or exc}") from exc
-    try:
+    with _opened(header) as fd:
         for first, last in zip(bounds[:-1], bounds[1:]):
             if first == last:
                 continue
             r0, r1 = int(rows[first]), int(rows[last - 1]) + 1
-            block = torch.empty((r1 - r0, *entry.shape[1:]), dtype=entry.dtype)
-            view = memoryview(block.view(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done : done + READ_BYTES]], entry.start + r0 * row_bytes + done)
-                if got <= 0:
-                    raise _corrupt(header.path, f"truncated while reading {name!r}")
-                done += got
-            out[r0:r1].copy_(block)
-    except OSError as exc:
-        raise LLMPruneError(f"cannot read shard {header.path}: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
+            out[r0:r1].copy_(_pread(fd, header, name, (r1 - r0, *entry.shape[1:]), entry.start + r0 * row_bytes))
