@@ -1,18 +1,18 @@
 """llmprune: one-shot pruning of Hugging Face causal LMs, streamed one decoder layer at a time."""
 
-__version__ = "0.1.0"
+from llmprune.version import __version__
 
 
 def prune(model: str, **options) -> dict:
-    """Prune `model` in one shot; options mirror the CLI flags. See llmprune.pipeline.prune."""
-    from llmprune.pipeline import prune as _prune
+    """Prune `model` in one shot; options mirror the CLI flags. See llmprune.run.prune."""
+    from llmprune.run import prune as _prune
 
     return _prune(model, **options)
 
 
 def evaluate(model: str, **options) -> dict:
-    """Streamed perplexity of `model`. See llmprune.pipeline.evaluate."""
-    from llmprune.pipeline import evaluate as _evaluate
+    """Streamed perplexity of `model`. See llmprune.eval.evaluate.evaluate."""
+    from llmprune.eval.evaluate import evaluate as _evaluate
 
     return _evaluate(model, **options)
 

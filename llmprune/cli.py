@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 
-from llmprune import __version__
+from llmprune.argparsing import Parser
 from llmprune.errors import LLMPruneError, QualityGateError
+from llmprune.report import REPORT_NAME, read_report
+from llmprune.settings import Common, Option, Publish, Structured, Unstructured, options_of
+from llmprune.version import __version__
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump), like every other llmprune error."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise LLMPruneError(f"{message} (see {self.prog} --help)")
+PLUGIN_GROUP = "llmprune.commands"  # entry points of other packages' subcommands (llmprune_serve's `serve`)
+log = logging.getLogger("llmprune")
 
 
 def subcommand(name: str):
@@ -30,201 +30,100 @@ def subcommand(name: str):
     return register
 
 
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+def plugin_commands() -> dict[str, Callable[[], Callable[[list[str]], int]]]:
+    """Subcommands other installed packages declare (entry points of group PLUGIN_GROUP), loaded on use."""
+    return {entry.name: entry.load for entry in entry_points(group=PLUGIN_GROUP)}
+
+
+class StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a record is emitted (a caller, such as a test
+    capturing output, may replace it between runs)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(quiet: bool) -> None:
+    """Log lines on stderr as 'llmprune: message' (warnings and errors only with --quiet)."""
+    logger = logging.getLogger("llmprune")
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("llmprune: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _add_option(parser, option: Option, default: object) -> None:
+    """One flag from an Option declaration."""
+    kwargs: dict = {"dest": option.name, "default": default, "help": option.help}
+    if isinstance(option.default, bool):
+        kwargs["action"] = "store_false" if option.default else "store_true"
+    else:
+        for key in ("type", "metavar", "nargs"):
+            if getattr(option, key) is not None:
+                kwargs[key] = getattr(option, key)
+        if option.choices and not option.metavar:  # shown, not checked here: settings.validate checks every value
+            kwargs["metavar"] = "{" + ",".join(map(str, option.choices)) + "}"
+        if option.nargs and isinstance(default, tuple):
+            kwargs["default"] = list(default)
+    parser.add_argument(option.cli_flag, **kwargs)
 
 
 def prune_parser() -> argparse.ArgumentParser:
-    from llmprune.methods import METHODS
+    """`llmprune MODEL`: the flags come from the settings sections and from every method's own options."""
+    from llmprune.run import KINDS
 
     parser = Parser(
         prog="llmprune",
         description="One-shot pruning of a Hugging Face causal LM, streamed one decoder layer at a time. "
-        f"Other commands: llmprune {{{','.join(sorted(SUBCOMMANDS))}}} --help",
+        f"Other commands: llmprune {{{','.join(sorted({*SUBCOMMANDS, *plugin_commands()}))}}} --help",
     )
-    parser.add_argument("model", metavar="MODEL", help="local folder, .gguf file, Hub id, or alias such as opt-125m")
-    parser.add_argument(
-        "--method",
-        default="sparsegpt",
-        help=f"one of {', '.join(METHODS)} (unstructured / N:M), or fisher, flap, l2-structured (remove heads and "
-        "neurons); default sparsegpt",
-    )
-    parser.add_argument(
-        "--sparsity",
-        type=_fraction,
-        default=None,
-        help="fraction of weights to remove, in [0, 1) (default 0.5; N:M implies its own)",
-    )
-    parser.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4 (N kept of every M)")
-    parser.add_argument(
-        "--calibration",
-        default="c4",
-        metavar="SRC",
-        help="c4, wikitext2, a Hub dataset id, a .txt/.md/.jsonl file or a folder (default c4)",
-    )
-    parser.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window, capped at the model context")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
-    parser.add_argument("--output", metavar="DIR", help="output folder (default ./MODEL-METHOD-SPARSITY)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
-    parser.add_argument(
-        "--eval",
-        metavar="SRC",
-        default=None,
-        help="perplexity source (default: held-out 10%% of a local calibration corpus, else wikitext2)",
-    )
-    parser.add_argument("--eval-samples", type=int, default=None, metavar="N", help="evaluate at most N windows")
-    parser.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    parser.add_argument("--dtype", default=None, help="output dtype: float32, float16 or bfloat16 (default: as input)")
-    parser.add_argument(
-        "--forward-dtype",
-        default="auto",
-        metavar="DTYPE",
-        help="dtype of the calibration forward's matmuls and attention: auto, float32, bfloat16 or float16 (GPU). "
-        "Narrower than the layers runs under autocast, wider loads the layers in it; statistics, solves and saved "
-        "weights keep full precision. auto: the model's dtype on a GPU, float32 on a CPU",
-    )
-    parser.add_argument(
-        "--targets",
-        nargs="+",
-        default=["*"],
-        metavar="GLOB",
-        help="Linear modules to prune, by name inside a layer (default: all, e.g. 'mlp.*')",
-    )
-    parser.add_argument("--ignore", nargs="+", default=[], metavar="GLOB", help="Linear modules to leave dense")
-    parser.add_argument(
-        "--order",
-        default="parallel",
-        choices=["parallel", "sequential"],
-        help="parallel: every module sees the dense layer's inputs, as in the papers (default); "
-        "sequential: prune each module as soon as it has seen all windows, one forward per layer",
-    )
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="windows per forward (default auto)")
-    parser.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")
-    parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size (default 128)")
-    parser.add_argument(
-        "--inverse-dtype",
-        default="auto",
-        choices=["auto", "float64", "float32"],
-        help="dtype of SparseGPT's Hessian inverse factor; auto: float64 unless the memory plan needs float32",
-    )
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    parser.add_argument(
-        "--park",
-        default="auto",
-        help="where chunks waiting for a module's statistics keep their tensors: memory, host (CPU RAM, for GPU "
-        "runs) or disk; auto: memory unless the memory plan needs parking (host from a GPU, disk on a CPU)",
-    )
-    parser.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        default=None,
-        help="memory budget of the compute device (e.g. 8GB), or cpu=SIZE,cuda=SIZE; default: what is free. "
-        "The run adapts to it or refuses before reading weights",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the unfinished run at --output (refuse if none)"
-    )
-    parser.add_argument(
-        "--solver-devices",
-        metavar="DEV,DEV",
-        default=None,
-        help="devices that run the per-module solves concurrently (default: every visible GPU with --device cuda)",
-    )
-    parser.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (reads no weights)")
-    parser.add_argument(
-        "--activations",
-        default="auto",
-        help="where calibration activations live between layers: auto (memory, or disk when the budget needs it), "
-        "memory or disk",
-    )
-    parser.add_argument(
-        "--save-format",
-        default="dense",
-        choices=["dense", "packed-2:4"],
-        help="dense: safetensors with exact zeros, loads anywhere (default); packed-2:4: kept values + 2-bit positions",
-    )
-    parser.add_argument(
-        "--max-ppl-increase",
-        type=_fraction,
-        default=0.5,
-        metavar="F",
-        help="quality gate: fail the run (exit 3) if pruned perplexity > dense x (1 + F) (default 0.5)",
-    )
-    parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="push the folder if the gate passes")
-    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    parser.add_argument("--revision", metavar="BRANCH", default=None, help="Hub branch to push to (default main)")
-    parser.add_argument("--commit-message", metavar="MSG", default=None, help="Hub commit message")
-    structured = parser.add_argument_group("structured methods (fisher, flap, l2-structured)")
-    structured.add_argument(
-        "--remove",
-        type=_fraction,
-        default=None,
-        metavar="F",
-        help="fraction of decoder-layer parameters to remove (default 0.2)",
-    )
-    structured.add_argument(
-        "--target-flops",
-        type=_fraction,
-        default=None,
-        metavar="F",
-        help="instead of --remove: keep at most F of the decoder FLOPs per token",
-    )
-    structured.add_argument(
-        "--heads-per-group",
-        action="store_true",
-        help="remove the same number of query heads from every KV group (default: whole KV groups)",
-    )
-    structured.add_argument("--keep-heads", type=int, default=None, metavar="N", help="explicit query heads per layer")
-    structured.add_argument(
-        "--keep-neurons", type=int, default=None, metavar="N", help="explicit FFN neurons per layer"
-    )
-    structured.add_argument(
-        "--no-mask-tuning",
-        dest="mask_tuning",
-        action="store_false",
-        help="skip the least-squares rescaling of kept heads and neurons",
-    )
-    structured.add_argument(
-        "--neuron-multiple", type=int, default=64, metavar="N", help="kept FFN width is a multiple of N (default 64)"
-    )
-    structured.add_argument(
-        "--fisher-batch",
-        type=int,
-        default=None,
-        metavar="N",
-        help="windows per Fisher minibatch, one squared-gradient sample each (default: half a forward chunk)",
-    )
-    structured.add_argument(
-        "--tuning-damping",
-        type=float,
-        default=0.01,
-        metavar="F",
-        help="ridge damping of mask tuning, as a fraction of the mean diagonal (default 0.01)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    parser.add_argument("model", metavar="MODEL", help=options_of(Common)[0].help)
+    kinds = "; ".join(f"{kind}: {', '.join(registry)}" for kind, (registry, _) in KINDS.items())
+    parser.add_argument("--method", default=Common.method, help=f"{kinds} (default {Common.method})")
+    groups = {
+        "common": (parser, Common),
+        "unstructured": (parser.add_argument_group("unstructured and N:M methods"), Unstructured),
+        "publish": (parser.add_argument_group("publishing"), Publish),
+        "structured": (parser.add_argument_group("structured methods (remove heads and neurons)"), Structured),
+    }
+    for group, section in groups.values():
+        for option in options_of(section):
+            if option.name not in ("model", "method"):
+                _add_option(group, option, option.default)
+    declared: dict[str, str] = {}
+    for registry, _ in KINDS.values():
+        for name, method in registry.items():
+            if not method.options:
+                continue
+            group = parser.add_argument_group(f"--method {name}: {method.summary}")
+            for option in method.options:
+                if option.name in declared:
+                    raise TypeError(f"option {option.name} is declared by {declared[option.name]} and {name}")
+                declared[option.name] = name
+                _add_option(group, option, None)  # None: not given (the method's default applies)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
     return parser
 
 
 def run_prune(argv: list[str]) -> int:
-    from llmprune.pipeline import prune
+    from llmprune.run import prune
 
     args = prune_parser().parse_args(argv)
+    setup_logging(args.quiet)
     options = {k: v for k, v in vars(args).items() if k not in ("model", "json")}
-    options["targets"] = tuple(options["targets"])
-    options["ignore"] = tuple(options["ignore"])
-    options["quiet"] = args.quiet or args.json
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     options["command"] = shlex.join(["llmprune", *argv])
     report = prune(args.model, **options)
     if args.plan_only:
-        if args.json:
-            print(json.dumps(report["memory_plan"], indent=2, default=str))
+        print(json.dumps(report["memory_plan"], indent=2, default=str) if args.json else report["plan"], flush=True)
         return 0
     if args.json:
         print(json.dumps(summary(report), indent=2))
@@ -235,7 +134,7 @@ def run_prune(argv: list[str]) -> int:
         pushed = " and not pushed" if report.get("hub") else ""
         raise QualityGateError(
             f"quality gate failed: {gate['reason']}; {report['output']} is written{pushed}, "
-            "marked failed in llmprune.json"
+            f"marked failed in {REPORT_NAME}"
         )
     return 0
 
@@ -250,7 +149,7 @@ def summary(report: dict) -> dict:
         "achieved_sparsity": report["achieved_sparsity"],
         "dense_perplexity": ppl.get("dense"),
         "pruned_perplexity": ppl.get("pruned"),
-        "damping_retries": report["damping_retries"],
+        "damping_retries": report.get("damping_retries"),
         "seconds": report["timings"].get("total_seconds"),
         "prune_seconds": report["timings"].get("prune_seconds"),
         "peak_rss_gib": round(report["peak_memory"]["rss_bytes"] / 2**30, 3),
@@ -293,29 +192,25 @@ def format_summary(report: dict) -> str:
 
 @subcommand("eval")
 def run_eval(argv: list[str]) -> int:
-    from llmprune.pipeline import evaluate
+    from llmprune.eval.evaluate import evaluate
 
-    parser = Parser(prog="llmprune eval", description="Streamed perplexity of a model or pruned folder.")
+    parser = Parser(
+        prog="llmprune eval",
+        description="Streamed perplexity of a model or pruned folder.",
+        argument_default=argparse.SUPPRESS,  # a flag not given leaves evaluate()'s default in force
+    )
     parser.add_argument("model", metavar="DIR_OR_MODEL")
-    parser.add_argument(
-        "--dataset", default="wikitext2", help="wikitext2 (test split), a Hub id, or a local file/folder"
-    )
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--samples", type=int, default=None, help="evaluate at most N windows")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dataset", help="wikitext2 (default; test split), a Hub id, or a local file/folder")
+    parser.add_argument("--seqlen", type=int, help="tokens per window (default 2048, capped at the model context)")
+    parser.add_argument("--samples", type=int, help="evaluate at most N windows")
+    parser.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--batch-size", type=int, help="windows per forward (default auto)")
+    parser.add_argument("--quiet", action="store_true", default=False)
+    parser.add_argument("--json", action="store_true", default=False)
     args = parser.parse_args(argv)
-    result = evaluate(
-        args.model,
-        dataset=args.dataset,
-        seqlen=args.seqlen,
-        samples=args.samples,
-        device=args.device,
-        batch_size=args.batch_size,
-        quiet=args.quiet or args.json,
-    )
+    setup_logging(args.quiet)
+    options = {k: v for k, v in vars(args).items() if k not in ("model", "json")}
+    result = evaluate(args.model, **options)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -338,7 +233,7 @@ def _convert(argv: list[str], pack: bool) -> int:
     args = parser.parse_args(argv)
     output = convert_folder(args.folder, args.output, args.overwrite, pack=pack)
     if pack:
-        packed = json.loads((output / "llmprune.json").read_text())["packed"]
+        packed = (read_report(output) or {})["packed"]
         print(
             f"packed {packed['packed_tensors']} 2:4 tensors to {packed['ratio']:.4f}x their dense bytes "
             f"({packed['other_tensors']} other tensors as is) -> {output}"
@@ -382,20 +277,14 @@ def run_push(argv: list[str]) -> int:
     return 0
 
 
-@subcommand("serve")
-def run_serve(argv: list[str]) -> int:
-    """`llmprune serve DIR_OR_MODEL`: the OpenAI-compatible service in serve/ (see its --help)."""
-    from serve.cli import main as serve_main
-
-    return serve_main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: dispatch to a subcommand, or prune."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handler = SUBCOMMANDS.get(argv[0]) if argv else None
     try:
+        handler = SUBCOMMANDS.get(argv[0]) if argv else None
+        if handler is None and argv and argv[0] in plugin_commands():
+            handler = plugin_commands()[argv[0]]()
         if handler is not None:
             return handler(argv[1:])
         if argv and argv[0] == "prune":
@@ -407,3 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)
         return 130
+    finally:  # the command's logging ends with it (an in-process caller keeps its own configuration)
+        logger = logging.getLogger("llmprune")
+        for handler in [h for h in logger.handlers if isinstance(h, StderrHandler)]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)

@@ -20,14 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from serve.auth import APIKeyMiddleware
-from serve.engines.base import Sampling
-from serve.errors import APIError, error_body
-from serve.generation import ChoiceEvent
-from serve.metrics import MetricsMiddleware
-from serve.responses import Formatter, sse, usage
-from serve.schemas import ChatRequest, CompletionRequest, PerplexityRequest, SamplingFields
-from serve.service import Service
+from llmprune_serve.auth import APIKeyMiddleware
+from llmprune_serve.engines.base import Sampling
+from llmprune_serve.errors import APIError, error_body
+from llmprune_serve.generation import ChoiceEvent
+from llmprune_serve.metrics import MetricsMiddleware
+from llmprune_serve.responses import Formatter, sse, usage
+from llmprune_serve.schemas import ChatRequest, CompletionRequest, PerplexityRequest, SamplingFields
+from llmprune_serve.service import Service
 
 log = logging.getLogger("llmprune.serve")
 ROUTES = {

@@ -7,7 +7,7 @@ import os
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serve.errors import APIError
+from llmprune_serve.errors import APIError
 
 ENV_VAR = "LLMPRUNE_API_KEYS"
 OPEN_PATHS = frozenset({"/health"})

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -20,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmprune.errors import LLMPruneError
-from llmprune.pipeline import REPORT_NAME
-from serve.config import ServeConfig
-from serve.engines.base import Engine
+from llmprune.report import REPORT_NAME, read_report
+from llmprune_serve.config import ServeConfig
+from llmprune_serve.engines.base import Engine
 
 DEFAULT_CHECK_SEQLEN = 512
 log = logging.getLogger("llmprune.serve")
@@ -60,13 +59,7 @@ class Sample:
 
 def load_report(folder: Path) -> dict | None:
     """The llmprune.json of a pruned folder, or None for a plain model."""
-    path = folder / REPORT_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LLMPruneError(f"cannot read {path}: {exc}") from exc
+    return read_report(folder)
 
 
 def recorded_perplexity(report: dict | None) -> dict | None:

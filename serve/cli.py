@@ -8,9 +8,9 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
-from llmprune.cli import Parser
+from llmprune.argparsing import Parser
 from llmprune.errors import LLMPruneError
-from serve.config import DEFAULT_PORT, ServeConfig
+from llmprune_serve.config import DEFAULT_PORT, ServeConfig
 
 log = logging.getLogger("llmprune.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -52,8 +52,8 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace, folder: Path) -> ServeConfig:
     """The validated settings (one clear error per bad value)."""
-    from llmprune.export.gate import check_limit
-    from serve.auth import api_keys
+    from llmprune.settings import check_max_ppl_increase
+    from llmprune_serve.auth import api_keys
 
     positive = {
         "--max-concurrency": args.max_concurrency,
@@ -74,7 +74,7 @@ def build_config(args: argparse.Namespace, folder: Path) -> ServeConfig:
     if args.check_seqlen is not None and args.check_seqlen < 2:
         raise LLMPruneError(f"--check-seqlen must be at least 2 (got {args.check_seqlen})")
     if args.max_ppl_increase is not None:
-        check_limit(args.max_ppl_increase)
+        check_max_ppl_increase(args.max_ppl_increase)
     if args.max_model_len is not None and args.max_model_len < 2:
         raise LLMPruneError(f"--max-model-len must be at least 2 (got {args.max_model_len})")
     options = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name in vars(args)}
@@ -89,11 +89,11 @@ def main(argv: list[str]) -> int:
     from llmprune.export.packed import is_packed
     from llmprune.models.resolve import resolve_model
     from llmprune.models.skeleton import build_skeleton
-    from llmprune.pipeline import context_length, load_tokenizer
-    from serve.app import create_app
-    from serve.check import check_mode, load_report
-    from serve.engines import EngineSettings, create_engine, pick_engine
-    from serve.service import Service
+    from llmprune.models.text import context_length, load_tokenizer
+    from llmprune_serve.app import create_app
+    from llmprune_serve.check import check_mode, load_report
+    from llmprune_serve.engines import EngineSettings, create_engine, pick_engine
+    from llmprune_serve.service import Service
 
     args = serve_parser().parse_args(argv)
     kind = pick_engine(args.engine)

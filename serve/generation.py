@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
-from serve.engines.base import Engine, Sampling
+from llmprune_serve.engines.base import Engine, Sampling
 
 
 @dataclass

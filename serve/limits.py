@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
-from serve.errors import APIError
+from llmprune_serve.errors import APIError
 
 
 class Limiter:

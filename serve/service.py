@@ -8,14 +8,14 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 
-from serve.check import CheckResult, run_check
-from serve.config import ServeConfig
-from serve.engines.base import Engine, Sampling
-from serve.errors import APIError
-from serve.generation import ChoiceEvent, run_choices
-from serve.limits import Limiter, before_deadline
-from serve.metrics import CHECK_STATES, Metrics
-from serve.schemas import ChatMessage
+from llmprune_serve.check import CheckResult, run_check
+from llmprune_serve.config import ServeConfig
+from llmprune_serve.engines.base import Engine, Sampling
+from llmprune_serve.errors import APIError
+from llmprune_serve.generation import ChoiceEvent, run_choices
+from llmprune_serve.limits import Limiter, before_deadline
+from llmprune_serve.metrics import CHECK_STATES, Metrics
+from llmprune_serve.schemas import ChatMessage
 
 log = logging.getLogger("llmprune.serve")
 MAX_PERPLEXITY_WINDOWS = 64

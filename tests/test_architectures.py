@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from tiny import ARCHITECTURES
 from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.eval.perplexity import streamed_logits
+from tests.helpers.tiny import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

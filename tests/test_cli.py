@@ -1,4 +1,5 @@
-"""The command line: bad input gets one clear line and a non-zero exit, and nothing is left behind."""
+"""The command line: bad input gets one clear line and a non-zero exit, and nothing is left behind; the
+summary, the eval subcommand and the real process's exit status."""
 
 from __future__ import annotations
 
@@ -11,22 +12,8 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
-from llmprune.cli import main
-
-
-def _run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _leftovers(parent, name):
-    return sorted(p.name for p in parent.iterdir() if name in p.name)
-
-
-@pytest.fixture
-def model(tiny_models):
-    return tiny_models("llama", layers=2)
+from tests.helpers.cli import leftovers as _leftovers
+from tests.helpers.cli import run_main as _run
 
 
 def _bad_cases(model, corpus_file, tmp_path):
@@ -99,19 +86,20 @@ def test_bad_input_one_line_error_and_no_output(case, model, corpus_file, tmp_pa
     assert not out.exists() and _leftovers(tmp_path, "out") == []
 
 
-def test_existing_output_is_kept_without_overwrite(model, corpus_file, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("user data")
-    argv = [model, "--calibration", corpus_file, "--samples", 2, "--seqlen", 16, "--no-eval", "--output", out]
-    code, _, stderr = _run(argv, capsys)
-    assert code != 0 and "--overwrite" in stderr
-    assert (out / "precious.txt").read_text() == "user data"
-    code, stdout, _ = _run([*argv, "--overwrite", "--json", "--method", "magnitude"], capsys)
-    assert code == 0
-    assert json.loads(stdout)["achieved_sparsity"] == pytest.approx(0.5)
-    assert not (out / "precious.txt").exists() and (out / "llmprune.json").exists()
-    assert _leftovers(tmp_path, ".partial") == [] and _leftovers(tmp_path, ".old") == []
+def test_log_lines_and_bars_on_stderr_summary_or_json_on_stdout(model, corpus_file, tmp_path, capsys):
+    """stdout holds only the summary (or, with --json, only the JSON); log lines and progress bars go to
+    stderr, with --json too unless --quiet."""
+    argv = [model, "--method", "wanda", "--calibration", corpus_file, "--samples", 4, "--seqlen", 32,
+            "--eval-samples", 4, "--output", tmp_path / "out", "--overwrite"]  # fmt: skip
+    code, stdout, stderr = _run(argv, capsys)
+    assert code == 0 and "perplexity       dense" in stdout
+    assert not any(line.startswith("llmprune: ") for line in stdout.splitlines())
+    assert "llmprune: dense perplexity" in stderr and "memory plan for cpu" in stderr and "wanda unstructured" in stderr
+    code, stdout, stderr = _run([*argv, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["method"] == "wanda"
+    assert "llmprune: dense perplexity" in stderr and "pruned ppl" in stderr
+    code, stdout, stderr = _run([*argv, "--json", "--quiet"], capsys)
+    assert code == 0 and json.loads(stdout)["quality_gate"] == "passed" and stderr == ""
 
 
 def test_summary_and_eval_subcommand(model, corpus_file, tmp_path, capsys):

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+import llmprune
 from llmprune.data.sources import resolve_source
 from llmprune.data.windows import TokenizedCorpus, calibration_windows, evaluation_windows
 from llmprune.errors import LLMPruneError
+from tests.helpers.engine import read_output as _read_output
 
 
 class WordIds:
@@ -104,3 +106,46 @@ def test_eval_windows_rebuild_from_their_description(tmp_path):
     path.write_text(" ".join(f"w{i + 1}" for i in range(2000)))
     with pytest.raises(LLMPruneError, match="sha256 differs"):
         rebuild_eval_windows(original.describe(), WordIds())
+
+
+def test_token_file_calibration_uses_exactly_those_windows(tiny_models, corpus_file, tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tiny_models("llama", layers=2)
+    windows = calibration_windows(TokenizedCorpus(resolve_source(str(corpus_file)), tokenizer), 5, 24, 9)
+    token_file = tmp_path / "windows.safetensors"
+    save_file({"input_ids": windows.ids}, str(token_file))
+    from_file = llmprune.prune(
+        str(folder),
+        method="sparsegpt",
+        calibration=str(token_file),
+        no_eval=True,
+        output=str(tmp_path / "a"),
+        quiet=True,
+    )
+    from_text = llmprune.prune(
+        str(folder),
+        method="sparsegpt",
+        calibration=str(corpus_file),
+        samples=5,
+        seqlen=24,
+        seed=9,
+        no_eval=True,
+        output=str(tmp_path / "b"),
+        quiet=True,
+    )
+    assert from_file["calibration"]["sha256"] == from_text["calibration"]["sha256"] == windows.fingerprint()
+    a, b = _read_output(tmp_path / "a"), _read_output(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_token_file(tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    from llmprune.errors import LLMPruneError
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"input_ids": torch.full((2, 8), 10_000)}, str(bad))
+    with pytest.raises(LLMPruneError, match="outside the vocabulary"):
+        llmprune.prune(str(tiny_models("llama")), calibration=str(bad), no_eval=True, output=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

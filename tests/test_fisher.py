@@ -172,22 +172,22 @@ def test_structured_bad_input(tiny_models, corpus_file, tmp_path):
     common = dict(calibration=str(corpus_file), samples=2, seqlen=16, no_eval=True, output=str(tmp_path / "o"))
     with pytest.raises(LLMPruneError, match="--remove must be in"):
         llmprune.prune(str(folder), method="fisher", remove=1.5, **common)
-    with pytest.raises(LLMPruneError, match="not --sparsity"):
+    with pytest.raises(LLMPruneError, match="--sparsity is for the unstructured methods; --method fisher is struct"):
         llmprune.prune(str(folder), method="fisher", sparsity=0.5, **common)
     with pytest.raises(LLMPruneError, match="multiple of the group size"):
         llmprune.prune(str(folder), method="fisher", keep_heads=3, **common)
     with pytest.raises(LLMPruneError, match="structured pruning supports"):
         llmprune.prune(str(tiny_models("gpt_neox", layers=2)), method="fisher", **common)
-    with pytest.raises(LLMPruneError, match="--fisher-batch must be a positive"):
+    with pytest.raises(LLMPruneError, match="--fisher-batch must be at least 1"):
         llmprune.prune(str(folder), method="fisher", fisher_batch=0, **common)
-    with pytest.raises(LLMPruneError, match="structured runs have no plan"):
+    with pytest.raises(LLMPruneError, match="--plan-only is for the unstructured methods"):
         llmprune.prune(str(folder), method="fisher", plan_only=True, **common)
     assert not (tmp_path / "o").exists()
 
 
 def test_fisher_batch_sets_the_gradient_minibatch(tiny_models, corpus_file, tmp_path, monkeypatch):
     """--fisher-batch N: the streamed gradients come in minibatches of N windows (one Fisher sample each)."""
-    import llmprune.structured.run as run
+    import llmprune.structured.fisher as run
 
     seen = []
     original = run.mask_gradients
@@ -210,4 +210,4 @@ def test_fisher_batch_sets_the_gradient_minibatch(tiny_models, corpus_file, tmp_
         quiet=True,
     )
     assert seen == [(1, 4)]
-    assert report["structured"]["fisher_batch"] == 1
+    assert report["options"]["fisher_batch"] == 1

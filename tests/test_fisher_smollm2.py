@@ -8,9 +8,9 @@ import statistics
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from vllm_generate import greedy
 
 import llmprune
+from tests.helpers.vllm_generate import greedy
 
 pytestmark = pytest.mark.slow
 

@@ -143,8 +143,7 @@ def test_plan_only_for_a_gpu_this_machine_lacks(tiny_models, corpus_file, capsys
 @pytest.fixture(scope="module")
 def opt_175b(tmp_path_factory) -> Path:
     """OPT-175B's config and shard headers of the real shapes (sparse files: a few MB of disk)."""
-    sys.path.insert(0, str(MEASURE.parent))
-    from shape_checkpoint import SHAPES, write_shape_checkpoint
+    from scripts.shape_checkpoint import SHAPES, write_shape_checkpoint
 
     return write_shape_checkpoint(tmp_path_factory.mktemp("opt-175b"), SHAPES["opt-175b"], windows=128, seqlen=2048)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_sparsegpt import reference_prune
 
 from llmprune.errors import LLMPruneError
-from llmprune.methods import METHODS, InputStats, Pattern, masks
+from llmprune.methods import METHODS, Hessian, InputStats, Pattern, masks
 from llmprune.methods.sparsegpt import SparseGPT, inverse_factor
+from tests.helpers.reference_sparsegpt import reference_prune
 
 
 def _problem(rows=48, cols=64, tokens=512, seed=0):
@@ -18,10 +18,8 @@ def _problem(rows=48, cols=64, tokens=512, seed=0):
     return w, x
 
 
-def _stats(kind: str, x: torch.Tensor) -> InputStats | None:
-    if kind == "none":
-        return None
-    stats = InputStats(x.shape[1], kind, x.device)
+def _stats(kinds: tuple, x: torch.Tensor) -> InputStats:
+    stats = InputStats(x.shape[1], kinds, x.device)
     stats.add(x[: x.shape[0] // 2])
     stats.add(x[x.shape[0] // 2 :])
     return stats
@@ -54,7 +52,7 @@ def test_n_m_holds_in_every_group(method, pattern):
 
 def test_wanda_scores_weight_times_input_norm_per_row():
     w, x = _problem(16, 32)
-    result = METHODS["wanda"]().prune(w, _stats("sqnorm", x), Pattern.parse("unstructured", 0.5))
+    result = METHODS["wanda"]().prune(w, _stats(METHODS["wanda"].statistics, x), Pattern.parse("unstructured", 0.5))
     score = w.abs() * x.norm(dim=0)
     for row in range(16):
         order = torch.argsort(score[row])
@@ -81,14 +79,14 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
 
 def test_sparsegpt_unstructured_mask_is_exact_per_block():
     w, x = _problem(8, 300)  # blocks of 128, 128, 44
-    result = SparseGPT(blocksize=128).prune(w, _stats("hessian", x), Pattern.parse("unstructured", 0.37))
+    result = SparseGPT(blocksize=128).prune(w, _stats((Hessian,), x), Pattern.parse("unstructured", 0.37))
     assert int(result.mask.sum()) == round(0.37 * w.numel())
 
 
 def test_sparsegpt_dead_inputs_are_zeroed():
     w, x = _problem(8, 16)
     x[:, 3] = 0
-    result = SparseGPT().prune(w, _stats("hessian", x), Pattern.parse("unstructured", 0.25))
+    result = SparseGPT().prune(w, _stats((Hessian,), x), Pattern.parse("unstructured", 0.25))
     assert torch.all(result.weight[:, 3] == 0)
 
 
@@ -109,20 +107,20 @@ def test_in_place_solve_equals_the_reference_solve(pattern, dtype, seed):
     w, x = _problem(96, 320, tokens=400, seed=seed)  # fewer tokens than inputs: damping makes it definite
     x[:, 7] = 0
     pat = Pattern.parse(pattern, None)
-    stats = _stats("hessian", x)
-    hessian = stats.hessian.clone()
+    stats = _stats((Hessian,), x)
+    hessian = stats[Hessian].matrix.clone()
     expected, expected_mask = reference_prune(w, hessian, pat, dtype)
     for _member in range(2):  # the second member of a group reuses the first one's factor
         result = SparseGPT(inverse_dtype=dtype).prune(w, stats, pat)
         assert torch.equal(result.mask, expected_mask)
         assert torch.allclose(result.weight, expected, rtol=0, atol=1e-5)
-    assert torch.equal(stats.hessian, hessian)  # the solve only read the Hessian
+    assert torch.equal(stats[Hessian].matrix, hessian)  # the solve only read the Hessian
 
 
 def test_the_hessian_is_mirrored_in_place():
     _, x = _problem(4, 600, tokens=64)
-    stats = _stats("hessian", x)
-    full = stats.hessian
+    stats = _stats((Hessian,), x)
+    full = stats[Hessian].matrix
     assert torch.equal(full, full.T)
     assert torch.allclose(full, x.T @ x, rtol=1e-5, atol=1e-3)
 
@@ -134,7 +132,7 @@ def test_group_members_share_one_factor(monkeypatch):
     real = sparsegpt.inverse_factor
     monkeypatch.setattr(sparsegpt, "inverse_factor", lambda *a: calls.append(1) or real(*a))
     w, x = _problem(16, 64)
-    stats = _stats("hessian", x)
+    stats = _stats((Hessian,), x)
     for _ in range(3):  # q, k, v
         SparseGPT().prune(w, stats, Pattern.parse("unstructured", 0.5))
     assert len(calls) == 1
@@ -143,16 +141,16 @@ def test_group_members_share_one_factor(monkeypatch):
 PEAK_OF_ONE_SOLVE = """
 import json, sys, torch
 from llmprune.engine.devices import current_rss, peak_rss, return_freed_memory, trim_heap, warm_up_kernels
-from llmprune.methods import InputStats, Pattern
+from llmprune.methods import Hessian, InputStats, Pattern
 from llmprune.methods.sparsegpt import SparseGPT
 return_freed_memory()
 n, rows, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
 g = torch.Generator().manual_seed(0)
-stats = InputStats(n, "hessian", torch.device("cpu"))
+stats = InputStats(n, (Hessian,), torch.device("cpu"))
 stats.add(torch.randn(2048, n, generator=g))
 weight = torch.randn(rows, n, generator=g)
 warm_up_kernels()  # LAPACK's code pages, paged in lazily, are not the solve's workspace
-stats.hessian  # mirrored (in place) before the measurement: the Hessian is the statistics, not the workspace
+stats[Hessian].matrix  # mirrored (in place) before the measurement: the Hessian is the statistics, not the workspace
 trim_heap()
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 base = current_rss()

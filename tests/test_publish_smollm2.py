@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from vllm_generate import greedy
 
 import llmprune
 from llmprune.export.card import read_front_matter
+from tests.helpers.vllm_generate import greedy
 
 pytestmark = pytest.mark.slow
 

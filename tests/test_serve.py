@@ -17,7 +17,6 @@ import torch
 from openai import OpenAI, RateLimitError
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
-from serving import ROOT, Server
 from transformers import AutoTokenizer
 
 import llmprune
@@ -25,6 +24,7 @@ from llmprune.cli import main
 from llmprune.data.windows import Windows
 from llmprune.eval.perplexity import perplexity
 from llmprune.export.gate import quality_gate as recorded_gate
+from tests.helpers.serving import ROOT, Server
 
 FLAG_KEY = "flag-key"
 ENV_KEYS = "env-key-1, env-key-2"

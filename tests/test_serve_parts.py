@@ -8,10 +8,10 @@ import time
 import pytest
 
 from llmprune.export.gate import quality_gate as recorded_gate
-from serve.check import quality_gate
-from serve.errors import APIError
-from serve.generation import StopScanner
-from serve.limits import Limiter
+from llmprune_serve.check import quality_gate
+from llmprune_serve.errors import APIError
+from llmprune_serve.generation import StopScanner
+from llmprune_serve.limits import Limiter
 
 
 def test_limiter_is_first_come_first_served_and_refuses_past_the_queue():

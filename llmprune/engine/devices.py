@@ -45,6 +45,14 @@ def solver_devices(device: torch.device, spec: str | None = None) -> list[torch.
     return [device]
 
 
+CHUNK_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+def default_chunk(windows: int, seqlen: int, device: torch.device) -> int:
+    """Windows per forward chunk: about CHUNK_TOKENS tokens (efficient matmuls, small temporaries)."""
+    return max(1, min(windows, CHUNK_TOKENS.get(device.type, 4096) // seqlen))
+
+
 def parse_dtype(name: str | None, flag: str = "--dtype") -> torch.dtype | None:
     """A dtype flag's value as a dtype (None for auto); `flag` names it in the error."""
     if name in (None, "auto"):
@@ -99,7 +107,7 @@ def forward_dtype(device: torch.device, model: torch.dtype, requested: torch.dty
 
     auto: the layers' own dtype (the model's on a GPU, float32 on a CPU). bfloat16 on a CPU is opt-in:
     measured on SmolLM2-135M, Wanda ran 1.3x faster but lost 6% perplexity at 2:4, SparseGPT 1.1x
-    faster (BENCHMARKS.md). Statistics, solves and saved weights stay in full precision either way.
+    faster (docs/benchmark-log.md). Statistics, solves and saved weights stay in full precision either way.
     """
     return requested if requested is not None else compute_dtype(device, model)
 

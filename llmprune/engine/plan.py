@@ -205,14 +205,20 @@ class Request:
     embedding_rows: int | None = None  # distinct calibration ids: the table rows a CPU forward reads
 
     @property
-    def method_statistics(self) -> str:
-        """ "none", "sqnorm" or "hessian"."""
-        return self.method.statistics
+    def inverse(self) -> bool:
+        """Whether the method factors an inverse whose dtype the plan may choose (SparseGPT's Hessian's)."""
+        return self.method.inverse_option is not None
+
+    def statistics_bytes(self, width: int, c: int) -> int:
+        """One group's statistics for inputs of `width`: what the method declares, plus a sample of the inputs
+        for the reconstruction error unless a statistic gives it exactly."""
+        kinds = self.method.statistics
+        sample = 0 if any(kind.exact_error for kind in kinds) else self.error_tokens * width * c
+        return sum(kind.nbytes(width) for kind in kinds) + sample
 
     @property
-    def inverse(self) -> bool:
-        """Whether the method inverts Hessians (SparseGPT): it then has a float32-inverse adaptation."""
-        return self.method.statistics == "hessian"
+    def statistics_label(self) -> str:
+        return next((kind.label for kind in self.method.statistics if kind.label != "statistics"), "statistics")
 
 
 def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) -> tuple[dict, dict]:
@@ -244,10 +250,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     stash = tokens * per_token * c if sequential else 0
     # statistics: one group at a time in the sequential order, every group at once in the parallel one
     widths = (geo.max_in,) if sequential or not geo.group_inputs else geo.group_inputs
-    if req.method_statistics == "hessian":
-        statistics = sum(w * w * 4 for w in widths)
-    else:  # Wanda's squared norms, and the token sample for the reconstruction error (any method without a Hessian)
-        statistics = sum((w * 4 if req.method_statistics == "sqnorm" else 0) + req.error_tokens * w * c for w in widths)
+    statistics = sum(req.statistics_bytes(w, c) for w in widths)
     # one solve at a time: the method's own buffers, then the pruned weight rounded to the save dtype and back
     roundtrip = req.save_dtype.itemsize + c if req.save_dtype != req.compute_dtype else 0
     workspace = max(
@@ -261,7 +264,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     saved = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
     write_buffer = saved + (saved if on_gpu or req.save_dtype != req.compute_dtype else 0)
 
-    stats_name = "statistics (Hessian)" if req.method_statistics == "hessian" else "statistics"
+    stats_name = req.statistics_label
     held = {"layer weights": geo.layer_params * c}
     if sequential:
         held["barrier state (all chunks)"] = max(stash, store)
@@ -347,7 +350,7 @@ def make_plan(
         steps.append(
             ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))
         )
-    elif req.method_statistics != "none":  # few tokens: one group's statistics at a time beats every group's
+    elif req.method.statistics:  # few tokens: one group's statistics at a time beats every group's
         parked = park_to if req.park == "auto" else req.park
         steps.append(
             (

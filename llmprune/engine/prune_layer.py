@@ -3,7 +3,7 @@
 Two orders:
 - "parallel" (default): every Linear sees the dense layer's inputs (as in the SparseGPT and Wanda
   papers): one pass collects statistics, one pass propagates the pruned layer's outputs. It holds
-  no state between passes, and measured the better perplexity at 50% unstructured (BENCHMARKS.md).
+  no state between passes, and measured the better perplexity at 50% unstructured (docs/benchmark-log.md).
 - "sequential": each group of Linears that share an input is pruned as soon as it has seen every
   calibration window, and the forward goes on with the pruned weights, so later modules see the
   pruned upstream ("true sequential"). The chunks run in lockstep (engine/lockstep.py), so this is
@@ -29,9 +29,10 @@ from llmprune.engine.lockstep import Lockstep
 from llmprune.engine.parking import ChunkTracker, Parking
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
-from llmprune.methods.base import InputStats, Pattern, PruningMethod
-
-ORDERS = ("parallel", "sequential")
+from llmprune.methods.base import PruningMethod
+from llmprune.methods.statistics import Hessian, InputStats
+from llmprune.pattern import Pattern
+from llmprune.settings import ORDERS
 
 
 @dataclass
@@ -154,11 +155,10 @@ class LayerPruner:
         return reports
 
     def _observe(self, group: _Group, module: nn.Linear, x: torch.Tensor) -> None:
-        if group.stats is None and self.method.statistics != "none":
+        if group.stats is None:
             group.stats = InputStats(module.in_features, self.method.statistics, module.weight.device)
-        if group.stats is not None:
-            group.stats.add(x)
-        if group.sample is None and self.method.statistics != "hessian":  # with a Hessian the error is exact
+        group.stats.add(x)
+        if group.sample is None and not group.stats.exact_error:  # with a Hessian the error is exact
             group.sample = x.reshape(-1, x.shape[-1])[: self.error_tokens].detach().clone()
 
     def _lockstep(self, stream, index, layer, acts, targets, groups, prefix, reports) -> None:
@@ -293,7 +293,7 @@ def _relative_error(
     """‖(W - W')X‖² / ‖WX‖² over the module's calibration inputs X: exactly through the Hessian XᵀX
     when the method has one (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)), else on a sample of the inputs. Summed a
     chunk of `rows` output rows at a time, so it holds O(rows · n), never a copy of the weight."""
-    h = stats.hessian if stats is not None and stats.kind == "hessian" else None
+    h = stats[Hessian].matrix if stats is not None and stats.get(Hessian) is not None else None
     if h is None and sample is None:
         return None
     x = sample.float() if h is None else None

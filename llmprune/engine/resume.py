@@ -11,9 +11,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmprune import __version__
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import fsync_write
+from llmprune.version import __version__
 
 STATE_NAME = "state.json"
 

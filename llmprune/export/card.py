@@ -180,6 +180,10 @@ def _command_section(report: dict) -> str:
             f"(seed {calib.get('seed')}, token sha256 `{str(calib.get('sha256', ''))[:16]}…`). "
             f"Order: {report.get('order')}; saved as {report.get('dtype')}.\n"
         )
+    options = report.get("options") or {}
+    if options:
+        listed = ", ".join(f"`{name}` {value}" for name, value in options.items())
+        lines.append(f"Options of {report['method']}: {listed}.\n")
     return "\n".join(lines)
 
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import math
 
-from llmprune.errors import LLMPruneError, QualityGateError
-
-DEFAULT_MAX_PPL_INCREASE = 0.5
-
-
-def check_limit(max_ppl_increase: float) -> float:
-    """Validate --max-ppl-increase: a fraction >= 0 (inf turns the gate off)."""
-    if math.isnan(max_ppl_increase) or max_ppl_increase < 0:
-        raise LLMPruneError(f"--max-ppl-increase must be >= 0 (got {max_ppl_increase})")
-    return float(max_ppl_increase)
+from llmprune.errors import QualityGateError
+from llmprune.report import REPORT_NAME
+from llmprune.settings import DEFAULT_MAX_PPL_INCREASE
 
 
 def quality_gate(perplexity: dict | None, max_ppl_increase: float) -> dict:
@@ -36,7 +29,7 @@ def quality_gate(perplexity: dict | None, max_ppl_increase: float) -> dict:
 def gate_of(report: dict | None) -> dict:
     """The recorded gate of a folder's report (recomputed at the default limit for reports that predate it)."""
     if report is None:
-        return {"status": "not_evaluated", "passed": None, "reason": "the folder has no llmprune.json"}
+        return {"status": "not_evaluated", "passed": None, "reason": f"the folder has no {REPORT_NAME}"}
     return report.get("quality_gate") or quality_gate(report.get("perplexity"), DEFAULT_MAX_PPL_INCREASE)
 
 

@@ -2,7 +2,7 @@
 
 A packed tensor takes (1/2 + 1/16) of its dense 16-bit bytes (0.5625x; 0.53x for float32). Every
 other tensor is stored as is. Unpacking restores the dense shards byte for byte: each packed shard
-carries the exact header of the dense shard it came from. The layout is specified in README.md
+carries the exact header of the dense shard it came from. The layout is specified in docs/publishing.md
 ("Packed 2:4 format") and versioned in llmprune.json under "packed".
 """
 
@@ -21,12 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmprune.errors import LLMPruneError
+from llmprune.export.card import refresh_card
 from llmprune.export.writer import OutputFolder, fsync_write
 from llmprune.models.checkpoint import INDEX_NAME
+from llmprune.report import update_report
 
 FORMAT = "packed-2:4"
 FORMAT_VERSION = 1
-REPORT_NAME = "llmprune.json"
 VALUES_SUFFIX = ".packed_values"
 POSITIONS_SUFFIX = ".packed_positions"
 PACKED_INDEX_NAME = "packed.safetensors.index.json"
@@ -238,12 +239,9 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def pack_into(source: Path, target: Path) -> dict:
-    """Pack the dense shards of `source` into `target` (the same folder packs in place); returns the stats.
-
-    Also writes the packed index and llmprune.json's "packed" block, and re-renders the card if it is ours;
-    the other files must already be in `target`.
-    """
+def pack_shards(source: Path, target: Path) -> dict:
+    """Pack the dense shards of `source` into `target` (the same folder packs in place) and write the packed
+    index; returns the stats (the report's "packed" block)."""
     source, target = Path(source), Path(target)
     shards = dense_shards(source)
     if not shards:
@@ -265,11 +263,10 @@ def pack_into(source: Path, target: Path) -> dict:
         fsync_write(target / PACKED_INDEX_NAME, json.dumps(packed_index, indent=2) + "\n")
         if source == target:
             index.unlink()
-    _update_report(target, stats.as_dict())
     return stats.as_dict()
 
 
-def unpack_into(source: Path, target: Path) -> None:
+def unpack_shards(source: Path, target: Path) -> None:
     """Write the dense shards that the packed shards of `source` came from into `target` (or in place)."""
     source, target = Path(source), Path(target)
     shards = sorted(source.glob("packed*.safetensors"))
@@ -284,25 +281,6 @@ def unpack_into(source: Path, target: Path) -> None:
         fsync_write(target / INDEX_NAME, json.loads(index.read_text())["metadata"]["dense_index"])
         if source == target:
             index.unlink()
-    _update_report(target, None)
-
-
-def _update_report(folder: Path, packed: dict | None) -> None:
-    """Set (or remove) llmprune.json's "packed" block, and re-render the model card if it is ours."""
-    from llmprune.export.card import refresh_card
-
-    path = folder / REPORT_NAME
-    report = json.loads(path.read_text()) if path.is_file() else {}
-    before = dict(report)
-    if packed is None:
-        report.pop("packed", None)
-    else:
-        report["packed"] = packed
-    if report:
-        fsync_write(path, json.dumps(report, indent=2, default=str) + "\n")
-    elif path.is_file():
-        path.unlink()
-    refresh_card(folder, before, report)
 
 
 def convert_folder(source: Path, output: Path, overwrite: bool, pack: bool) -> Path:
@@ -323,7 +301,13 @@ def convert_folder(source: Path, output: Path, overwrite: bool, pack: bool) -> P
         for path in sorted(source.iterdir()):
             if path.is_file() and path.suffix != ".safetensors" and path.name not in (INDEX_NAME, PACKED_INDEX_NAME):
                 shutil.copyfile(path, folder.partial / path.name)
-        (pack_into if pack else unpack_into)(source, folder.partial)
+        if pack:
+            packed = pack_shards(source, folder.partial)
+        else:
+            unpack_shards(source, folder.partial)
+            packed = None
+        before, after = update_report(folder.partial, packed=packed)
+        refresh_card(folder.partial, before, after)
         return folder.commit()
     except BaseException:
         folder.discard()

@@ -17,32 +17,10 @@ from safetensors.torch import save_file
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import INDEX_NAME
 from llmprune.models.tensorfile import read_header
+from llmprune.report import REPORT_NAME
 
 AUX_SUFFIXES = {".json", ".model", ".txt", ".jinja", ".tiktoken"}
-SKIP_FILES = {"config.json", INDEX_NAME, "llmprune.json"}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    raw = text.strip().upper().replace(" ", "")
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number) :]
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, KeyError) as exc:
-        raise LLMPruneError(f"cannot read size {text!r} (use e.g. 5GB, 512MiB)") from exc
+SKIP_FILES = {"config.json", INDEX_NAME, REPORT_NAME}
 
 
 def fsync_write(path: Path, data: bytes | str) -> None:

@@ -4,23 +4,13 @@ missing, then upload the folder as one commit (the library picks regular, LFS or
 from __future__ import annotations
 
 import importlib
-import json
-import re
 from pathlib import Path
 
-from llmprune import __version__
 from llmprune.errors import LLMPruneError
 from llmprune.export.gate import gate_of, require_passed
-
-REPORT_NAME = "llmprune.json"
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def check_repo_id(repo_id: str) -> str:
-    """ORG/NAME, or a one-line error."""
-    if not REPO_ID.fullmatch(repo_id or ""):
-        raise LLMPruneError(f"Hub repository must be ORG/NAME (got {repo_id!r})")
-    return repo_id
+from llmprune.report import read_report
+from llmprune.settings import check_repo_id
+from llmprune.version import __version__
 
 
 def require_token() -> str:
@@ -44,13 +34,7 @@ def check_folder(folder: Path) -> dict | None:
         raise LLMPruneError(f"{folder} is not a finished model folder")
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise LLMPruneError(f"{folder} has no config.json with safetensors weights: nothing to push")
-    report_path = folder / REPORT_NAME
-    if not report_path.is_file():
-        return None
-    try:
-        return json.loads(report_path.read_text())
-    except ValueError as exc:
-        raise LLMPruneError(f"corrupt {report_path}: {exc}") from exc
+    return read_report(folder)
 
 
 def default_message(report: dict | None) -> str:

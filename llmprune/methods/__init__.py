@@ -1,9 +1,12 @@
-"""Pruning methods, one module each; add a method with one new file and one line in METHODS."""
+"""Unstructured / N:M pruning methods, one module each; add a method with one new file and one line in
+METHODS (structured methods have their own registry, llmprune.structured.methods.STRUCTURED)."""
 
-from llmprune.methods.base import InputStats, Pattern, Pruned, PruningMethod
+from llmprune.methods.base import Pruned, PruningMethod
 from llmprune.methods.magnitude import Magnitude
 from llmprune.methods.sparsegpt import SparseGPT
+from llmprune.methods.statistics import Hessian, InputStats, SquaredNorm, Statistic
 from llmprune.methods.wanda import Wanda
+from llmprune.pattern import Pattern
 
 METHODS: dict[str, type[PruningMethod]] = {
     Magnitude.name: Magnitude,
@@ -11,4 +14,4 @@ METHODS: dict[str, type[PruningMethod]] = {
     SparseGPT.name: SparseGPT,
 }
 
-__all__ = ["METHODS", "InputStats", "Pattern", "Pruned", "PruningMethod"]
+__all__ = ["METHODS", "Hessian", "InputStats", "Pattern", "Pruned", "PruningMethod", "SquaredNorm", "Statistic"]

@@ -16,7 +16,10 @@ import torch
 
 from llmprune.errors import LLMPruneError
 from llmprune.methods import masks
-from llmprune.methods.base import InputStats, Pattern, Pruned, PruningMethod
+from llmprune.methods.base import Pruned, PruningMethod
+from llmprune.methods.statistics import Hessian, InputStats
+from llmprune.pattern import Pattern
+from llmprune.settings import Option
 
 MAX_DAMPING_RETRIES = 6
 UPDATE_ROWS = 1024  # rows of the weight per lazy-update product: a 1024 x n temporary, still GEMM-sized
@@ -70,15 +73,29 @@ class SparseGPT(PruningMethod):
     """OBS-based pruning with weight reconstruction (unstructured or N:M)."""
 
     name = "sparsegpt"
-    statistics = "hessian"
+    summary = "OBS pruning with weight reconstruction (Frantar & Alistarh 2023)"
+    statistics = (Hessian,)
+    inverse_option = "inverse_dtype"
+    options = (
+        Option("dampening", 0.01, "SparseGPT dampening (default 0.01)", type=float, minimum=0.0),
+        Option("blocksize", 128, "SparseGPT block size (default 128)", type=int, minimum=1),
+        Option(
+            "inverse_dtype",
+            "auto",
+            "dtype of SparseGPT's Hessian inverse factor; auto: float64 unless the memory plan needs float32",
+            choices=("auto", "float64", "float32"),
+        ),
+    )
 
-    def __init__(
-        self, dampening: float = 0.01, blocksize: int = 128, inverse_dtype: torch.dtype = torch.float64, **options
-    ) -> None:
-        super().__init__(**options)
-        self.dampening = dampening
-        self.blocksize = blocksize
-        self.inverse_dtype = inverse_dtype
+    def __init__(self, **values) -> None:
+        super().__init__(**values)
+        self.dampening = float(self.values["dampening"])
+        self.blocksize = int(self.values["blocksize"])
+        dtype = self.values["inverse_dtype"]  # "auto" left to the memory plan means float64
+        if not isinstance(dtype, torch.dtype):
+            dtype = getattr(torch, dtype.replace("auto", "float64"))
+        self.inverse_dtype = dtype
+        self.values["inverse_dtype"] = self.inverse_dtype
 
     @classmethod
     def workspace_bytes(
@@ -97,8 +114,8 @@ class SparseGPT(PruningMethod):
         return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
-        assert stats is not None and stats.hessian is not None
-        hessian = stats.hessian.to(weight.device)
+        assert stats is not None
+        hessian = stats[Hessian].matrix.to(weight.device)
         key = ("sparsegpt inverse", self.dampening, self.inverse_dtype, weight.device)
         hinv, info = stats.derived(key, lambda: inverse_factor(hessian, self.dampening, self.inverse_dtype))
         w = weight.float().clone()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from llmprune.errors import LLMPruneError
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -46,7 +49,7 @@ def gguf_to_folder(path: Path, *, quiet: bool = False) -> Path:
     from transformers.utils import logging as hf_logging
 
     if not quiet:
-        print(f"llmprune: dequantizing {path.name} once into {target}", flush=True)
+        log.info("dequantizing %s once into %s", path.name, target)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     if quiet:

@@ -19,7 +19,10 @@ from tqdm.auto import tqdm
 from llmprune.engine.activations import Activations
 from llmprune.engine.stream import open_stream
 from llmprune.models.skeleton import Skeleton
+from llmprune.settings import Option
 from llmprune.structured.arch import Shape, Structure
+from llmprune.structured.base import Ranking, RankInputs, StructuredMethod
+from llmprune.structured.search import group_scores
 
 
 @dataclass
@@ -137,3 +140,43 @@ def _handle(folder: Path, like):
     from llmprune.engine.activations import DiskChunk
 
     return DiskChunk(folder / like.path.name, like.shape, like.dtype)
+
+
+class Fisher(StructuredMethod):
+    """Kwon et al. 2022: the empirical Fisher of head and neuron masks, Kwon's count search and rearrangement."""
+
+    name = "fisher"
+    summary = "Fisher information of head and neuron masks (Kwon et al. 2022), search and rearrangement"
+    searches_counts = True
+    options = (
+        Option(
+            "fisher_batch",
+            None,
+            "windows per Fisher minibatch, one squared-gradient sample each (default: half a forward chunk)",
+            type=int,
+            metavar="N",
+            minimum=1,
+        ),
+    )
+
+    def rank(self, inputs: RankInputs) -> Ranking:
+        self.values["fisher_batch"] = self.values["fisher_batch"] or max(1, inputs.chunk // 2)
+        grads = mask_gradients(
+            inputs.skeleton,
+            inputs.ids,
+            inputs.structure,
+            inputs.shape,
+            inputs.device,
+            self.values["fisher_batch"],
+            inputs.work / "fisher",
+            inputs.progress,
+        )
+        size = inputs.shape.group_size
+        if inputs.per_group:
+            heads = [g.pow(2).sum(0) for g in grads.heads]
+            search = torch.stack(heads)
+        else:
+            heads = [group_scores(g, size).repeat_interleave(size) / size for g in grads.heads]
+            search = torch.stack([group_scores(g, size) for g in grads.heads])
+        neurons = [g.pow(2).sum(0) for g in grads.neurons]
+        return Ranking(heads, neurons, search, grads.heads, grads.neurons)

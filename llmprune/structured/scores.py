@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from llmprune.engine.stream import open_stream
 from llmprune.models.skeleton import Skeleton
 from llmprune.structured.arch import Shape, Structure
+from llmprune.structured.base import Ranking, RankInputs, StructuredMethod
 
 
 @dataclass
@@ -76,17 +77,16 @@ class _Moments:
         return (self.sumsq / self.count - mean.pow(2)).clamp_min(0).float()
 
 
-def fluctuation_scores(
-    skeleton: Skeleton,
-    ids: torch.Tensor,
-    structure: Structure,
-    shape: Shape,
-    device: torch.device,
-    chunk: int,
-    progress: bool = False,
-) -> UnitScores:
+def fluctuation_scores(inputs: RankInputs) -> UnitScores:
     """FLAP's fluctuation metric from one streamed forward of the dense model (layer-wise)."""
-    stream, acts = open_stream(skeleton, ids, device, chunk)
+    skeleton, structure, shape, device, progress = (
+        inputs.skeleton,
+        inputs.structure,
+        inputs.shape,
+        inputs.device,
+        inputs.progress,
+    )
+    stream, acts = open_stream(skeleton, inputs.ids, device, inputs.chunk)
     dtype = stream.dtype
     heads, neurons, o_means, down_means = [], [], [], []
     hd = shape.head_dim
@@ -112,3 +112,47 @@ def fluctuation_scores(
         skeleton.unload_layer(index)
     stream.close()
     return UnitScores(heads, neurons, o_means, down_means)
+
+
+class L2Structured(StructuredMethod):
+    """The weight-norm baseline: no data."""
+
+    name = "l2-structured"
+    summary = "L2 norm of each head's and neuron's weights (baseline, no data)"
+
+    def rank(self, inputs: RankInputs) -> Ranking:
+        scores = l2_scores(inputs.skeleton, inputs.structure, inputs.shape, inputs.progress)
+        return Ranking.of_scores(scores.heads, scores.neurons, inputs.shape, inputs.per_group)
+
+
+class Flap(StructuredMethod):
+    """FLAP's fluctuation metric, with its bias compensation where the architecture has a bias slot."""
+
+    name = "flap"
+    summary = "fluctuation of the output projections' inputs (An et al. 2024), bias compensation"
+
+    def rank(self, inputs: RankInputs) -> Ranking:
+        scores = fluctuation_scores(inputs)
+        return Ranking.of_scores(scores.heads, scores.neurons, inputs.shape, inputs.per_group, extra=scores)
+
+    def compensate(self, skeleton, structure, shape, cuts, ranking) -> None:
+        """Only where the output projection has a bias slot: the mean input of the removed channels times their
+        weights moves into the bias."""
+        scores = ranking.extra
+        hd = shape.head_dim
+        for index, cut in enumerate(cuts):
+            layer = skeleton.layers[index]
+            kept_neurons, kept_heads = set(cut.neurons), set(cut.heads)
+            removed = {
+                structure.down: ([n for n in range(shape.intermediate) if n not in kept_neurons], scores.down_means),
+                structure.o: (
+                    [c for h in range(shape.heads) if h not in kept_heads for c in range(h * hd, (h + 1) * hd)],
+                    scores.o_means if structure.heads else None,
+                ),
+            }
+            for name, (channels, means) in removed.items():
+                if getattr(layer.get_submodule(name), "bias", None) is None or not means or not channels:
+                    continue
+                key = f"{skeleton.layers_prefix}.{index}.{name}.weight"
+                weight = skeleton.read([key])[key].float()
+                cut.bias_shift[name] = weight[:, channels] @ means[index][channels]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from llmprune.errors import LLMPruneError
-from serve.engines.base import Delta, Engine, EngineSettings, Sampling
+from llmprune_serve.engines.base import Delta, Engine, EngineSettings, Sampling
 
 ENGINES = ("auto", "vllm", "transformers")
 
@@ -31,10 +31,10 @@ def pick_engine(kind: str) -> str:
 def create_engine(kind: str, settings: EngineSettings, tokenizer) -> Engine:
     """An engine of `kind` (vllm or transformers) for `settings`, not yet started."""
     if kind == "vllm":
-        from serve.engines.vllm_engine import VLLMEngine
+        from llmprune_serve.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(settings)
-    from serve.engines.hf_engine import TransformersEngine
+    from llmprune_serve.engines.hf_engine import TransformersEngine
 
     return TransformersEngine(settings, tokenizer)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serve.engines.base import Delta, Engine, EngineSettings, Sampling
+from llmprune_serve.engines.base import Delta, Engine, EngineSettings, Sampling
 
 
 @dataclass

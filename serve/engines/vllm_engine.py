@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from serve.engines.base import Delta, Engine, EngineSettings, Sampling
+from llmprune_serve.engines.base import Delta, Engine, EngineSettings, Sampling
 
 CPU_KV_CACHE_GIB = 1.0
 

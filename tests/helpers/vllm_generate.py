@@ -1,5 +1,5 @@
-"""Greedy continuations from vLLM: `greedy()` runs this file as `python vllm_generate.py FOLDER DTYPE MAX_TOKENS
-PROMPTS_JSON` (the tests call it).
+"""Greedy continuations from vLLM: `greedy()` runs this file by its path, `python tests/helpers/vllm_generate.py
+FOLDER DTYPE MAX_TOKENS PROMPTS_JSON` (the tests call it; as a script it imports nothing of tests/).
 
 One engine in its own process (vLLM changes process-wide torch settings); it prints one line
 `RESULT [[token ids], ...]`. enforce_eager skips compilation; the CPU backend's memory check wants a

@@ -1,0 +1,114 @@
+"""What the run skeleton (llmprune.run) hands a body, and what a body does.
+
+The skeleton owns everything every kind of pruning shares: settings, the model, the calibration and
+eval windows, the output folder, the dense and pruned perplexity, the shards, the report, the gate,
+the card and the push. A body owns the pruning itself: it checks its own inputs, plans, prunes the
+decoder layers into the output folder's layer units, and says what its report records.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from llmprune.data.windows import Windows
+from llmprune.engine.resume import RunState
+from llmprune.export.writer import OutputFolder
+from llmprune.models.skeleton import Skeleton
+from llmprune.settings import Settings
+
+log = logging.getLogger("llmprune")
+
+
+@dataclass
+class RunContext:
+    """What a run knows once the model is resolved and the windows are drawn."""
+
+    settings: Settings
+    folder: Path  # the source model folder
+    skeleton: Skeleton
+    device: torch.device
+    save_dtype: torch.dtype
+    context: int | None  # the model's context length
+    calib: Windows | None = None
+    eval_windows: Windows | None = None
+    overhead: int = 0  # bytes the interpreter and libraries held before any work (outside the budget)
+
+    @property
+    def progress(self) -> bool:
+        return not self.settings.quiet
+
+
+@dataclass
+class BodyReport:
+    """A body's part of the report."""
+
+    pattern: str
+    sparsity: float
+    achieved_sparsity: float
+    options: dict[str, Any]
+    sections: dict[str, Any]
+    layers: list[dict]
+    timings: dict[str, float]
+    damping_retries: int | None = None
+
+
+class Body(ABC):
+    """One kind of pruning inside the shared run skeleton."""
+
+    kind: ClassVar[str]  # the settings section it reads: "unstructured" or "structured"
+    resumable: ClassVar[bool] = False
+
+    def __init__(self, settings: Settings, method: type) -> None:
+        self.settings = settings
+        self.method_class = method
+
+    @property
+    @abstractmethod
+    def tag(self) -> str:
+        """The default output name's last part (50, 2of4, ...)."""
+
+    def check_device(self, device: torch.device) -> None:  # noqa: B027 (optional hook)
+        """Refuse device-dependent inputs before the model is read."""
+
+    @abstractmethod
+    def check_model(self, ctx: RunContext) -> None:
+        """Refuse what does not fit the model, from its meta skeleton alone (before any weight is read)."""
+
+    def fingerprint(self, ctx: RunContext) -> dict[str, Any]:
+        """Resolved values the result depends on beyond the settings (resumable bodies)."""
+        return {}
+
+    def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
+        """Plan the run before any weight is read; a dict ends the run there (--plan-only)."""
+        return None
+
+    @property
+    @abstractmethod
+    def eval_chunk(self) -> int:
+        """Windows per forward of the perplexity evaluation."""
+
+    def state_choice(self) -> dict:
+        """What a resumed run must reuse (saved in the run state)."""
+        return {}
+
+    @abstractmethod
+    def describe(self, ctx: RunContext) -> str:
+        """One log line: what this run does."""
+
+    @abstractmethod
+    def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
+        """Prune the decoder layers from state.next_layer on, writing each into `writer`'s layer units."""
+
+    def config(self, config: dict) -> dict:
+        """The output config.json from the source one (a body that changes the architecture edits it)."""
+        return config
+
+    @abstractmethod
+    def report(self, ctx: RunContext, state: RunState) -> BodyReport:
+        """What the report records of the pruning."""

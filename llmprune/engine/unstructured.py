@@ -1,0 +1,206 @@
+"""The unstructured / N:M body of the run skeleton: plan the memory, then stream the decoder layers,
+pruning each Linear with the method (magnitude, Wanda, SparseGPT, ...) and committing each layer so a
+killed run resumes."""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.body import Body, BodyReport, RunContext, log
+from llmprune.engine.devices import (
+    available_memory,
+    check_forward_mix,
+    compute_dtype,
+    cpu_has_native_bf16,
+    default_chunk,
+    forward_dtype,
+    is_absent,
+    parse_forward_dtype,
+    solver_devices,
+)
+from llmprune.engine.loop import prune_layers
+from llmprune.engine.parking import Parking
+from llmprune.engine.plan import Geometry, MemoryPlan, Request, choice_from_dict, choice_to_dict, make_plan
+from llmprune.engine.prune_layer import LayerPruner, TargetRule, find_targets
+from llmprune.engine.resume import RunState
+from llmprune.errors import LLMPruneError
+from llmprune.export.writer import OutputFolder
+from llmprune.methods.base import PruningMethod
+from llmprune.pattern import Pattern
+from llmprune.settings import Settings, parse_budget_text
+
+
+def parse_budgets(text: str | None, device: torch.device) -> tuple[int, int | None]:
+    """--max-memory as (compute device budget, host budget on a GPU run); default: what is free."""
+    values = parse_budget_text(text)
+    own = values.get(device.type, values.get(""))
+    budget = own if own is not None else available_memory(device)
+    if device.type != "cuda":
+        return budget, None
+    return budget, values["cpu"] if "cpu" in values else available_memory(torch.device("cpu"))
+
+
+def inverse_request(method: type[PruningMethod], values: dict) -> torch.dtype | None:
+    """The inverse dtype a method's option asks for; None for auto (float64 unless the budget needs float32)."""
+    name = values.get(method.inverse_option) if method.inverse_option else None
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+class UnstructuredBody(Body):
+    """Prune every target Linear of every decoder layer to a sparsity pattern."""
+
+    kind = "unstructured"
+    resumable = True
+
+    def __init__(self, settings: Settings, method: type[PruningMethod]) -> None:
+        super().__init__(settings, method)
+        options = settings.unstructured
+        self.pattern = Pattern.parse(options.pattern, options.sparsity)
+        self.rule = TargetRule(tuple(options.targets), tuple(options.ignore))
+        self.plan_result: MemoryPlan | None = None
+        self.targets: list[dict] = []
+
+    @property
+    def tag(self) -> str:
+        return self.pattern.tag
+
+    def check_device(self, device: torch.device) -> None:
+        self.forward_request = parse_forward_dtype(self.settings.unstructured.forward_dtype, device)
+        self.budgets = parse_budgets(self.settings.unstructured.max_memory, device)
+
+    def check_model(self, ctx: RunContext) -> None:
+        self.fdtype = forward_dtype(ctx.device, ctx.skeleton.dtype, self.forward_request)
+        self.cdtype = compute_dtype(ctx.device, ctx.skeleton.dtype, self.fdtype)
+        check_forward_mix(self.cdtype, self.fdtype)
+        if ctx.device.type == "cpu" and self.fdtype == torch.bfloat16 and not cpu_has_native_bf16():
+            log.info("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
+        self.targets = self._check_targets(ctx)
+
+    def _check_targets(self, ctx: RunContext) -> list[dict]:
+        """Before any weight is read: targets exist and N:M fits their widths (shapes from the meta model)."""
+        by_layer = []
+        skeleton = ctx.skeleton
+        for index, layer in enumerate(skeleton.layers):
+            prefix = f"{skeleton.layers_prefix}.{index}"
+            targets = find_targets(layer, prefix, self.rule)
+            by_layer.append(targets)
+            for name, module in targets.items():
+                self.pattern.check_width(module.in_features, f"{prefix}.{name}")
+        if not any(by_layer):
+            raise LLMPruneError(f"no Linear module matches --targets {' '.join(self.rule.include)} (minus --ignore)")
+        return by_layer
+
+    def fingerprint(self, ctx: RunContext) -> dict:
+        return {"pattern": str(self.pattern), "sparsity": self.pattern.sparsity, "forward_dtype": str(self.fdtype)}
+
+    def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
+        assert ctx.calib is not None
+        settings, calib = self.settings, ctx.calib
+        request = Request(
+            windows=calib.count,
+            seqlen=calib.seqlen,
+            eval_windows=ctx.eval_windows.count if ctx.eval_windows else 0,
+            chunk=settings.common.batch_size or default_chunk(calib.count, calib.seqlen, ctx.device),
+            order=settings.unstructured.order,
+            park=settings.unstructured.park,
+            method=self.method_class,
+            inverse_dtype=inverse_request(self.method_class, dict(settings.method_options)),
+            embedding_rows=int(torch.unique(calib.ids).numel()),
+            activations=settings.unstructured.activations,
+            compute_dtype=self.cdtype,
+            model_dtype=ctx.skeleton.dtype,
+            save_dtype=ctx.save_dtype,
+        )
+        budget, host_budget = self.budgets
+        plan = make_plan(
+            Geometry.of(ctx.skeleton, self.targets), request, ctx.device, budget, host_budget, ctx.overhead
+        )
+        if saved is not None:
+            plan.choice = choice_from_dict(saved.choice)
+            plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
+        if is_absent(ctx.device):
+            plan.notes.append(
+                f"planned for {ctx.device}, which this machine does not have: the GPU defaults (layers in "
+                f"{str(self.cdtype).removeprefix('torch.')}, chunks of up to {request.chunk} windows) and the "
+                "budget given"
+            )
+        self.plan_result = plan
+        if settings.unstructured.plan_only:
+            return {"memory_plan": plan.as_dict(), "plan": plan.render()}
+        log.info("%s", plan.render())
+        values = dict(settings.method_options)
+        if self.method_class.inverse_option:
+            values[self.method_class.inverse_option] = plan.choice.inverse_dtype
+        self.method = self.method_class(**values)
+        return None
+
+    @property
+    def eval_chunk(self) -> int:
+        assert self.plan_result is not None
+        return self.plan_result.choice.chunk
+
+    def state_choice(self) -> dict:
+        assert self.plan_result is not None
+        return choice_to_dict(self.plan_result.choice)
+
+    def describe(self, ctx: RunContext) -> str:
+        calib = ctx.calib
+        assert calib is not None
+        return (
+            f"{self.settings.method} {self.pattern} sparsity {self.pattern.sparsity:g} on {ctx.folder.name} "
+            f"({ctx.skeleton.num_layers} layers, {ctx.device.type}, forward in "
+            f"{str(self.fdtype).removeprefix('torch.')}); calibration {calib.count} x {calib.seqlen} tokens "
+            f"from {calib.source}"
+        )
+
+    def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
+        assert self.plan_result is not None and ctx.calib is not None
+        choice = self.plan_result.choice
+        self.solvers = solver_devices(ctx.device, self.settings.unstructured.solver_devices)
+        pruner = LayerPruner(
+            self.method,
+            self.pattern,
+            self.rule,
+            choice.order,
+            save_dtype=ctx.save_dtype,
+            parking=Parking(choice.park),
+            devices=self.solvers,
+        )
+        prune_layers(
+            ctx.skeleton,
+            ctx.calib.ids,
+            ctx.device,
+            self.cdtype,
+            choice,
+            pruner,
+            writer,
+            state,
+            ctx.save_dtype,
+            f"{self.settings.method} {self.pattern}",
+            not ctx.progress,
+            forward_dtype=self.fdtype,
+        )
+
+    def report(self, ctx: RunContext, state: RunState) -> BodyReport:
+        assert self.plan_result is not None
+        plan, layers = self.plan_result, state.layers
+        pruned = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for lay in layers for m in lay["modules"])
+        total = sum(m["shape"][0] * m["shape"][1] for lay in layers for m in lay["modules"])
+        options = self.settings.unstructured
+        return BodyReport(
+            pattern=str(self.pattern),
+            sparsity=self.pattern.sparsity,
+            achieved_sparsity=pruned / total if total else 0.0,
+            options=self.method.report_options(),
+            sections={
+                "order": plan.choice.order,
+                "targets": {"include": list(options.targets), "ignore": list(options.ignore)},
+                "batch_size": plan.choice.chunk,
+                "memory_plan": plan.as_dict(),
+                "forward_dtype": str(self.fdtype).removeprefix("torch."),
+                "solver_devices": [str(d) for d in self.solvers],
+            },
+            layers=layers,
+            timings={"prune_seconds": round(state.prune_seconds, 2)},
+            damping_retries=sum(lay["damping_retries"] for lay in layers),
+        )

@@ -1,0 +1,34 @@
+"""`llmprune eval`: the streamed perplexity of a model or a pruned folder on a dataset."""
+
+from __future__ import annotations
+
+from llmprune.data.sources import resolve_source
+from llmprune.data.windows import TokenizedCorpus, evaluation_windows
+from llmprune.engine.devices import default_chunk, resolve_device
+from llmprune.eval.perplexity import perplexity
+from llmprune.models.resolve import resolve_model
+from llmprune.models.skeleton import build_skeleton
+from llmprune.models.text import context_length, load_tokenizer
+
+
+def evaluate(
+    model: str,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    samples: int | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Streamed perplexity of MODEL (a pruned folder or anything `prune` accepts) on `dataset`."""
+    dev = resolve_device(device)
+    folder = resolve_model(model, quiet=quiet)
+    skeleton = build_skeleton(folder)
+    limit = context_length(skeleton)
+    seqlen = min(seqlen, limit) if limit else seqlen
+    tokenizer = load_tokenizer(folder)
+    source = TokenizedCorpus(resolve_source(dataset, split="test"), tokenizer)
+    windows = evaluation_windows(source, seqlen, samples, spec=dataset)
+    batch = batch_size or default_chunk(windows.count, seqlen, dev)
+    result = perplexity(folder, windows, dev, batch, progress=not quiet, label="ppl")
+    return {"model": model, "folder": str(folder), "eval": windows.describe(), **result.as_dict()}

@@ -1,0 +1,163 @@
+"""Input statistics that methods declare and the engine accumulates over the calibration windows.
+
+A statistic knows how to add a batch of inputs, move to a device and state its byte size for the
+memory plan; a method names the statistic classes it needs (`PruningMethod.statistics`), and the
+engine keeps one `InputStats` per group of Linears that share an input (q/k/v; gate/up). A new
+statistic is one class here (or in the method's own file): the engine and the plan need no change.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+
+class Statistic(ABC):
+    """One accumulated statistic of a Linear's inputs (width `dim`)."""
+
+    label: ClassVar[str] = "statistics"  # its name in the memory plan
+    exact_error: ClassVar[bool] = False  # whether the reconstruction error can be computed from it exactly
+
+    @classmethod
+    @abstractmethod
+    def nbytes(cls, dim: int) -> int:
+        """Bytes it holds for inputs of width `dim` (the memory plan counts them)."""
+
+    @abstractmethod
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs [tokens, dim]."""
+
+    @abstractmethod
+    def to(self, device: torch.device) -> Statistic:
+        """A copy on another device (for a solve on a second GPU)."""
+
+
+class SquaredNorm(Statistic):
+    """The float32 sum of x² per input feature (Wanda's ‖X_j‖²)."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.value = torch.zeros(dim, dtype=torch.float32, device=device)
+
+    @classmethod
+    def nbytes(cls, dim: int) -> int:
+        return dim * 4
+
+    def add(self, x: torch.Tensor) -> None:
+        self.value += x.float().pow(2).sum(0)
+
+    def to(self, device: torch.device) -> SquaredNorm:
+        copy = SquaredNorm.__new__(SquaredNorm)
+        copy.value = self.value.to(device)
+        return copy
+
+
+class Hessian(Statistic):
+    """The float32 Σ x xᵀ over tokens (SparseGPT). Accumulated as its upper block triangle (about 5/8 of
+    the matmul work) and mirrored in place when first read."""
+
+    label = "statistics (Hessian)"
+    exact_error = True
+    BLOCK = 256
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self._upper: torch.Tensor | None = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self._full: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def nbytes(cls, dim: int) -> int:
+        return dim * dim * 4
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor) -> Hessian:
+        """A Hessian already accumulated and symmetric (benchmarks, saved Hessians)."""
+        hessian = cls.__new__(cls)
+        hessian._upper, hessian._full, hessian._lock = None, matrix, threading.Lock()
+        return hessian
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The full symmetric Σ x xᵀ, mirrored once from the accumulated upper blocks, in place: the strict
+        lower triangle is overwritten with the upper one's transpose, block by block, so reading the
+        Hessian costs no second n x n matrix."""
+        with self._lock:  # concurrent solves on several devices read it at once
+            if self._full is None:
+                self._full, self._upper = _mirror_upper(self._upper, self.BLOCK), None
+        return self._full
+
+    def add(self, x: torch.Tensor) -> None:
+        if self._upper is None:
+            raise RuntimeError("statistics already read; no more inputs can be added")
+        xf = x.float()
+        dim = xf.shape[1]
+        for start in range(0, dim, self.BLOCK):
+            stop = min(start + self.BLOCK, dim)
+            self._upper[start:stop, start:].addmm_(xf[:, start:stop].T, xf[:, start:])
+
+    def to(self, device: torch.device) -> Hessian:
+        return Hessian.of(self.matrix.to(device))
+
+
+def _mirror_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
+    """Make `upper` symmetric in place from its upper triangle (the accumulated blocks also fill the
+    diagonal blocks' lower halves: those are overwritten too, so the result is exactly
+    triu(upper) + triu(upper, 1).T). Extra memory: one block x block tile."""
+    dim = upper.shape[0]
+    for start in range(0, dim, block):
+        stop = min(start + block, dim)
+        tile = upper[start:stop, start:stop]
+        tile.copy_(torch.triu(tile) + torch.triu(tile, 1).T)
+        upper[stop:, start:stop].copy_(upper[start:stop, stop:].T)
+    return upper
+
+
+class InputStats:
+    """The statistics of the inputs seen by one or more Linear modules that share them: one instance of
+    each statistic class a method declares, plus what is derived from them once (a group's shared
+    inverse factor)."""
+
+    def __init__(self, dim: int, kinds: tuple[type[Statistic], ...], device: torch.device) -> None:
+        self.tokens = 0
+        self.values: dict[type[Statistic], Statistic] = {kind: kind(dim, device) for kind in kinds}
+        self._lock = threading.Lock()
+        self._derived: dict = {}
+
+    @classmethod
+    def holding(cls, *values: Statistic, tokens: int = 0) -> InputStats:
+        """Statistics made of already accumulated values (benchmarks, tests)."""
+        stats = cls(0, (), torch.device("cpu"))
+        stats.values = {type(value): value for value in values}
+        stats.tokens = tokens
+        return stats
+
+    def __getitem__(self, kind: type[Statistic]) -> Statistic:
+        return self.values[kind]
+
+    def get(self, kind: type[Statistic]) -> Statistic | None:
+        return self.values.get(kind)
+
+    @property
+    def exact_error(self) -> bool:
+        return any(value.exact_error for value in self.values.values())
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.tokens += x.shape[0]
+        for value in self.values.values():
+            value.add(x)
+
+    def derived(self, key: object, make: Callable[[], object]) -> object:
+        """What `make` computes from these statistics, computed once and kept as long as they are: the
+        Linears of a group share one Hessian, so they share its inverse factor too."""
+        with self._lock:
+            if key not in self._derived:
+                self._derived[key] = make()
+            return self._derived[key]
+
+    def to(self, device: torch.device) -> InputStats:
+        """A copy of these statistics on another device (for a solve on a second GPU)."""
+        return InputStats.holding(*(value.to(device) for value in self.values.values()), tokens=self.tokens)

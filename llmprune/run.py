@@ -1,0 +1,316 @@
+"""The one run skeleton behind `llmprune MODEL ...` and `llmprune.prune()`:
+
+resolve -> calibration and eval windows -> output folder -> dense perplexity -> BODY -> shards ->
+pruned perplexity -> gate, card, report -> push.
+
+The body is the kind of pruning the method belongs to (unstructured / N:M, or structured); everything
+else is shared, so every kind gets the same checks, logs, resume rules, report and publishing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from llmprune.body import Body, RunContext, log
+from llmprune.data.sources import resolve_source
+from llmprune.data.windows import (
+    TokenizedCorpus,
+    Windows,
+    calibration_windows,
+    evaluation_windows,
+    is_token_file,
+    windows_from_file,
+)
+from llmprune.engine.devices import (
+    current_rss,
+    parse_dtype,
+    peak_cuda,
+    peak_rss,
+    resolve_device,
+    return_freed_memory,
+    trim_heap,
+    warm_up_kernels,
+)
+from llmprune.engine.loop import layer_unit
+from llmprune.engine.resume import RunState, check_resumable, folder_identity, make_fingerprint
+from llmprune.engine.unstructured import UnstructuredBody
+from llmprune.errors import LLMPruneError
+from llmprune.eval.perplexity import Perplexity, perplexity
+from llmprune.export.card import base_model_of, write_card
+from llmprune.export.gate import quality_gate
+from llmprune.export.packed import FORMAT, pack_shards
+from llmprune.export.writer import OutputFolder, check_output
+from llmprune.methods import METHODS
+from llmprune.models.resolve import resolve_model
+from llmprune.models.skeleton import Skeleton, build_skeleton
+from llmprune.models.text import context_length, load_tokenizer
+from llmprune.report import PeakMemory, PerplexitySection, Report, write_report
+from llmprune.settings import Option, Settings, parse_size, validate
+from llmprune.structured.body import StructuredBody
+from llmprune.structured.methods import STRUCTURED
+
+LOADER_BREAKING_KEYS = ("quantization_config", "sparsity_config", "compression_config")
+
+# each kind of pruning: its methods and its body
+KINDS: dict[str, tuple[dict[str, type], type[Body]]] = {
+    "unstructured": (METHODS, UnstructuredBody),
+    "structured": (STRUCTURED, StructuredBody),
+}
+
+
+def all_methods() -> dict[str, tuple[str, type]]:
+    """Every method by name: (kind, class)."""
+    return {name: (kind, cls) for kind, (registry, _) in KINDS.items() for name, cls in registry.items()}
+
+
+def method_options() -> dict[str, tuple[Option, ...]]:
+    """The options each method declares, by method name."""
+    return {name: cls.options for name, (_, cls) in all_methods().items()}
+
+
+def make_settings(model: str, **options) -> Settings:
+    """Settings from the Python API's keywords, validated for the method's kind."""
+    settings = Settings.from_options(model, method_options(), **options)
+    kind, method = all_methods()[settings.method]
+    validate(settings, kind, method.options)
+    return settings
+
+
+def default_output(model: str, method: str, tag: str) -> Path:
+    """./MODEL-METHOD-TAG, MODEL being the last part of a Hub id or the stem of a .gguf file."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).stem if model.endswith(".gguf") else model.split("/")[-1])
+    return Path(f"{stem}-{method}-{tag}")
+
+
+def output_config(folder: Path, save_dtype: torch.dtype | None) -> dict:
+    """The source config.json, architecture unchanged, minus metadata that stock loaders reject."""
+    config = json.loads((folder / "config.json").read_text())
+    for key in LOADER_BREAKING_KEYS:
+        config.pop(key, None)
+    if save_dtype is not None:
+        name = str(save_dtype).removeprefix("torch.")
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    return config
+
+
+def eval_windows_for(settings: Settings, calibration: TokenizedCorpus | None, tokenizer, seqlen: int) -> Windows | None:
+    """The eval windows: --eval, else the held-out part of a local calibration corpus, else wikitext2."""
+    common = settings.common
+    if common.no_eval:
+        return None
+    if common.eval is None and calibration is not None and calibration.corpus.local:
+        source, spec = calibration, common.calibration
+    else:
+        spec = common.eval or "wikitext2"
+        try:
+            source = TokenizedCorpus(resolve_source(spec, split="test"), tokenizer)
+        except LLMPruneError as exc:
+            if common.eval is None:
+                raise LLMPruneError(f"{exc} (or pass --eval FILE, or --no-eval)") from exc
+            raise
+    return evaluation_windows(source, seqlen, common.eval_samples, spec=spec)
+
+
+def check_token_windows(windows: Windows, skeleton: Skeleton, limit: int | None) -> None:
+    """A token file's ids must be in the vocabulary and its windows within the context."""
+    vocab = getattr(skeleton.config.get_text_config(), "vocab_size", None)
+    if vocab and int(windows.ids.max()) >= vocab or int(windows.ids.min()) < 0:
+        raise LLMPruneError(f"token file {windows.source} holds ids outside the vocabulary [0, {vocab})")
+    if limit and windows.seqlen > limit:
+        raise LLMPruneError(
+            f"token file {windows.source} has windows of {windows.seqlen} tokens, over the context {limit}"
+        )
+
+
+def api_call(settings: Settings) -> str:
+    """The Python call equivalent to `settings`: llmprune.prune('MODEL', option=value, ...)."""
+    defaults = {o.name: o.default for o in all_methods()[settings.method][1].options}
+    options = [f"{name}={value!r}" for name, value in settings.changed(defaults).items()]
+    return f"llmprune.prune({', '.join([repr(settings.common.model), *options])})"
+
+
+def prune(model: str, **options) -> dict:
+    """Prune `model` in one shot and write the result; returns the report (also in llmprune.json).
+
+    Keyword options mirror the CLI flags (see llmprune.settings), e.g.
+    `prune("opt-125m", method="wanda", pattern="2:4", calibration="corpus.txt", output="out")`.
+    """
+    started = time.perf_counter()
+    return_freed_memory()
+    settings = make_settings(model, **options)
+    common = settings.common
+    kind, method = all_methods()[settings.method]
+    body = KINDS[kind][1](settings, method)
+    device = resolve_device(common.device, absent_ok=settings.unstructured.plan_only)
+    body.check_device(device)
+    save_override = parse_dtype(common.dtype)
+    output = Path(common.output) if common.output else default_output(model, settings.method, body.tag)
+    check_output(output, common.overwrite)
+    if settings.publish.push_to_hub:
+        from llmprune.hub.push import require_token
+
+        require_token()
+
+    folder = resolve_model(model, quiet=common.quiet)
+    skeleton = build_skeleton(folder)
+    limit = context_length(skeleton)
+    seqlen = min(common.seqlen, limit) if limit else common.seqlen
+    ctx = RunContext(settings, folder, skeleton, device, save_override or skeleton.dtype, limit)
+    body.check_model(ctx)
+    tokenizer = functools.cache(lambda: load_tokenizer(folder))  # not loaded at all for token files without eval
+    if is_token_file(common.calibration):
+        calib_corpus, ctx.calib = None, windows_from_file(Path(common.calibration))
+        check_token_windows(ctx.calib, skeleton, limit)
+    else:
+        calib_corpus = TokenizedCorpus(resolve_source(common.calibration, split="train"), tokenizer())
+        ctx.calib = calibration_windows(calib_corpus, common.samples, seqlen, common.seed)
+    if not common.no_eval:
+        ctx.eval_windows = eval_windows_for(settings, calib_corpus, tokenizer(), ctx.calib.seqlen)
+    if seqlen != common.seqlen:  # said once the inputs are known to be good (bad input gets one line)
+        log.info("--seqlen capped at the model's context of %d tokens", seqlen)
+
+    writer = OutputFolder(output, common.overwrite)
+    resolved = {
+        "model": folder_identity(folder),
+        "calibration": ctx.calib.fingerprint(),
+        "eval": ctx.eval_windows.fingerprint() if ctx.eval_windows else None,
+        "dtype": str(ctx.save_dtype),
+        **body.fingerprint(ctx),
+    }
+    fingerprint = make_fingerprint(**{**settings.fingerprint_parts(kind), **resolved})
+    saved = resumable_state(writer, fingerprint, settings) if body.resumable else None
+    warm_up_kernels()
+    trim_heap()
+    ctx.overhead = current_rss()  # interpreter, libraries, skeleton, tokenizer: what a plan does not budget
+    planned = body.plan(ctx, saved)
+    if planned is not None:
+        return planned
+    log.info("%s", body.describe(ctx))
+
+    if saved is None:
+        writer.create(fresh=True)
+        state = RunState(fingerprint, choice=body.state_choice())
+        if body.resumable:
+            state.save(writer.work)
+    else:
+        state = saved
+        log.info("resuming %s at layer %d of %d", writer.partial.name, state.next_layer, skeleton.num_layers)
+    try:
+        report = _run(ctx, body, writer, state, started)
+        result = report.as_dict()
+        result["output"] = str(writer.commit())
+    except BaseException:
+        if not body.resumable or (state.next_layer == 0 and not state.dense_perplexity):
+            writer.discard()
+        else:
+            log.warning("the run stopped; the same command resumes it from %s", writer.partial)
+        raise
+    result["hub"] = push_after_run(result, settings)
+    return result
+
+
+def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, started: float) -> Report:
+    """From the dense perplexity to the finished (uncommitted) folder and its report."""
+    settings, eval_windows, device = ctx.settings, ctx.eval_windows, ctx.device
+    if eval_windows is not None and state.dense_perplexity is None:
+        dense = perplexity(ctx.folder, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="dense ppl")
+        state.dense_perplexity = dense.as_dict()
+        if body.resumable:
+            state.save(writer.work)
+        log.info("dense perplexity %.3f on %d x %d tokens", dense.perplexity, eval_windows.count, eval_windows.seqlen)
+    body.prune(ctx, writer, state)
+    skeleton = ctx.skeleton
+    rest = {
+        k: (v.to(ctx.save_dtype) if v.is_floating_point() else v)
+        for k, v in skeleton.read(skeleton.rest_keys()).items()
+    }
+    writer.write_unit("rest", rest)
+    del rest
+    units = [layer_unit(i) for i in range(skeleton.num_layers)] + ["rest"]
+    writer.write_shards(units, parse_size(settings.common.max_shard_size))
+    writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, parse_dtype(settings.common.dtype))))
+    pruned = None
+    if eval_windows is not None:
+        pruned = perplexity(
+            writer.partial, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="pruned ppl"
+        )
+    part = body.report(ctx, state)
+    ppl = None
+    if eval_windows is not None:
+        dense_block = Perplexity(**state.dense_perplexity).as_dict() if state.dense_perplexity else None
+        ppl = PerplexitySection(eval_windows.describe(), dense_block, pruned.as_dict() if pruned else None)
+    publish = settings.publish
+    report = Report(
+        model=settings.common.model,
+        source_folder=str(ctx.folder),
+        method=settings.method,
+        pattern=part.pattern,
+        sparsity=part.sparsity,
+        achieved_sparsity=part.achieved_sparsity,
+        options=part.options,
+        sections=part.sections,
+        calibration=ctx.calib.describe(),
+        dtype=str(ctx.save_dtype).removeprefix("torch."),
+        device=str(device),
+        layers=part.layers,
+        damping_retries=part.damping_retries,
+        timings={**part.timings, "total_seconds": round(time.perf_counter() - started, 2)},
+        perplexity=ppl,
+        peak_memory=PeakMemory(peak_rss(), peak_cuda(device), ctx.overhead),
+        command=settings.common.command or api_call(settings),
+        base_model=base_model_of(settings.common.model, ctx.folder),
+        save_format=publish.save_format,
+        quality_gate=quality_gate(ppl.as_dict() if ppl else None, publish.max_ppl_increase),
+    )
+    if publish.save_format == FORMAT:
+        report.packed = pack_shards(writer.partial, writer.partial)
+    write_card(writer.partial, report.as_dict())
+    write_report(writer.partial, report.as_dict())
+    return report
+
+
+def resumable_state(writer: OutputFolder, fingerprint: dict, settings: Settings) -> RunState | None:
+    """The unfinished run to continue, if the partial folder holds this very run; None to start fresh."""
+    overwrite = settings.common.overwrite
+    saved = RunState.load(writer.work) if writer.work.is_dir() else None
+    if saved is not None and not overwrite:
+        check_resumable(saved, fingerprint, writer.partial)
+        return saved
+    if settings.common.resume:
+        raise LLMPruneError(f"--resume: there is no unfinished run to resume at {writer.partial}")
+    if writer.partial.exists() and not overwrite:
+        raise LLMPruneError(f"{writer.partial} holds an unfinished run that cannot be resumed; pass --overwrite")
+    return None
+
+
+def push_after_run(report: dict, settings: Settings) -> dict | None:
+    """Push the committed folder when --push-to-hub was given and the gate passed; returns what happened."""
+    publish = settings.publish
+    if not publish.push_to_hub:
+        return None
+    if not report["quality_gate"]["passed"]:
+        return {"pushed": False, "repo_id": publish.push_to_hub, "reason": "the quality gate failed"}
+    from llmprune.hub.push import push_folder
+
+    try:
+        result = push_folder(
+            Path(report["output"]),
+            publish.push_to_hub,
+            private=publish.private,
+            revision=publish.revision,
+            commit_message=publish.commit_message,
+        )
+    except LLMPruneError as exc:
+        raise type(exc)(
+            f"{exc} ({report['output']} is complete: retry with `llmprune push {report['output']} "
+            f"{publish.push_to_hub}`)"
+        ) from exc
+    return {"pushed": True, **result}

@@ -1,0 +1,446 @@
+"""Everything a run depends on, typed and nested by concern, at the bottom of the import graph.
+
+Each setting is declared once, with its default and help, as a field of one section (common,
+unstructured, structured, publish); a method's own options are `Option`s the method declares. The CLI
+flags, the Python API (`llmprune.prune(model, **options)`), validation, the resume fingerprint and
+the report all come from these declarations. `validate` is the one place option values are checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from llmprune.argparsing import fraction
+from llmprune.errors import LLMPruneError
+from llmprune.pattern import Pattern
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+ORDERS = ("parallel", "sequential")
+SAVE_FORMATS = ("dense", "packed-2:4")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its name (the keyword of the Python API; the flag is --name-with-dashes), default,
+    help, value type and choices, and whether it changes the result (then it is part of the resume
+    fingerprint and recorded among the report's options)."""
+
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple | None = None
+    metavar: str | None = None
+    affects_result: bool = True
+    flag: str | None = None  # the CLI flag, when it is not --name-with-dashes (e.g. --no-mask-tuning)
+    nargs: str | None = None  # "+" for a list
+    minimum: float | None = None  # the smallest value allowed (None: any)
+    owner: str = ""  # the section or method that declares it
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> None:
+        """The option's own constraints: one of its choices, at least its minimum."""
+        if self.minimum is not None and value is not None and value < self.minimum:
+            raise LLMPruneError(f"{self.cli_flag} must be at least {self.minimum:g} (got {value})")
+        if self.choices is not None and value not in self.choices:
+            raise LLMPruneError(f"{self.cli_flag} must be one of {', '.join(map(str, self.choices))} (got {value!r})")
+
+
+class Configurable:
+    """A class that declares its own Options (a pruning method): an instance holds their values by name,
+    defaults filled in, and reports them as JSON values."""
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, **values: Any) -> None:
+        unknown = set(values) - {o.name for o in self.options}
+        if unknown:
+            raise TypeError(f"{self.name} has no option {sorted(unknown)[0]!r}")
+        self.values = {o.name: values.get(o.name, o.default) for o in self.options}
+
+    def report_options(self) -> dict[str, Any]:
+        """The options as the report and the model card record them (a dtype by its name)."""
+        plain = (str, int, float, bool, type(None))
+        return {k: v if isinstance(v, plain) else str(v).removeprefix("torch.") for k, v in self.values.items()}
+
+
+def setting(default: Any, help: str, **details: Any) -> Any:
+    """A section field with its Option details (help, type, choices, ...) as metadata."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return field(default=default, metadata={"help": help, **details})
+
+
+def options_of(section: type, owner: str = "") -> list[Option]:
+    """The Options of a settings section, in declaration order."""
+    return [
+        Option(f.name, f.default, f.metadata["help"], owner=owner or section.__name__, **_details(f.metadata))
+        for f in dataclasses.fields(section)
+        if "help" in f.metadata
+    ]
+
+
+def _details(metadata: Mapping) -> dict:
+    return {k: v for k, v in metadata.items() if k != "help"}
+
+
+@dataclass(frozen=True)
+class Common:
+    """What every run needs: the model, the data, the output, the device and the run's manners."""
+
+    model: str = setting("", "local folder, .gguf file, Hub id, or alias such as opt-125m", flag="MODEL")
+    method: str = setting("sparsegpt", "the pruning method")
+    calibration: str = setting(
+        "c4", "c4, wikitext2, a Hub dataset id, a .txt/.md/.jsonl file or a folder (default c4)", metavar="SRC"
+    )
+    samples: int = setting(128, "calibration windows (default 128)", type=int)
+    seqlen: int = setting(2048, "tokens per window, capped at the model context", type=int)
+    seed: int = setting(0, "seed of the calibration draw (default 0)", type=int)
+    output: str | None = setting(
+        None, "output folder (default ./MODEL-METHOD-SPARSITY)", metavar="DIR", affects_result=False
+    )
+    overwrite: bool = setting(False, "replace a non-empty --output folder", affects_result=False)
+    eval: str | None = setting(
+        None,
+        "perplexity source (default: held-out 10%% of a local calibration corpus, else wikitext2)",
+        metavar="SRC",
+    )
+    no_eval: bool = setting(False, "skip the dense and pruned perplexity")
+    eval_samples: int | None = setting(None, "evaluate at most N windows", type=int, metavar="N")
+    device: str = setting("auto", "auto, cpu or cuda (default auto)", affects_result=False)
+    dtype: str | None = setting(None, "output dtype: float32, float16 or bfloat16 (default: as input)")
+    batch_size: int | None = setting(None, "windows per forward (default auto)", type=int, metavar="N")
+    max_shard_size: str = setting("5GB", "largest output shard (default 5GB)", affects_result=False)
+    resume: bool = setting(False, "continue the unfinished run at --output (refuse if none)", affects_result=False)
+    quiet: bool = setting(False, "no progress bars or log lines", affects_result=False)
+    command: str | None = None  # the command line that asked for this run (the CLI sets it), for the report
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """The unstructured / N:M engine: what to prune, and how the streamed layer loop runs."""
+
+    sparsity: float | None = setting(
+        None,
+        "fraction of weights to remove, in [0, 1) (default 0.5; N:M implies its own)",
+        type=fraction,
+    )
+    pattern: str = setting("unstructured", "'unstructured' or N:M, e.g. 2:4 (N kept of every M)")
+    forward_dtype: str = setting(
+        "auto",
+        "dtype of the calibration forward's matmuls and attention: auto, float32, bfloat16 or float16 (GPU). "
+        "Narrower than the layers runs under autocast, wider loads the layers in it; statistics, solves and saved "
+        "weights keep full precision. auto: the model's dtype on a GPU, float32 on a CPU",
+        metavar="DTYPE",
+        choices=("auto", *DTYPE_NAMES),
+    )
+    targets: tuple[str, ...] = setting(
+        ("*",),
+        "Linear modules to prune, by name inside a layer (default: all, e.g. 'mlp.*')",
+        nargs="+",
+        metavar="GLOB",
+    )
+    ignore: tuple[str, ...] = setting((), "Linear modules to leave dense", nargs="+", metavar="GLOB")
+    order: str = setting(
+        "parallel",
+        "parallel: every module sees the dense layer's inputs, as in the papers (default); "
+        "sequential: prune each module as soon as it has seen all windows, one forward per layer",
+        choices=ORDERS,
+    )
+    park: str = setting(
+        "auto",
+        "where chunks waiting for a module's statistics keep their tensors: memory, host (CPU RAM, for GPU "
+        "runs) or disk; auto: memory unless the memory plan needs parking (host from a GPU, disk on a CPU)",
+        choices=("auto", "memory", "host", "disk"),
+        affects_result=False,
+    )
+    max_memory: str | None = setting(
+        None,
+        "memory budget of the compute device (e.g. 8GB), or cpu=SIZE,cuda=SIZE; default: what is free. "
+        "The run adapts to it or refuses before reading weights",
+        metavar="SIZE",
+        affects_result=False,
+    )
+    activations: str = setting(
+        "auto",
+        "where calibration activations live between layers: auto (memory, or disk when the budget needs it), "
+        "memory or disk",
+        choices=("auto", "memory", "disk"),
+        affects_result=False,
+    )
+    solver_devices: str | None = setting(
+        None,
+        "devices that run the per-module solves concurrently (default: every visible GPU with --device cuda)",
+        metavar="DEV,DEV",
+        affects_result=False,
+    )
+    plan_only: bool = setting(False, "print the memory plan and exit (reads no weights)", affects_result=False)
+
+
+@dataclass(frozen=True)
+class Structured:
+    """Structured methods: how much to remove, and how the kept units are chosen and tuned."""
+
+    remove: float | None = setting(
+        None, "fraction of decoder-layer parameters to remove (default 0.2)", type=fraction, metavar="F"
+    )
+    target_flops: float | None = setting(
+        None, "instead of --remove: keep at most F of the decoder FLOPs per token", type=fraction, metavar="F"
+    )
+    heads_per_group: bool = setting(
+        False, "remove the same number of query heads from every KV group (default: whole KV groups)"
+    )
+    keep_heads: int | None = setting(None, "explicit query heads per layer", type=int, metavar="N")
+    keep_neurons: int | None = setting(None, "explicit FFN neurons per layer", type=int, metavar="N")
+    mask_tuning: bool = setting(
+        True, "skip the least-squares rescaling of kept heads and neurons", flag="--no-mask-tuning"
+    )
+    neuron_multiple: int = setting(64, "kept FFN width is a multiple of N (default 64)", type=int, metavar="N")
+    tuning_damping: float = setting(
+        0.01,
+        "ridge damping of mask tuning, as a fraction of the mean diagonal (default 0.01)",
+        type=fraction,
+        metavar="F",
+    )
+
+    def keep_fraction(self) -> tuple[float, bool]:
+        """(fraction of decoder parameters or FLOPs to keep, measured in FLOPs?)."""
+        if self.target_flops is not None:
+            return self.target_flops, True
+        return 1 - (0.2 if self.remove is None else self.remove), False
+
+
+@dataclass(frozen=True)
+class Publish:
+    """What happens to the finished folder: its format, the quality gate, the Hub."""
+
+    save_format: str = setting(
+        "dense",
+        "dense: safetensors with exact zeros, loads anywhere (default); packed-2:4: kept values + 2-bit positions",
+        choices=SAVE_FORMATS,
+    )
+    max_ppl_increase: float = setting(
+        0.5,
+        "quality gate: fail the run (exit 3) if pruned perplexity > dense x (1 + F) (default 0.5)",
+        type=fraction,
+        metavar="F",
+        affects_result=False,
+    )
+    push_to_hub: str | None = setting(
+        None, "push the folder if the gate passes", metavar="ORG/NAME", affects_result=False
+    )
+    private: bool = setting(False, "create the Hub repository as private", affects_result=False)
+    revision: str | None = setting(None, "Hub branch to push to (default main)", metavar="BRANCH", affects_result=False)
+    commit_message: str | None = setting(None, "Hub commit message", metavar="MSG", affects_result=False)
+
+
+SECTIONS: dict[str, type] = {
+    "common": Common,
+    "unstructured": Unstructured,
+    "structured": Structured,
+    "publish": Publish,
+}
+DEFAULT_MAX_PPL_INCREASE: float = Publish.max_ppl_increase
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings: one section per concern, plus the chosen method's own options."""
+
+    common: Common
+    unstructured: Unstructured = Unstructured()
+    structured: Structured = Structured()
+    publish: Publish = Publish()
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.common.method
+
+    @property
+    def quiet(self) -> bool:
+        return self.common.quiet
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its Python API keyword (the inverse of `from_options`): what to prune first (the
+        method, the sparsity and pattern), then each section's settings in declaration order."""
+        values: dict[str, Any] = {
+            "method": self.common.method,
+            "sparsity": self.unstructured.sparsity,
+            "pattern": self.unstructured.pattern,
+        }
+        for name in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                values.setdefault(key, value)
+        values.update(self.method_options)
+        return values
+
+    def changed(self, method_defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The settings that differ from their defaults (`method_defaults`: the method's options' defaults),
+        for the Python call the report records."""
+        base = {**Settings(Common(model=self.common.model)).flat(), **method_defaults}
+        return {k: v for k, v in self.flat().items() if k not in ("model", "command") and v != base.get(k)}
+
+    def fingerprint_parts(self, kind: str) -> dict[str, Any]:
+        """The settings a result of this kind depends on, for the resume fingerprint, without those the run
+        fingerprints by what they resolve to (the model's files, the calibration and eval windows, the dtype)."""
+        resolved = ("model", "calibration", "samples", "seqlen", "seed", "eval", "eval_samples", "no_eval", "dtype")
+        parts = {}
+        for name, section in SECTIONS.items():
+            if name in ("common", "publish", kind):
+                for option in options_of(section):
+                    if option.affects_result and option.name not in resolved:
+                        parts[option.name] = getattr(getattr(self, name), option.name)
+        return {**parts, **self.method_options}
+
+    @classmethod
+    def from_options(cls, model: str, method_options: Mapping[str, tuple[Option, ...]], /, **options: Any) -> Settings:
+        """Settings from the Python API's flat keywords (the CLI flags' names). `method_options` maps each
+        method's name to the options it declares: the chosen method's are filled with their defaults, and
+        another method's option given with a value is refused (never silently ignored)."""
+        method = options.get("method", Common.method)
+        if method not in method_options:
+            raise LLMPruneError(f"unknown --method {method!r}: choose from {', '.join(method_options)}")
+        routed: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        declared = {o.name: o for o in method_options[method]}
+        chosen: dict[str, Any] = {name: o.default for name, o in declared.items()}
+        foreign = {o.name: m for m, opts in method_options.items() for o in opts}
+        for key, value in options.items():
+            section = next((n for n, s in SECTIONS.items() if key in {f.name for f in dataclasses.fields(s)}), None)
+            if section is not None:
+                routed[section][key] = tuple(value) if isinstance(value, list) else value
+            elif key in declared:
+                chosen[key] = value
+            elif key in foreign:
+                if value is not None:
+                    flag = "--" + key.replace("_", "-")
+                    raise LLMPruneError(f"{flag} is an option of --method {foreign[key]}, not of {method}")
+            else:
+                raise LLMPruneError(f"unknown option {key!r}")
+        if "model" in routed["common"]:
+            raise LLMPruneError("the model is the first argument, not an option")
+        chosen = {k: (declared[k].default if v is None else v) for k, v in chosen.items()}
+        return cls(
+            Common(model=model, **routed["common"]),
+            Unstructured(**routed["unstructured"]),
+            Structured(**routed["structured"]),
+            Publish(**routed["publish"]),
+            chosen,
+        )
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number) :]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError) as exc:
+        raise LLMPruneError(f"cannot read size {text!r} (use e.g. 5GB, 512MiB)") from exc
+
+
+def parse_budget_text(text: str | None) -> dict[str, int]:
+    """--max-memory as {device type: bytes}: one SIZE (key ''), or 'cpu=SIZE,cuda=SIZE' (cuda:N names the
+    cuda budget)."""
+    values: dict[str, int] = {}
+    for part in (text or "").split(",") if text else ():
+        key, _, size = part.rpartition("=")
+        key = key.strip().partition(":")[0]
+        if key not in ("", "cpu", "cuda"):
+            raise LLMPruneError(f"--max-memory: {part.strip()!r} names no device; use SIZE or cpu=SIZE,cuda=SIZE")
+        values[key] = parse_size(size)
+    return values
+
+
+def check_max_ppl_increase(value: float) -> float:
+    """--max-ppl-increase: a fraction >= 0 (inf turns the gate off)."""
+    if math.isnan(value) or value < 0:
+        raise LLMPruneError(f"--max-ppl-increase must be >= 0 (got {value})")
+    return float(value)
+
+
+def check_repo_id(repo_id: str) -> str:
+    """ORG/NAME, or a one-line error."""
+    if not REPO_ID.fullmatch(repo_id or ""):
+        raise LLMPruneError(f"Hub repository must be ORG/NAME (got {repo_id!r})")
+    return repo_id
+
+
+def validate(settings: Settings, kind: str, method_options: Iterable[Option] = ()) -> None:
+    """Every check of option values, before any work: a run of `kind` ("unstructured" or "structured")
+    refuses the other kind's settings, each value is in range, and the combinations make sense."""
+    other = "structured" if kind == "unstructured" else "unstructured"
+    given = getattr(settings, other)
+    for option in options_of(SECTIONS[other]):
+        if getattr(given, option.name) != option.default:
+            hint = ": use --remove or --target-flops" if option.name in ("sparsity", "pattern") else ""
+            raise LLMPruneError(
+                f"{option.cli_flag} is for the {other} methods; --method {settings.method} is {kind}{hint}"
+            )
+    common, unstructured, structured, publish = (
+        settings.common,
+        settings.unstructured,
+        settings.structured,
+        settings.publish,
+    )
+    for section in (common, unstructured, structured, publish):
+        for option in options_of(type(section)):
+            option.check(getattr(section, option.name))
+    for option in method_options:
+        option.check(settings.method_options[option.name])
+    for name in ("samples", "seqlen"):
+        if getattr(common, name) < 1:
+            raise LLMPruneError(f"--{name} must be a positive number (got {getattr(common, name)})")
+    if common.eval_samples is not None and common.eval_samples < 1:
+        raise LLMPruneError(f"--eval-samples must be a positive number (got {common.eval_samples})")
+    if common.batch_size is not None and common.batch_size < 1:
+        raise LLMPruneError(f"--batch-size must be a positive number of windows (got {common.batch_size})")
+    if common.dtype not in (None, "auto", *DTYPE_NAMES):
+        raise LLMPruneError(f"--dtype must be one of auto, {', '.join(DTYPE_NAMES)} (got {common.dtype!r})")
+    parse_size(common.max_shard_size)
+    parse_budget_text(unstructured.max_memory)
+    if structured.remove is not None and structured.target_flops is not None:
+        raise LLMPruneError("give --remove or --target-flops, not both")
+    if structured.target_flops is not None and not 0 < structured.target_flops < 1:
+        raise LLMPruneError(f"--target-flops must be in (0, 1) (got {structured.target_flops})")
+    if structured.remove is not None and not 0 < structured.remove < 1:
+        raise LLMPruneError(f"--remove must be in (0, 1) (got {structured.remove})")
+    if kind == "structured" and publish.save_format != "dense":
+        raise LLMPruneError(f"--save-format {publish.save_format} is for 2:4-sparse models, not structured ones")
+    if kind == "structured" and common.resume:
+        raise LLMPruneError("structured runs are not resumable (they are short); run the command again")
+    if kind == "unstructured":
+        pattern = Pattern.parse(unstructured.pattern, unstructured.sparsity)
+        if publish.save_format == "packed-2:4" and str(pattern) != "2:4":
+            raise LLMPruneError(f"--save-format packed-2:4 needs --pattern 2:4 (got {pattern})")
+    check_max_ppl_increase(publish.max_ppl_increase)
+    if publish.push_to_hub:
+        check_repo_id(publish.push_to_hub)
+        if common.no_eval:
+            raise LLMPruneError(
+                "--push-to-hub needs the quality gate, which --no-eval skips "
+                "(push later with `llmprune push DIR ORG/NAME --force`)"
+            )

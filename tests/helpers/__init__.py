@@ -1,0 +1,1 @@
+"""Modules the tests share: tiny models, a fake Hub, a served llmprune process, reference solves, vLLM runs."""
