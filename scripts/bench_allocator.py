@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from benchlib import flags, layer_forward, load_float32_model, machine, run_measured, script_parser
 
 SETTINGS = {  # name: (mallopt calls or "llmprune", environment)
     "glibc defaults": ([], {}),
@@ -32,7 +33,6 @@ def measure(setting: str, model_name: str, windows: int, seqlen: int, repeats: i
     import ctypes
 
     import torch
-    from benchlib import layer_forward, load_float32_model
 
     from llmprune.engine.devices import return_freed_memory
     from llmprune.engine.lockstep import Lockstep
@@ -74,7 +74,7 @@ def measure(setting: str, model_name: str, windows: int, seqlen: int, repeats: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-gguf")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -88,17 +88,15 @@ def main() -> None:
         print(" ".join(f"{ms:.1f}" for ms in per_window))
         return
 
-    from benchlib import machine
-
     heads = [f"{'main thread' if kind == 'main' else 'lockstep threads'}, chunks of {size}" for kind, size in CASES]
     print(f"{machine()}; one layer of {args.model}, {args.windows} windows of {args.seqlen} tokens, ms per window")
     print("| allocator | " + " | ".join(heads) + " |")
     print("|---" * (len(CASES) + 1) + "|")
     for setting in SETTINGS:
-        child = [sys.executable, __file__, "--setting", setting, "--model", args.model, "--windows", str(args.windows)]
-        child += ["--seqlen", str(args.seqlen), "--repeats", str(args.repeats)]
+        child = [sys.executable, __file__, "--setting", setting]
+        child += flags(model=args.model, windows=args.windows, seqlen=args.seqlen, repeats=args.repeats)
         environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | SETTINGS[setting][1]
-        result = subprocess.run(child, capture_output=True, text=True, check=True, env=environment)
+        result = run_measured(child, env=environment, check=setting)
         print(f"| {setting} | " + " | ".join(result.stdout.split()) + " |", flush=True)
 
 

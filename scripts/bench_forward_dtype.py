@@ -7,19 +7,18 @@ model's own dtype), with the torch-profiler share of the main operators.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import time
 
 import torch
-from benchlib import layer_forward, load_float32_model, machine
+from benchlib import layer_forward, load_float32_model, machine, script_parser
 
 OPS = ("aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mul", "aten::copy_", "aten::silu")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-gguf")
     parser.add_argument("--windows", type=int, default=8, help="windows per chunk (llmprune's default here)")
     parser.add_argument("--seqlen", type=int, default=512)

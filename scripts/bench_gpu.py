@@ -10,7 +10,6 @@ Runs go in order of importance and stop when --deadline seconds are spent; rows 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -18,76 +17,14 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import machine, measure_llmprune, update_section
+from benchlib import flags, machine, measure_llmprune, publish_table, random_model, script_parser
+from shape_checkpoint import write_index
 
-SHAPES = {
-    "7b": dict(hidden=4096, inter=11008, heads=32),  # Llama-2-7B's decoder layer
-    "tiny": dict(hidden=256, inter=688, heads=4),  # a smoke test of this script on a CPU
+LLAMA = dict(model_type="llama", max_position_embeddings=4096, dtype="bfloat16")  # the vocabulary: the tokenizer's
+SHAPES = {  # the decoder layer, as config fields for benchlib.random_model: Llama-2-7B's, and a smoke test on a CPU
+    "7b": dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "tiny": dict(LLAMA, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4),
 }
-
-
-def random_model(folder: Path, layers: int, tokenizer: Path, shape: dict, device: str) -> Path:
-    """A Llama with random bf16 weights (std 0.02), one shard per decoder layer (drawn on `device`)."""
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig
-
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    config = LlamaConfig(
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["inter"],
-        num_hidden_layers=layers,
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        vocab_size=len(tok),
-        max_position_embeddings=4096,
-        dtype="bfloat16",
-    )
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    gen = torch.Generator(device).manual_seed(0)
-    h, i = shape["hidden"], shape["inter"]
-
-    def normal(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
-
-    index: dict[str, str] = {}
-
-    def shard(name: str, tensors: dict) -> None:
-        save_file(tensors, str(partial / name), metadata={"format": "pt"})
-        index.update({key: name for key in tensors})
-
-    def ones() -> torch.Tensor:
-        return torch.ones(h, dtype=torch.bfloat16)
-
-    shard(
-        "rest.safetensors",
-        {
-            "model.embed_tokens.weight": normal(len(tok), h),
-            "model.norm.weight": ones(),
-            "lm_head.weight": normal(len(tok), h),
-        },
-    )
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        shard(f"layer-{n:03d}.safetensors", {
-            p + "self_attn.q_proj.weight": normal(h, h), p + "self_attn.k_proj.weight": normal(h, h),
-            p + "self_attn.v_proj.weight": normal(h, h), p + "self_attn.o_proj.weight": normal(h, h),
-            p + "mlp.gate_proj.weight": normal(i, h), p + "mlp.up_proj.weight": normal(i, h),
-            p + "mlp.down_proj.weight": normal(h, i),
-            p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
-        })  # fmt: skip
-    total = sum(f.stat().st_size for f in partial.glob("*.safetensors"))
-    (partial / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1)
-    )
-    config.save_pretrained(partial)
-    tok.save_pretrained(partial)
-    partial.rename(folder)
-    return folder
 
 
 def subset(model: Path, folder: Path, layers: int) -> Path:
@@ -105,9 +42,7 @@ def subset(model: Path, folder: Path, layers: int) -> Path:
     }
     for shard in set(keep.values()):
         (partial / shard).symlink_to((model / shard).resolve())
-    total = sum((model / shard).stat().st_size for shard in set(keep.values()))
-    index = {"metadata": {"total_size": total}, "weight_map": keep}
-    (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    write_index(partial, keep, sum((model / shard).stat().st_size for shard in set(keep.values())))
     config = json.loads((model / "config.json").read_text())
     (partial / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=1))
     for extra in model.iterdir():
@@ -120,21 +55,20 @@ def subset(model: Path, folder: Path, layers: int) -> Path:
 def run(label: str, argv: list[str], out: Path, device: str) -> dict:
     """One measured `llmprune` process; its row."""
     folder = out / f"out-{label}"
-    log = out / f"{label}.log"
-    code, measured, report = measure_llmprune([*argv, "--device", device], folder, out / f"{label}.json", log)
-    if code != 0:
-        tail = log.read_text()[-1500:]
-        print(f"{label} failed (exit {code}):\n{tail}", flush=True)
-        return {"label": label, "failed": code, "reason": (tail.strip().splitlines() or [""])[-1][:200]}
+    measured, report = measure_llmprune([*argv, "--device", device], folder, log=out / f"{label}.log")
+    if measured.returncode != 0:
+        tail = measured.tail(1500)
+        print(f"{label} failed (exit {measured.returncode}):\n{tail}", flush=True)
+        return {"label": label, "failed": measured.returncode, "reason": (tail.strip().splitlines() or [""])[-1][:200]}
     plan = report["memory_plan"]
     row = {
         "label": label,
         "layers": len(report["layers"]),
-        "wall": measured["wall_seconds"],
+        "wall": measured.seconds,
         "timings": report.get("timings"),
         "layer_seconds": [layer["seconds"] for layer in report["layers"]],
-        "rss": measured["peak_rss_bytes"],
-        "cuda": report["peak_memory"]["cuda_bytes"] or measured["peak_rss_bytes"],
+        "rss": measured.peak_rss_bytes,
+        "cuda": report["peak_memory"]["cuda_bytes"] or measured.peak_rss_bytes,
         "plan": plan["peak_bytes"],
         "plan_host": plan["host_bytes"],
         "budget": plan["budget_bytes"],
@@ -155,7 +89,8 @@ def table(rows: list[dict], command: str, shape: dict) -> str:
     lines = [
         f"Measured {date.today()} on {machine()} (torch {torch.__version__}). Command: `{command}`.",
         "",
-        f"Random-weight Llama, hidden {shape['hidden']}, MLP {shape['inter']}, {shape['heads']} heads (Llama-2-7B's "
+        f"Random-weight Llama, hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}, "
+        f"{shape['num_attention_heads']} heads (Llama-2-7B's "
         "layer shape unless --shape says otherwise), bf16, one shard per layer. Peak CUDA memory is "
         "torch.cuda.max_memory_allocated over the whole run; the plan is the engine's planned peak on the GPU; "
         "host RSS is measured from outside the process.",
@@ -180,7 +115,7 @@ def table(rows: list[dict], command: str, shape: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--out", default="bench-gpu")
     parser.add_argument("--tokenizer", required=True, help="folder with a tokenizer (its vocabulary sizes the model)")
     parser.add_argument("--calibration", required=True, help="local text file or folder")
@@ -197,10 +132,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape, device = SHAPES[args.shape], args.device
-    models = {8: random_model(out / f"llama-{args.shape}-8L", 8, Path(args.tokenizer), shape, device)}
+    models = {8: random_model(out / f"llama-{args.shape}-8L", shape, Path(args.tokenizer), device, num_hidden_layers=8)}
     models[4] = subset(models[8], out / f"llama-{args.shape}-4L", 4)
     print(f"models ready after {time.perf_counter() - started:.0f} s", flush=True)
-    common = ["--calibration", args.calibration, "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+    common = flags(calibration=args.calibration, samples=args.samples, seqlen=args.seqlen)
     jobs = {
         "sparsegpt-50%-8L": [str(models[8]), "--method", "sparsegpt", *common],
         f"sparsegpt-50%-8L-{args.budget}": [str(models[8]), "--method", "sparsegpt", *common, "--max-memory",
@@ -221,11 +156,8 @@ def main() -> None:
             print(f"deadline: {label} not run", flush=True)
             continue
         rows.append(run(label, argv, out, device))
-        text = table(rows, command, shape)
-        (out / "bench_gpu.md").write_text(text + "\n")
-    print(text)
-    if args.write:
-        update_section(Path(args.write), text, "bench_gpu")
+        (out / "bench_gpu.md").write_text(table(rows, command, shape) + "\n")  # kept as the rows come
+    publish_table(table(rows, command, shape), "bench_gpu", out, args.write)
 
 
 if __name__ == "__main__":

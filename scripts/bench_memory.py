@@ -10,14 +10,15 @@ peak RSS); the plan's peak (plus the interpreter overhead it measured) comes fro
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from datetime import date
 from pathlib import Path
 
-from benchlib import machine, measure_llmprune, update_section
+from benchlib import flags, machine, measure_llmprune, publish_table, random_model, script_parser
+
+SMOLLM2_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)  # the random models use SmolLM2's tokenizer
 
 
 def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
@@ -25,16 +26,14 @@ def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
     saved = out / f"{label}.row.json"
     if reuse and saved.exists():
         return json.loads(saved.read_text())
-    folder, log = out / f"out-{label}", out / f"{label}.log"
-    code, measured, report = measure_llmprune([*argv, "--quiet"], folder, out / f"{label}.json", log)
-    if code != 0:
-        sys.exit(f"{label} failed: see {log}")
+    folder = out / f"out-{label}"
+    measured, report = measure_llmprune([*argv, "--quiet"], folder, log=out / f"{label}.log", check=label)
     plan = report["memory_plan"]
     planned = plan["peak_bytes"] + plan["overhead_bytes"]
     row = {
         "label": label,
-        "wall": measured["wall_seconds"],
-        "measured": measured["peak_rss_bytes"],
+        "wall": measured.seconds,
+        "measured": measured.peak_rss_bytes,
         "planned": planned,
         "plan_engine": plan["peak_bytes"],
         "overhead": plan["overhead_bytes"],
@@ -49,36 +48,8 @@ def run(label: str, argv: list[str], out: Path, reuse: bool = False) -> dict:
     return row
 
 
-def random_model(folder: Path, tokenizer_from: Path, fields: dict) -> Path:
-    """A random-weight model of the given config fields, bfloat16, written as 1 GB shards (with a real
-    tokenizer: SmolLM2's, whose ids all lie inside these vocabularies)."""
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    fields = dict(fields)
-    config = AutoConfig.for_model(fields.pop("model_type"), bos_token_id=1, eos_token_id=2, pad_token_id=2, **fields)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial, max_shard_size="1GB")
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(partial)
-    partial.rename(folder)
-    return folder
-
-
-def shape_fields(name: str) -> dict:
-    """A shape of scripts/shape_checkpoint.py as config fields for a random model (bfloat16 either way)."""
-    from shape_checkpoint import SHAPES
-
-    fields = dict(SHAPES[name])
-    fields.pop("dtype")
-    return fields
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--out", default="bench-memory")
     parser.add_argument("--skip-2b", action="store_true")
     parser.add_argument("--only", nargs="*", help="run only these labels (e.g. smollm2-sparsegpt llama-2b-sparsegpt)")
@@ -91,30 +62,23 @@ def main() -> None:
     from llmprune.models.resolve import resolve_model
 
     smol = resolve_model("smollm2-135m-gguf", quiet=True)
-    common = ["--calibration", "shakespeare", "--samples", "128", "--seqlen", "512"]
+    common = flags(calibration="shakespeare", samples=128, seqlen=512)
     jobs = {
         "smollm2-sparsegpt": [str(smol), "--method", "sparsegpt", *common],
         "smollm2-sparsegpt-budget-900MB": [str(smol), "--method", "sparsegpt", *common, "--max-memory", "900MB"],
         "smollm2-wanda": [str(smol), "--method", "wanda", *common],
     }
     if not args.skip_2b and (not args.only or any(label.startswith("llama-2b") for label in args.only)):
-        big = random_model(out / "llama-2b-random", smol, shape_fields("llama-1.8b"))
+        big = random_model(out / "llama-2b-random", "llama-1.8b", smol, shard_bytes=10**9, **SMOLLM2_IDS)
         params = sum(p.stat().st_size for p in big.glob("*.safetensors")) // 2
         print(f"random model: {params / 1e9:.2f} B parameters in {len(list(big.glob('*.safetensors')))} shards")
-        small = ["--calibration", "shakespeare", "--samples", "8", "--seqlen", "256"]
+        small = flags(calibration="shakespeare", samples=8, seqlen=256)
         jobs["llama-2b-sparsegpt"] = [str(big), "--method", "sparsegpt", *small]
         jobs["llama-2b-sparsegpt-budget-2GB"] = [str(big), "--method", "sparsegpt", *small, "--max-memory", "2GB"]
     if not args.only or any(label.startswith("qwen2.5-1.5b") for label in args.only):
-        qwen = random_model(out / "qwen2.5-1.5b-random", smol, shape_fields("qwen2.5-1.5b"))  # FFN 8960, tied head
-        small = ["--calibration", "shakespeare", "--samples", "16", "--seqlen", "512", "--eval-samples", "4"]
-        jobs["qwen2.5-1.5b-sparsegpt-budget-1.5GB"] = [
-            str(qwen),
-            "--method",
-            "sparsegpt",
-            *small,
-            "--max-memory",
-            "1.5GB",
-        ]
+        qwen = random_model(out / "qwen2.5-1.5b-random", "qwen2.5-1.5b", smol, shard_bytes=10**9, **SMOLLM2_IDS)
+        small = flags(calibration="shakespeare", samples=16, seqlen=512, eval_samples=4, max_memory="1.5GB")
+        jobs["qwen2.5-1.5b-sparsegpt-budget-1.5GB"] = [str(qwen), "--method", "sparsegpt", *small]  # FFN 8960, tied
     rows = [run(label, argv, out, args.reuse) for label, argv in jobs.items() if not args.only or label in args.only]
     lines = [
         f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_memory.py {' '.join(sys.argv[1:])}`.",
@@ -137,11 +101,7 @@ def main() -> None:
             f"| {r['label']} | {r['layers']} | {r['planned'] / 2**30:.2f} | {r['measured'] / 2**30:.2f} | "
             f"{r['planned'] / r['measured']:.2f} | {r['wall']:.0f} | {choices} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    (out / "bench_memory.md").write_text(table + "\n")
-    if args.write:
-        update_section(Path(args.write), table, "bench_memory")
+    publish_table("\n".join(lines), "bench_memory", out, args.write)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,24 @@ held-out windows. Prints one Markdown table; each run is a whole process (wall t
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
-from benchlib import add_window_args, machine, measure_llmprune, model_and_corpus
-from safetensors.torch import save_file
+from benchlib import (
+    add_window_args,
+    calibration_file,
+    held_out_perplexity,
+    machine,
+    model_and_corpus,
+    prune_on_windows,
+    script_parser,
+)
 
 ORDERS = ("sequential", "parallel")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_window_args(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=["sparsegpt:unstructured", "sparsegpt:2:4"])
@@ -32,29 +38,20 @@ def main() -> None:
     if any(len(c) != 2 for c in configs):
         parser.error("--configs takes METHOD:PATTERN items, e.g. sparsegpt:2:4")
 
-    from llmprune.data.windows import calibration_windows
-    from llmprune.eval.perplexity import perplexity
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     folder, corpus, held_out = model_and_corpus(args)
-    device = torch.device("cpu")
     rows = []
     for seed in args.seeds:
-        windows = out / f"windows-{seed}.safetensors"
-        ids = calibration_windows(corpus, args.samples, args.seqlen, seed).ids
-        save_file({"input_ids": ids.contiguous()}, str(windows))
+        windows = calibration_file(corpus, args, seed, out / f"windows-{seed}.safetensors")
         for method, pattern in configs:
             ppl = {}
             for order in ORDERS:
                 tag = f"{method}-{pattern.replace(':', 'of')}-{order}-{seed}"
-                argv = [str(folder), "--method", method, "--pattern", pattern, "--order", order,
-                        "--calibration", str(windows), "--quiet"]  # fmt: skip
-                code, process, _ = measure_llmprune(argv, out / tag, out / f"{tag}.json", out / f"{tag}.log")
-                if code != 0:
-                    raise SystemExit(f"{tag}: llmprune exited {code}; see {out / tag}.log")
-                ppl[order] = perplexity(out / tag, held_out, device, 8).perplexity
-                wall, peak = process["wall_seconds"], process["peak_rss_bytes"] / 2**30
+                log = out / f"{tag}.log"
+                measured = prune_on_windows(folder, windows, method, pattern, out / tag, log, ["--order", order])
+                ppl[order] = held_out_perplexity(out / tag, held_out)
+                wall, peak = measured.seconds, measured.peak_rss_bytes / 2**30
                 print(
                     f"seed {seed} {method} {pattern} {order}: ppl {ppl[order]:.3f}, {wall:.1f} s, {peak:.2f} GiB",
                     flush=True,

@@ -18,7 +18,6 @@ weights: an output that a later build writes differently is evaluated again.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -29,10 +28,22 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import add_window_args, machine, model_and_corpus, update_section
-from safetensors.torch import save_file
+from benchlib import (
+    HERE,
+    ROOT,
+    Measured,
+    add_window_args,
+    calibration_file,
+    flags,
+    held_out_perplexity,
+    machine,
+    model_and_corpus,
+    prune_on_windows,
+    publish_table,
+    run_measured,
+    script_parser,
+)
 
-HERE = Path(__file__).resolve().parent
 CONFIGS = [("sparsegpt", "unstructured"), ("sparsegpt", "2:4"), ("wanda", "unstructured"), ("wanda", "2:4")]
 
 
@@ -48,22 +59,9 @@ def peer_python(venv: Path) -> Path:
     return python
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Run a whole process through scripts/measure_process.py; its wall time (s) and peak RSS (bytes).
-
-    The small launcher is the parent, so the child's ru_maxrss is its own (a Linux child starts at its
-    parent's resident size, and this script holds torch)."""
-    result = log.with_suffix(".json")
-    with log.open("w") as out:
-        code = subprocess.run(
-            [sys.executable, str(HERE / "measure_process.py"), "--out", str(result), "--", *cmd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        ).returncode
-    if code != 0:
-        sys.exit(f"failed ({log}): {' '.join(cmd)}\n{log.read_text()[-2000:]}")
-    measured = json.loads(result.read_text())
-    return measured["wall_seconds"], measured["peak_rss_bytes"]
+def timed(measured: Measured) -> tuple[float, int]:
+    """A measured process's wall time (s) and peak RSS (bytes), as runs.json keeps them."""
+    return measured.seconds, measured.peak_rss_bytes
 
 
 def versions(python: Path, package: str) -> str:
@@ -72,7 +70,7 @@ def versions(python: Path, package: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_window_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -92,21 +90,15 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from llmprune.data.windows import calibration_windows
-    from llmprune.eval.perplexity import perplexity
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     folder, corpus, held_out = model_and_corpus(args)
-    calib = calibration_windows(corpus, args.samples, args.seqlen, args.seed)
-    windows_file = out / "windows.safetensors"
-    save_file({"input_ids": calib.ids.contiguous()}, str(windows_file))
+    windows_file = calibration_file(corpus, args, args.seed, out / "windows.safetensors")
     python = peer_python(Path(args.peer_venv))
-    print(f"llm-compressor {versions(python, 'llmcompressor')}, llmprune from {HERE.parent}", flush=True)
+    print(f"llm-compressor {versions(python, 'llmcompressor')}, llmprune from {ROOT}", flush=True)
 
-    device = torch.device("cpu")
-    dense = perplexity(folder, held_out, device, 8).perplexity
-    variants = {"": []} | {name: flags.split() for name, _, flags in (v.partition("=") for v in args.variant)}
+    dense = held_out_perplexity(folder, held_out)
+    variants = {"": []} | {name: extra.split() for name, _, extra in (v.partition("=") for v in args.variant)}
     configs = [(m, p) for m, p in CONFIGS if not args.only or f"{m}:{p}" in args.only]
     jobs = {f"{m}-{p.replace(':', 'of')}": (m, p) for m, p in configs}
     runs: dict[str, dict[str, list]] = {tag: {name: [] for name in [*variants, "peer"]} for tag in jobs}
@@ -116,7 +108,7 @@ def main() -> None:
     saved = out / "runs.json"
     if args.resume and saved.exists():
         old = json.loads(saved.read_text())
-        kept = {name: flags for name, flags in old.get("flags", {}).items() if name not in variants}
+        kept = {name: extra for name, extra in old.get("flags", {}).items() if name not in variants}
         names = [*variants, *kept, "peer"]
         runs = {tag: {name: old["runs"].get(tag, {}).get(name, []) for name in names} for tag in jobs}
         ppl, rounds = old["ppl"], old.get("rounds", [])
@@ -127,15 +119,12 @@ def main() -> None:
         for tag, (method, pattern) in jobs.items():
             peer_out = out / f"peer-{tag}"
             shutil.rmtree(peer_out, ignore_errors=True)
-            for name, flags in variants.items():
-                cmd = ours_command(folder, method, pattern, windows_file, ours_folder(out, name, tag), flags)
-                runs[tag][name].append(timed(cmd, out / f"ours{'-' + name if name else ''}-{tag}-{pair}.log"))
-            runs[tag]["peer"].append(
-                timed(
-                    peer_command(python, folder, windows_file, method, pattern, peer_out),
-                    out / f"peer-{tag}-{pair}.log",
-                )
-            )
+            for name, extra in variants.items():
+                ours, log = ours_folder(out, name, tag), out / f"ours{'-' + name if name else ''}-{tag}-{pair}.log"
+                runs[tag][name].append(timed(prune_on_windows(folder, windows_file, method, pattern, ours, log, extra)))
+            log = out / f"peer-{tag}-{pair}.log"
+            cmd = peer_command(python, folder, windows_file, method, pattern, peer_out)
+            runs[tag]["peer"].append(timed(run_measured(cmd, log=log, check=log.stem)))
             print(
                 f"{tag} round {pair + 1}: "
                 + " | ".join(
@@ -152,23 +141,20 @@ def main() -> None:
                     continue  # the same weights as an earlier round: the same perplexity
                 if isinstance(known, dict):
                     print(f"{key}: weights differ from the last evaluated round's; evaluating again", flush=True)
-                value = perplexity(folder_out, held_out, device, 8).perplexity
+                value = held_out_perplexity(folder_out, held_out)
                 ppl[key] = {"sha256": digest, "ppl": value, "round": pair + 1}
         rounds.append({"round": pair + 1, "date": str(date.today()), "llmprune_commit": commit()})
         shown = variants | kept
         rows = [
-            summary(tag, jobs[tag], name, flags, runs[tag], ppl)
+            summary(tag, jobs[tag], name, extra, runs[tag], ppl)
             for tag in jobs
-            for name, flags in shown.items()
+            for name, extra in shown.items()
             if f"{name}-{tag}" in ppl and any(r is not None for r in runs[tag][name])  # a kept one may lack this config
         ]
         record = {"runs": runs, "ppl": ppl, "dense": dense, "rounds": rounds, "flags": shown}
         saved.write_text(json.dumps(record, indent=1))
         table = render(rows, dense, args, held_out.count, python, pair + 1, rounds)
-        print(table, flush=True)
-        (out / "bench_peer.md").write_text(table + "\n")
-        if args.write:
-            update_section(Path(args.write), table, "bench_peer")
+        publish_table(table, "bench_peer", out, args.write)
 
 
 def weights_digest(folder: Path) -> str:
@@ -185,50 +171,16 @@ def ours_folder(out: Path, name: str, tag: str) -> Path:
     return out / f"ours{'-' + name if name else ''}-{tag}"
 
 
-def ours_command(folder: Path, method: str, pattern: str, windows: Path, output: Path, flags: list[str]) -> list[str]:
-    """The llmprune CLI on the shared token windows, pruning only (the benchmark evaluates both tools itself)."""
-    return [
-        sys.executable,
-        "-m",
-        "llmprune",
-        str(folder),
-        "--method",
-        method,
-        "--pattern",
-        pattern,
-        "--calibration",
-        str(windows),
-        "--no-eval",
-        "--quiet",
-        "--overwrite",
-        "--output",
-        str(output),
-        *flags,
-    ]
-
-
 def peer_command(python: Path, folder: Path, windows: Path, method: str, pattern: str, output: Path) -> list[str]:
     """llm-compressor's oneshot through scripts/peer_llmcompressor.py in its own virtualenv."""
-    return [
-        str(python),
-        str(HERE / "peer_llmcompressor.py"),
-        "--model",
-        str(folder),
-        "--windows",
-        str(windows),
-        "--method",
-        method,
-        "--pattern",
-        pattern,
-        "--output",
-        str(output),
-    ]
+    peer = flags(model=folder, windows=windows, method=method, pattern=pattern, output=output)
+    return [str(python), str(HERE / "peer_llmcompressor.py"), *peer]
 
 
-def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs: dict, ppl: dict) -> dict:
+def summary(tag: str, config: tuple[str, str], name: str, extra: list[str], runs: dict, ppl: dict) -> dict:
     """Medians over the interleaved pairs so far: times, peak RSS and their per-pair ratios."""
     pairs = [(a, b) for a, b in zip(runs[name], runs["peer"]) if a is not None]
-    notes = [f"`{' '.join(flags)}`"] if flags else []
+    notes = [f"`{' '.join(extra)}`"] if extra else []
     if len(pairs) < len(runs["peer"]):
         notes.append(f"{len(pairs)} of {len(runs['peer'])} pairs")
     return {
@@ -247,7 +199,7 @@ def summary(tag: str, config: tuple[str, str], name: str, flags: list[str], runs
 
 def commit() -> str:
     """The llmprune commit being measured (with '+changes' when its code differs from it in the working tree)."""
-    git = ["git", "-C", str(HERE.parent)]
+    git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     code = ["status", "--porcelain", "--untracked-files=no", "--", "llmprune", "scripts"]
     dirty = subprocess.run([*git, *code], capture_output=True, text=True)

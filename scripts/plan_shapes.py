@@ -8,14 +8,13 @@ Wanda, at 80 GB and 40 GB of GPU memory, 128 x 2048 calibration tokens. Prints e
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
 from datetime import date
 from pathlib import Path
 
-from benchlib import update_section
+from benchlib import script_parser, update_section
 from shape_checkpoint import SHAPES, write_shape_checkpoint
 
 RUNS = [
@@ -50,7 +49,7 @@ def plan(folder: Path, method: str, pattern: str, budget: str) -> tuple[str, dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--folder", type=Path, default=Path("shapes"), help="where the shape checkpoints go")
     parser.add_argument("--write", help="update this Markdown file's plan_shapes section")
     args = parser.parse_args()

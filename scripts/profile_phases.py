@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+from benchlib import run_measured, script_parser
 
 PHASES: list[tuple[str, tuple[str, ...]]] = [
     (
@@ -66,7 +67,7 @@ def summarize(raw: Path) -> Counter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--out", required=True, help="the phase table (Markdown); the raw stacks go beside it")
     parser.add_argument("--rate", type=int, default=50, help="samples per second")
     parser.add_argument("--summarize", metavar="RAW", help="only summarize an existing raw file")
@@ -78,9 +79,7 @@ def main() -> None:
     raw = Path(args.summarize) if args.summarize else out.with_suffix(".raw.txt")
     if not args.summarize:
         cmd = [spy, "record", "--format", "raw", "-r", str(args.rate), "-o", str(raw), "--", *command]
-        code = subprocess.run(cmd).returncode
-        if code != 0:
-            sys.exit(f"profiled command failed ({code})")
+        run_measured(cmd, capture=False, check="profiled command")
     counts = summarize(raw)
     total = sum(counts.values())
     lines = ["| phase | CPU-thread seconds | share |", "|---|---|---|"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from benchlib import flags, run_measured, script_parser
 
 PROMPT = "Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds"
 
@@ -56,7 +57,7 @@ def vllm_rate(folder: str, prompts: int, new_tokens: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--prompts", type=int, default=16)
@@ -65,26 +66,12 @@ def main() -> None:
     args = parser.parse_args()
     for folder in args.folders:
         if args.engine == "vllm" and not args.child:
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    folder,
-                    "--engine",
-                    "vllm",
-                    "--prompts",
-                    str(args.prompts),
-                    "--new-tokens",
-                    str(args.new_tokens),
-                    "--child",
-                ],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-            line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-            if proc.returncode != 0 or not line:
-                sys.exit(f"vLLM failed on {folder}:\n{proc.stderr[-3000:]}")
+            child = [sys.executable, __file__, folder, "--engine", "vllm", "--child"]
+            child += flags(prompts=args.prompts, new_tokens=args.new_tokens)
+            measured = run_measured(child, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            line = [x for x in measured.stdout.splitlines() if x.startswith("{")]
+            if measured.returncode != 0 or not line:
+                sys.exit(f"vLLM failed on {folder}:\n{measured.tail(3000)}")
             print(line[-1], flush=True)
             continue
         rate = (vllm_rate if args.engine == "vllm" else transformers_rate)(folder, args.prompts, args.new_tokens)
