@@ -34,7 +34,6 @@ class RunContext:
     skeleton: Skeleton
     device: torch.device
     save_dtype: torch.dtype
-    context: int | None  # the model's context length
     calib: Windows | None = None
     eval_windows: Windows | None = None
     overhead: int = 0  # bytes the interpreter and libraries held before any work (outside the budget)
@@ -61,12 +60,17 @@ class BodyReport:
 class Body(ABC):
     """One kind of pruning inside the shared run skeleton."""
 
-    kind: ClassVar[str]  # the settings section it reads: "unstructured" or "structured"
-    resumable: ClassVar[bool] = False
+    kind: ClassVar[str]  # the settings section it reads besides common and publish
+    resumable: ClassVar[bool] = False  # a killed run continues where it stopped (the skeleton keeps its state)
 
     def __init__(self, settings: Settings, method: type) -> None:
         self.settings = settings
         self.method_class = method
+
+    @property
+    def plans_absent_devices(self) -> bool:
+        """Whether this run may name a device this machine lacks (a plan for it, nothing run)."""
+        return False
 
     @property
     @abstractmethod

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from llmprune.argparsing import Parser
 from llmprune.errors import LLMPruneError, QualityGateError
 from llmprune.report import REPORT_NAME, read_report
-from llmprune.settings import Common, Option, Publish, Structured, Unstructured, options_of
+from llmprune.settings import SECTIONS, Common, Option, options_of
 from llmprune.version import __version__
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
@@ -87,26 +87,23 @@ def prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help=options_of(Common)[0].help)
     kinds = "; ".join(f"{kind}: {', '.join(registry)}" for kind, (registry, _) in KINDS.items())
     parser.add_argument("--method", default=Common.method, help=f"{kinds} (default {Common.method})")
-    groups = {
-        "common": (parser, Common),
-        "unstructured": (parser.add_argument_group("unstructured and N:M methods"), Unstructured),
-        "publish": (parser.add_argument_group("publishing"), Publish),
-        "structured": (parser.add_argument_group("structured methods (remove heads and neurons)"), Structured),
-    }
-    for group, section in groups.values():
+    for name, section in SECTIONS.items():  # the common settings first, then one group per section
+        group = parser if name == "common" else parser.add_argument_group(section.title)
         for option in options_of(section):
             if option.name not in ("model", "method"):
                 _add_option(group, option, option.default)
-    declared: dict[str, str] = {}
+    declared: dict[str, Option] = {}
     for registry, _ in KINDS.values():
         for name, method in registry.items():
             if not method.options:
                 continue
             group = parser.add_argument_group(f"--method {name}: {method.summary}")
             for option in method.options:
-                if option.name in declared:
-                    raise TypeError(f"option {option.name} is declared by {declared[option.name]} and {name}")
-                declared[option.name] = name
+                if option.name in declared:  # methods may share an option, declared alike (e.g. a damping)
+                    if declared[option.name] != option:
+                        raise LLMPruneError(f"{option.cli_flag} is declared differently by two methods")
+                    continue
+                declared[option.name] = option
                 _add_option(group, option, None)  # None: not given (the method's default applies)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
@@ -277,28 +274,37 @@ def run_push(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: dispatch to a subcommand, or prune."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def guarded(command: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a command the llmprune way: an LLMPruneError is one `llmprune: error:` line and its exit code, an
+    interrupt exits 130, and the command's logging ends with it (a caller's own configuration is restored)."""
+    logger = logging.getLogger("llmprune")
+    before = (logger.level, logger.propagate)
     try:
-        handler = SUBCOMMANDS.get(argv[0]) if argv else None
-        if handler is None and argv and argv[0] in plugin_commands():
-            handler = plugin_commands()[argv[0]]()
-        if handler is not None:
-            return handler(argv[1:])
-        if argv and argv[0] == "prune":
-            argv = argv[1:]
-        return run_prune(argv)
+        return command(argv)
     except LLMPruneError as exc:
         print("llmprune: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)
         return 130
-    finally:  # the command's logging ends with it (an in-process caller keeps its own configuration)
-        logger = logging.getLogger("llmprune")
+    finally:
         for handler in [h for h in logger.handlers if isinstance(h, StderrHandler)]:
             logger.removeHandler(handler)
-        logger.propagate = True
-        logger.setLevel(logging.NOTSET)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: dispatch to a subcommand, or prune."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def dispatch(argv: list[str]) -> int:
+        handler = SUBCOMMANDS.get(argv[0]) if argv else None
+        if handler is None and argv and argv[0] in plugin_commands():
+            handler = plugin_commands()[argv[0]]()
+        if handler is not None:
+            return handler(argv[1:])
+        return run_prune(argv[1:] if argv and argv[0] == "prune" else argv)
+
+    return guarded(dispatch, argv)

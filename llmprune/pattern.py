@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from llmprune.errors import LLMPruneError
 
+DEFAULT_SPARSITY = 0.5  # unstructured, when --sparsity is not given
+
 
 @dataclass(frozen=True)
 class Pattern:
@@ -33,7 +35,7 @@ class Pattern:
     def parse(cls, pattern: str, sparsity: float | None) -> Pattern:
         """Validate --pattern and --sparsity together (N:M implies its own sparsity)."""
         if pattern == "unstructured":
-            value = 0.5 if sparsity is None else float(sparsity)
+            value = DEFAULT_SPARSITY if sparsity is None else float(sparsity)
             if not 0.0 <= value < 1.0:
                 raise LLMPruneError(f"--sparsity must be in [0, 1) (got {sparsity})")
             return cls(value)

@@ -13,6 +13,7 @@ import functools
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ from llmprune.models.resolve import resolve_model
 from llmprune.models.skeleton import Skeleton, build_skeleton
 from llmprune.models.text import context_length, load_tokenizer
 from llmprune.report import PeakMemory, PerplexitySection, Report, write_report
-from llmprune.settings import Option, Settings, parse_size, validate
+from llmprune.settings import DEFAULT_EVAL, Option, Settings, parse_size, validate
 from llmprune.structured.body import StructuredBody
 from llmprune.structured.methods import STRUCTURED
 
@@ -109,7 +110,7 @@ def eval_windows_for(settings: Settings, calibration: TokenizedCorpus | None, to
     if common.eval is None and calibration is not None and calibration.corpus.local:
         source, spec = calibration, common.calibration
     else:
-        spec = common.eval or "wikitext2"
+        spec = common.eval or DEFAULT_EVAL
         try:
             source = TokenizedCorpus(resolve_source(spec, split="test"), tokenizer)
         except LLMPruneError as exc:
@@ -149,11 +150,13 @@ def prune(model: str, **options) -> dict:
     common = settings.common
     kind, method = all_methods()[settings.method]
     body = KINDS[kind][1](settings, method)
-    device = resolve_device(common.device, absent_ok=settings.unstructured.plan_only)
+    device = resolve_device(common.device, absent_ok=body.plans_absent_devices)
     body.check_device(device)
     save_override = parse_dtype(common.dtype)
     output = Path(common.output) if common.output else default_output(model, settings.method, body.tag)
     check_output(output, common.overwrite)
+    if common.resume and not body.resumable:
+        raise LLMPruneError(f"--resume: {kind} runs are not resumable (they are short); run the command again")
     if settings.publish.push_to_hub:
         from llmprune.hub.push import require_token
 
@@ -163,7 +166,7 @@ def prune(model: str, **options) -> dict:
     skeleton = build_skeleton(folder)
     limit = context_length(skeleton)
     seqlen = min(common.seqlen, limit) if limit else common.seqlen
-    ctx = RunContext(settings, folder, skeleton, device, save_override or skeleton.dtype, limit)
+    ctx = RunContext(settings, folder, skeleton, device, save_override or skeleton.dtype)
     body.check_model(ctx)
     tokenizer = functools.cache(lambda: load_tokenizer(folder))  # not loaded at all for token files without eval
     if is_token_file(common.calibration):
@@ -178,15 +181,8 @@ def prune(model: str, **options) -> dict:
         log.info("--seqlen capped at the model's context of %d tokens", seqlen)
 
     writer = OutputFolder(output, common.overwrite)
-    resolved = {
-        "model": folder_identity(folder),
-        "calibration": ctx.calib.fingerprint(),
-        "eval": ctx.eval_windows.fingerprint() if ctx.eval_windows else None,
-        "dtype": str(ctx.save_dtype),
-        **body.fingerprint(ctx),
-    }
-    fingerprint = make_fingerprint(**{**settings.fingerprint_parts(kind), **resolved})
-    saved = resumable_state(writer, fingerprint, settings) if body.resumable else None
+    fingerprint = functools.cache(lambda: fingerprint_of(ctx, body, kind))  # hashes the shard headers once
+    saved = resumable_state(writer, fingerprint, settings, body.resumable)
     warm_up_kernels()
     trim_heap()
     ctx.overhead = current_rss()  # interpreter, libraries, skeleton, tokenizer: what a plan does not budget
@@ -197,7 +193,7 @@ def prune(model: str, **options) -> dict:
 
     if saved is None:
         writer.create(fresh=True)
-        state = RunState(fingerprint, choice=body.state_choice())
+        state = RunState(fingerprint() if body.resumable else {}, choice=body.state_choice())
         if body.resumable:
             state.save(writer.work)
     else:
@@ -236,7 +232,8 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
     del rest
     units = [layer_unit(i) for i in range(skeleton.num_layers)] + ["rest"]
     writer.write_shards(units, parse_size(settings.common.max_shard_size))
-    writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, parse_dtype(settings.common.dtype))))
+    save_override = ctx.save_dtype if settings.common.dtype not in (None, "auto") else None
+    writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, save_override)))
     pruned = None
     if eval_windows is not None:
         pruned = perplexity(
@@ -277,12 +274,28 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
     return report
 
 
-def resumable_state(writer: OutputFolder, fingerprint: dict, settings: Settings) -> RunState | None:
-    """The unfinished run to continue, if the partial folder holds this very run; None to start fresh."""
+def fingerprint_of(ctx: RunContext, body: Body, kind: str) -> dict:
+    """What a resumed run must match: the settings the result depends on, with the model, the windows and the
+    dtype by what they resolved to, and what the body resolved (pattern, forward dtype)."""
+    resolved = {
+        "model": folder_identity(ctx.folder),
+        "calibration": ctx.calib.fingerprint(),
+        "eval": ctx.eval_windows.fingerprint() if ctx.eval_windows else None,
+        "dtype": str(ctx.save_dtype),
+        **body.fingerprint(ctx),
+    }
+    return make_fingerprint(**{**ctx.settings.fingerprint_parts(kind), **resolved})
+
+
+def resumable_state(
+    writer: OutputFolder, fingerprint: Callable[[], dict], settings: Settings, resumable: bool
+) -> RunState | None:
+    """The unfinished run to continue, if the partial folder holds this very run; None to start fresh. An
+    unfinished folder that cannot be continued is never replaced without --overwrite."""
     overwrite = settings.common.overwrite
-    saved = RunState.load(writer.work) if writer.work.is_dir() else None
+    saved = RunState.load(writer.work) if resumable and writer.work.is_dir() else None
     if saved is not None and not overwrite:
-        check_resumable(saved, fingerprint, writer.partial)
+        check_resumable(saved, fingerprint(), writer.partial)
         return saved
     if settings.common.resume:
         raise LLMPruneError(f"--resume: there is no unfinished run to resume at {writer.partial}")

@@ -17,11 +17,15 @@ from typing import Any, ClassVar
 
 from llmprune.argparsing import fraction
 from llmprune.errors import LLMPruneError
-from llmprune.pattern import Pattern
+from llmprune.pattern import DEFAULT_SPARSITY, Pattern
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ORDERS = ("parallel", "sequential")
-SAVE_FORMATS = ("dense", "packed-2:4")
+PARK_MODES = ("memory", "host", "disk")
+PACKED_FORMAT = "packed-2:4"
+SAVE_FORMATS = ("dense", PACKED_FORMAT)
+DEFAULT_REMOVE = 0.2  # structured, when neither --remove nor --target-flops is given
+DEFAULT_EVAL = "wikitext2"  # the eval source when neither --eval nor a local calibration corpus gives one
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -41,15 +45,23 @@ class Option:
     flag: str | None = None  # the CLI flag, when it is not --name-with-dashes (e.g. --no-mask-tuning)
     nargs: str | None = None  # "+" for a list
     minimum: float | None = None  # the smallest value allowed (None: any)
-    owner: str = ""  # the section or method that declares it
 
     @property
     def cli_flag(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
 
     def check(self, value: Any) -> None:
-        """The option's own constraints: one of its choices, at least its minimum."""
-        if self.minimum is not None and value is not None and value < self.minimum:
+        """The option's own constraints: its type, one of its choices, at least its minimum."""
+        if value is None:
+            return
+        number = self.type in (int, float, fraction)
+        if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise LLMPruneError(f"{self.cli_flag} must be a number (got {value!r})")
+        if self.type is int and not isinstance(value, int):
+            raise LLMPruneError(f"{self.cli_flag} must be a whole number (got {value!r})")
+        if number and math.isnan(value):
+            raise LLMPruneError(f"{self.cli_flag} must be a number (got nan)")
+        if self.minimum is not None and value < self.minimum:
             raise LLMPruneError(f"{self.cli_flag} must be at least {self.minimum:g} (got {value})")
         if self.choices is not None and value not in self.choices:
             raise LLMPruneError(f"{self.cli_flag} must be one of {', '.join(map(str, self.choices))} (got {value!r})")
@@ -81,10 +93,10 @@ def setting(default: Any, help: str, **details: Any) -> Any:
     return field(default=default, metadata={"help": help, **details})
 
 
-def options_of(section: type, owner: str = "") -> list[Option]:
+def options_of(section: type) -> list[Option]:
     """The Options of a settings section, in declaration order."""
     return [
-        Option(f.name, f.default, f.metadata["help"], owner=owner or section.__name__, **_details(f.metadata))
+        Option(f.name, f.default, f.metadata["help"], **_details(f.metadata))
         for f in dataclasses.fields(section)
         if "help" in f.metadata
     ]
@@ -98,13 +110,15 @@ def _details(metadata: Mapping) -> dict:
 class Common:
     """What every run needs: the model, the data, the output, the device and the run's manners."""
 
+    title: ClassVar[str] = "common"  # its --help group
+
     model: str = setting("", "local folder, .gguf file, Hub id, or alias such as opt-125m", flag="MODEL")
     method: str = setting("sparsegpt", "the pruning method")
     calibration: str = setting(
         "c4", "c4, wikitext2, a Hub dataset id, a .txt/.md/.jsonl file or a folder (default c4)", metavar="SRC"
     )
-    samples: int = setting(128, "calibration windows (default 128)", type=int)
-    seqlen: int = setting(2048, "tokens per window, capped at the model context", type=int)
+    samples: int = setting(128, "calibration windows (default 128)", type=int, minimum=1)
+    seqlen: int = setting(2048, "tokens per window, capped at the model context", type=int, minimum=1)
     seed: int = setting(0, "seed of the calibration draw (default 0)", type=int)
     output: str | None = setting(
         None, "output folder (default ./MODEL-METHOD-SPARSITY)", metavar="DIR", affects_result=False
@@ -116,10 +130,10 @@ class Common:
         metavar="SRC",
     )
     no_eval: bool = setting(False, "skip the dense and pruned perplexity")
-    eval_samples: int | None = setting(None, "evaluate at most N windows", type=int, metavar="N")
+    eval_samples: int | None = setting(None, "evaluate at most N windows", type=int, metavar="N", minimum=1)
     device: str = setting("auto", "auto, cpu or cuda (default auto)", affects_result=False)
     dtype: str | None = setting(None, "output dtype: float32, float16 or bfloat16 (default: as input)")
-    batch_size: int | None = setting(None, "windows per forward (default auto)", type=int, metavar="N")
+    batch_size: int | None = setting(None, "windows per forward (default auto)", type=int, metavar="N", minimum=1)
     max_shard_size: str = setting("5GB", "largest output shard (default 5GB)", affects_result=False)
     resume: bool = setting(False, "continue the unfinished run at --output (refuse if none)", affects_result=False)
     quiet: bool = setting(False, "no progress bars or log lines", affects_result=False)
@@ -130,9 +144,11 @@ class Common:
 class Unstructured:
     """The unstructured / N:M engine: what to prune, and how the streamed layer loop runs."""
 
+    title: ClassVar[str] = "unstructured and N:M methods"  # its --help group
+
     sparsity: float | None = setting(
         None,
-        "fraction of weights to remove, in [0, 1) (default 0.5; N:M implies its own)",
+        f"fraction of weights to remove, in [0, 1) (default {DEFAULT_SPARSITY}; N:M implies its own)",
         type=fraction,
     )
     pattern: str = setting("unstructured", "'unstructured' or N:M, e.g. 2:4 (N kept of every M)")
@@ -161,7 +177,7 @@ class Unstructured:
         "auto",
         "where chunks waiting for a module's statistics keep their tensors: memory, host (CPU RAM, for GPU "
         "runs) or disk; auto: memory unless the memory plan needs parking (host from a GPU, disk on a CPU)",
-        choices=("auto", "memory", "host", "disk"),
+        choices=("auto", *PARK_MODES),
         affects_result=False,
     )
     max_memory: str | None = setting(
@@ -191,8 +207,10 @@ class Unstructured:
 class Structured:
     """Structured methods: how much to remove, and how the kept units are chosen and tuned."""
 
+    title: ClassVar[str] = "structured methods (remove heads and neurons)"  # its --help group
+
     remove: float | None = setting(
-        None, "fraction of decoder-layer parameters to remove (default 0.2)", type=fraction, metavar="F"
+        None, f"fraction of decoder-layer parameters to remove (default {DEFAULT_REMOVE})", type=fraction, metavar="F"
     )
     target_flops: float | None = setting(
         None, "instead of --remove: keep at most F of the decoder FLOPs per token", type=fraction, metavar="F"
@@ -200,29 +218,34 @@ class Structured:
     heads_per_group: bool = setting(
         False, "remove the same number of query heads from every KV group (default: whole KV groups)"
     )
-    keep_heads: int | None = setting(None, "explicit query heads per layer", type=int, metavar="N")
-    keep_neurons: int | None = setting(None, "explicit FFN neurons per layer", type=int, metavar="N")
+    keep_heads: int | None = setting(None, "explicit query heads per layer", type=int, metavar="N", minimum=1)
+    keep_neurons: int | None = setting(None, "explicit FFN neurons per layer", type=int, metavar="N", minimum=1)
     mask_tuning: bool = setting(
         True, "skip the least-squares rescaling of kept heads and neurons", flag="--no-mask-tuning"
     )
-    neuron_multiple: int = setting(64, "kept FFN width is a multiple of N (default 64)", type=int, metavar="N")
+    neuron_multiple: int = setting(
+        64, "kept FFN width is a multiple of N (default 64)", type=int, metavar="N", minimum=1
+    )
     tuning_damping: float = setting(
         0.01,
         "ridge damping of mask tuning, as a fraction of the mean diagonal (default 0.01)",
         type=fraction,
         metavar="F",
+        minimum=0.0,
     )
 
     def keep_fraction(self) -> tuple[float, bool]:
         """(fraction of decoder parameters or FLOPs to keep, measured in FLOPs?)."""
         if self.target_flops is not None:
             return self.target_flops, True
-        return 1 - (0.2 if self.remove is None else self.remove), False
+        return 1 - (DEFAULT_REMOVE if self.remove is None else self.remove), False
 
 
 @dataclass(frozen=True)
 class Publish:
     """What happens to the finished folder: its format, the quality gate, the Hub."""
+
+    title: ClassVar[str] = "publishing"  # its --help group
 
     save_format: str = setting(
         "dense",
@@ -314,21 +337,25 @@ class Settings:
         routed: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         declared = {o.name: o for o in method_options[method]}
         chosen: dict[str, Any] = {name: o.default for name, o in declared.items()}
-        foreign = {o.name: m for m, opts in method_options.items() for o in opts}
+        foreign: dict[str, tuple[str, Option]] = {}
+        for owner, opts in method_options.items():
+            for option in opts:
+                foreign.setdefault(option.name, (owner, option))
+        fields = {n: {f.name: f for f in dataclasses.fields(s)} for n, s in SECTIONS.items()}
         for key, value in options.items():
-            section = next((n for n, s in SECTIONS.items() if key in {f.name for f in dataclasses.fields(s)}), None)
+            section = next((n for n in SECTIONS if key in fields[n]), None)
             if section is not None:
+                if isinstance(value, str) and fields[section][key].metadata.get("nargs"):
+                    value = (value,)  # targets="mlp.*" is one pattern, not five characters
                 routed[section][key] = tuple(value) if isinstance(value, list) else value
             elif key in declared:
                 chosen[key] = value
             elif key in foreign:
-                if value is not None:
-                    flag = "--" + key.replace("_", "-")
-                    raise LLMPruneError(f"{flag} is an option of --method {foreign[key]}, not of {method}")
+                owner, option = foreign[key]
+                if value is not None and value != option.default:
+                    raise LLMPruneError(f"{option.cli_flag} is an option of --method {owner}, not of {method}")
             else:
                 raise LLMPruneError(f"unknown option {key!r}")
-        if "model" in routed["common"]:
-            raise LLMPruneError("the model is the first argument, not an option")
         chosen = {k: (declared[k].default if v is None else v) for k, v in chosen.items()}
         return cls(
             Common(model=model, **routed["common"]),
@@ -392,14 +419,16 @@ def check_repo_id(repo_id: str) -> str:
 def validate(settings: Settings, kind: str, method_options: Iterable[Option] = ()) -> None:
     """Every check of option values, before any work: a run of `kind` ("unstructured" or "structured")
     refuses the other kind's settings, each value is in range, and the combinations make sense."""
-    other = "structured" if kind == "unstructured" else "unstructured"
-    given = getattr(settings, other)
-    for option in options_of(SECTIONS[other]):
-        if getattr(given, option.name) != option.default:
-            hint = ": use --remove or --target-flops" if option.name in ("sparsity", "pattern") else ""
-            raise LLMPruneError(
-                f"{option.cli_flag} is for the {other} methods; --method {settings.method} is {kind}{hint}"
-            )
+    for other in SECTIONS:
+        if other in ("common", "publish", kind):
+            continue
+        given = getattr(settings, other)
+        for option in options_of(SECTIONS[other]):
+            if getattr(given, option.name) != option.default:
+                hint = ": use --remove or --target-flops" if option.name in ("sparsity", "pattern") else ""
+                raise LLMPruneError(
+                    f"{option.cli_flag} is for the {other} methods; --method {settings.method} is {kind}{hint}"
+                )
     common, unstructured, structured, publish = (
         settings.common,
         settings.unstructured,
@@ -411,13 +440,6 @@ def validate(settings: Settings, kind: str, method_options: Iterable[Option] = (
             option.check(getattr(section, option.name))
     for option in method_options:
         option.check(settings.method_options[option.name])
-    for name in ("samples", "seqlen"):
-        if getattr(common, name) < 1:
-            raise LLMPruneError(f"--{name} must be a positive number (got {getattr(common, name)})")
-    if common.eval_samples is not None and common.eval_samples < 1:
-        raise LLMPruneError(f"--eval-samples must be a positive number (got {common.eval_samples})")
-    if common.batch_size is not None and common.batch_size < 1:
-        raise LLMPruneError(f"--batch-size must be a positive number of windows (got {common.batch_size})")
     if common.dtype not in (None, "auto", *DTYPE_NAMES):
         raise LLMPruneError(f"--dtype must be one of auto, {', '.join(DTYPE_NAMES)} (got {common.dtype!r})")
     parse_size(common.max_shard_size)
@@ -430,12 +452,10 @@ def validate(settings: Settings, kind: str, method_options: Iterable[Option] = (
         raise LLMPruneError(f"--remove must be in (0, 1) (got {structured.remove})")
     if kind == "structured" and publish.save_format != "dense":
         raise LLMPruneError(f"--save-format {publish.save_format} is for 2:4-sparse models, not structured ones")
-    if kind == "structured" and common.resume:
-        raise LLMPruneError("structured runs are not resumable (they are short); run the command again")
     if kind == "unstructured":
         pattern = Pattern.parse(unstructured.pattern, unstructured.sparsity)
-        if publish.save_format == "packed-2:4" and str(pattern) != "2:4":
-            raise LLMPruneError(f"--save-format packed-2:4 needs --pattern 2:4 (got {pattern})")
+        if publish.save_format == PACKED_FORMAT and str(pattern) != "2:4":
+            raise LLMPruneError(f"--save-format {PACKED_FORMAT} needs --pattern 2:4 (got {pattern})")
     check_max_ppl_increase(publish.max_ppl_increase)
     if publish.push_to_hub:
         check_repo_id(publish.push_to_hub)

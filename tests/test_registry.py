@@ -119,9 +119,13 @@ def test_an_option_of_another_method_is_refused(throwaway, tiny_models, corpus_f
 
 
 def test_every_registered_method_declares_its_interface():
-    """The registries hold classes with a name, a summary for --help, and options with help and defaults."""
+    """The registries hold classes with a name, a summary for --help, and options with help and defaults that
+    shadow no common setting."""
+    from llmprune.settings import SECTIONS, options_of
+
+    settings = {option.name for section in SECTIONS.values() for option in options_of(section)}
     for registry in (METHODS, STRUCTURED):
         for name, method in registry.items():
             assert method.name == name and method.summary
             for option in method.options:
-                assert option.help and option.cli_flag.startswith("--")
+                assert option.help and option.cli_flag.startswith("--") and option.name not in settings

@@ -10,8 +10,9 @@ import sys
 import torch
 
 from llmprune.errors import LLMPruneError
+from llmprune.settings import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(name: str, absent_ok: bool = False) -> torch.device:
@@ -35,7 +36,10 @@ def resolve_device(name: str, absent_ok: bool = False) -> torch.device:
 def solver_devices(device: torch.device, spec: str | None = None) -> list[torch.device]:
     """Devices that run the per-module solves: --solver-devices, else every visible GPU for --device cuda."""
     if spec:
-        devices = [torch.device(part.strip()) for part in spec.split(",") if part.strip()]
+        try:
+            devices = [torch.device(part.strip()) for part in spec.split(",") if part.strip()]
+        except RuntimeError as exc:
+            raise LLMPruneError(f"--solver-devices {spec!r}: not a list of device names ({exc})") from exc
         for dev in devices:
             if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
                 raise LLMPruneError(f"--solver-devices: {dev} is not a visible GPU")

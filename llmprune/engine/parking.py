@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
-PARK_MODES = ("memory", "host", "disk")
+from llmprune.settings import PARK_MODES
 
 
 class Parked:

@@ -30,7 +30,7 @@ from llmprune.engine.parking import ChunkTracker, Parking
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import PruningMethod
-from llmprune.methods.statistics import Hessian, InputStats
+from llmprune.methods.statistics import InputStats
 from llmprune.pattern import Pattern
 from llmprune.settings import ORDERS
 
@@ -158,7 +158,7 @@ class LayerPruner:
         if group.stats is None:
             group.stats = InputStats(module.in_features, self.method.statistics, module.weight.device)
         group.stats.add(x)
-        if group.sample is None and not group.stats.exact_error:  # with a Hessian the error is exact
+        if group.sample is None and not group.stats.exact_error:  # else a statistic gives the error exactly
             group.sample = x.reshape(-1, x.shape[-1])[: self.error_tokens].detach().clone()
 
     def _lockstep(self, stream, index, layer, acts, targets, groups, prefix, reports) -> None:
@@ -290,21 +290,17 @@ class LayerPruner:
 def _relative_error(
     dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor | None, stats: InputStats | None, rows: int = 256
 ) -> float | None:
-    """‖(W - W')X‖² / ‖WX‖² over the module's calibration inputs X: exactly through the Hessian XᵀX
-    when the method has one (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)), else on a sample of the inputs. Summed a
-    chunk of `rows` output rows at a time, so it holds O(rows · n), never a copy of the weight."""
-    h = stats[Hessian].matrix if stats is not None and stats.get(Hessian) is not None else None
-    if h is None and sample is None:
-        return None
-    x = sample.float() if h is None else None
+    """‖(W - W')X‖² / ‖WX‖² over the module's calibration inputs X: exactly from a statistic that gives it
+    (the Hessian: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)), else on a sample of the inputs. Summed a chunk of `rows`
+    output rows at a time, so it holds O(rows · n), never a copy of the weight."""
+    exact = stats.relative_error(dense, pruned) if stats is not None else None
+    if exact is not None or sample is None:
+        return exact
+    x = sample.float()
     base = diff = 0.0
     for start in range(0, dense.shape[0], rows):
         w = dense[start : start + rows].float()
         delta = w - pruned[start : start + rows].float()
-        if h is not None:
-            base += float(((w @ h) * w).sum())
-            diff += float(((delta @ h) * delta).sum())
-        else:
-            base += float((x @ w.T).pow(2).sum())
-            diff += float((x @ delta.T).pow(2).sum())
+        base += float((x @ w.T).pow(2).sum())
+        diff += float((x @ delta.T).pow(2).sum())
     return diff / base if base > 0 else 0.0

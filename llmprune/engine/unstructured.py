@@ -64,9 +64,14 @@ class UnstructuredBody(Body):
     def tag(self) -> str:
         return self.pattern.tag
 
+    @property
+    def plans_absent_devices(self) -> bool:
+        return self.settings.unstructured.plan_only
+
     def check_device(self, device: torch.device) -> None:
         self.forward_request = parse_forward_dtype(self.settings.unstructured.forward_dtype, device)
         self.budgets = parse_budgets(self.settings.unstructured.max_memory, device)
+        self.solvers = solver_devices(device, self.settings.unstructured.solver_devices)
 
     def check_model(self, ctx: RunContext) -> None:
         self.fdtype = forward_dtype(ctx.device, ctx.skeleton.dtype, self.forward_request)
@@ -156,7 +161,6 @@ class UnstructuredBody(Body):
     def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
         assert self.plan_result is not None and ctx.calib is not None
         choice = self.plan_result.choice
-        self.solvers = solver_devices(ctx.device, self.settings.unstructured.solver_devices)
         pruner = LayerPruner(
             self.method,
             self.pattern,

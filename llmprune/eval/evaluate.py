@@ -9,11 +9,12 @@ from llmprune.eval.perplexity import perplexity
 from llmprune.models.resolve import resolve_model
 from llmprune.models.skeleton import build_skeleton
 from llmprune.models.text import context_length, load_tokenizer
+from llmprune.settings import DEFAULT_EVAL
 
 
 def evaluate(
     model: str,
-    dataset: str = "wikitext2",
+    dataset: str = DEFAULT_EVAL,
     seqlen: int = 2048,
     samples: int | None = None,
     device: str = "auto",

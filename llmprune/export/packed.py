@@ -25,8 +25,9 @@ from llmprune.export.card import refresh_card
 from llmprune.export.writer import OutputFolder, fsync_write
 from llmprune.models.checkpoint import INDEX_NAME
 from llmprune.report import update_report
+from llmprune.settings import PACKED_FORMAT
 
-FORMAT = "packed-2:4"
+FORMAT = PACKED_FORMAT
 FORMAT_VERSION = 1
 VALUES_SUFFIX = ".packed_values"
 POSITIONS_SUFFIX = ".packed_positions"

@@ -20,7 +20,7 @@ class Statistic(ABC):
     """One accumulated statistic of a Linear's inputs (width `dim`)."""
 
     label: ClassVar[str] = "statistics"  # its name in the memory plan
-    exact_error: ClassVar[bool] = False  # whether the reconstruction error can be computed from it exactly
+    exact_error: ClassVar[bool] = False  # whether `relative_error` computes the reconstruction error exactly
 
     @classmethod
     @abstractmethod
@@ -34,6 +34,11 @@ class Statistic(ABC):
     @abstractmethod
     def to(self, device: torch.device) -> Statistic:
         """A copy on another device (for a solve on a second GPU)."""
+
+    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor) -> float | None:
+        """‖(W - W')X‖² / ‖WX‖² over the inputs X it summarizes, when it can tell exactly (else None: the
+        engine measures the error on a sample of the inputs). Statistics with `exact_error` implement it."""
+        return None
 
 
 class SquaredNorm(Statistic):
@@ -101,6 +106,17 @@ class Hessian(Statistic):
     def to(self, device: torch.device) -> Hessian:
         return Hessian.of(self.matrix.to(device))
 
+    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor, rows: int = 256) -> float:
+        """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), summed `rows` output rows at a time (O(rows · n), no copy of W)."""
+        h = self.matrix
+        base = diff = 0.0
+        for start in range(0, dense.shape[0], rows):
+            w = dense[start : start + rows].float()
+            delta = w - pruned[start : start + rows].float()
+            base += float(((w @ h) * w).sum())
+            diff += float(((delta @ h) * delta).sum())
+        return diff / base if base > 0 else 0.0
+
 
 def _mirror_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
     """Make `upper` symmetric in place from its upper triangle (the accumulated blocks also fill the
@@ -143,6 +159,13 @@ class InputStats:
     @property
     def exact_error(self) -> bool:
         return any(value.exact_error for value in self.values.values())
+
+    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor) -> float | None:
+        """The reconstruction error from the first statistic that gives it exactly (None if none does)."""
+        for value in self.values.values():
+            if value.exact_error:
+                return value.relative_error(dense, pruned)
+        return None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])

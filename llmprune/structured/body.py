@@ -323,6 +323,9 @@ class StructuredBody(Body):
     def check_model(self, ctx: RunContext) -> None:
         self.structure = structure_of(ctx.skeleton.config)
         self.shape = Shape.of(ctx.skeleton.config, self.structure)
+        settings = self.settings.structured
+        if settings.keep_heads is not None or settings.keep_neurons is not None:
+            _explicit_counts(settings, self.shape, self.structure)  # refused before any weight is read
 
     @property
     def eval_chunk(self) -> int:
@@ -337,9 +340,14 @@ class StructuredBody(Body):
     def describe(self, ctx: RunContext) -> str:
         calib = ctx.calib
         assert calib is not None
-        measure = "FLOPs" if self.by_flops else "parameters"
+        settings = self.settings.structured
+        if settings.keep_heads is not None or settings.keep_neurons is not None:
+            what = f"keep {settings.keep_heads or 'all'} heads and {settings.keep_neurons or 'all'} neurons per layer"
+        else:
+            measure = "FLOPs" if self.by_flops else "parameters"
+            what = f"remove {1 - self.keep:.0%} of the decoder {measure}"
         return (
-            f"{self.settings.method}: remove {1 - self.keep:.0%} of the decoder {measure} of {ctx.folder.name} "
+            f"{self.settings.method}: {what} of {ctx.folder.name} "
             f"({ctx.skeleton.num_layers} layers, {ctx.device.type}); calibration {calib.count} x {calib.seqlen} "
             f"tokens from {calib.source}"
         )
