@@ -60,7 +60,8 @@ class BodyReport:
 class Body(ABC):
     """One kind of pruning inside the shared run skeleton."""
 
-    kind: ClassVar[str]  # the settings section it reads besides common and publish
+    kind: ClassVar[str]  # what the errors call it: "unstructured", "structured", "depth"
+    sections: ClassVar[tuple[str, ...]]  # the settings sections it reads besides the shared ones
     resumable: ClassVar[bool] = False  # a killed run continues where it stopped (the skeleton keeps its state)
 
     def __init__(self, settings: Settings, method: type) -> None:
@@ -112,6 +113,10 @@ class Body(ABC):
     def config(self, config: dict) -> dict:
         """The output config.json from the source one (a body that changes the architecture edits it)."""
         return config
+
+    def output_layers(self, ctx: RunContext) -> int:
+        """How many decoder layers the output has (the layer units the body writes: 0 .. n-1)."""
+        return ctx.skeleton.num_layers
 
     @abstractmethod
     def report(self, ctx: RunContext, state: RunState) -> BodyReport:

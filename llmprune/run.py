@@ -28,6 +28,7 @@ from llmprune.data.windows import (
     is_token_file,
     windows_from_file,
 )
+from llmprune.depth import DEPTH, DepthBody
 from llmprune.engine.devices import (
     current_rss,
     parse_dtype,
@@ -62,6 +63,7 @@ LOADER_BREAKING_KEYS = ("quantization_config", "sparsity_config", "compression_c
 KINDS: dict[str, tuple[dict[str, type], type[Body]]] = {
     "unstructured": (METHODS, UnstructuredBody),
     "structured": (STRUCTURED, StructuredBody),
+    "depth": (DEPTH, DepthBody),
 }
 
 
@@ -79,7 +81,7 @@ def make_settings(model: str, **options) -> Settings:
     """Settings from the Python API's keywords, validated for the method's kind."""
     settings = Settings.from_options(model, method_options(), **options)
     kind, method = all_methods()[settings.method]
-    validate(settings, kind, method.options)
+    validate(settings, kind, KINDS[kind][1].sections, method.options)
     return settings
 
 
@@ -181,7 +183,7 @@ def prune(model: str, **options) -> dict:
         log.info("--seqlen capped at the model's context of %d tokens", seqlen)
 
     writer = OutputFolder(output, common.overwrite)
-    fingerprint = functools.cache(lambda: fingerprint_of(ctx, body, kind))  # hashes the shard headers once
+    fingerprint = functools.cache(lambda: fingerprint_of(ctx, body))  # hashes the shard headers once
     saved = resumable_state(writer, fingerprint, settings, body.resumable)
     warm_up_kernels()
     trim_heap()
@@ -230,7 +232,7 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
     }
     writer.write_unit("rest", rest)
     del rest
-    units = [layer_unit(i) for i in range(skeleton.num_layers)] + ["rest"]
+    units = [layer_unit(i) for i in range(body.output_layers(ctx))] + ["rest"]
     writer.write_shards(units, parse_size(settings.common.max_shard_size))
     save_override = ctx.save_dtype if settings.common.dtype not in (None, "auto") else None
     writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, save_override)))
@@ -274,7 +276,7 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
     return report
 
 
-def fingerprint_of(ctx: RunContext, body: Body, kind: str) -> dict:
+def fingerprint_of(ctx: RunContext, body: Body) -> dict:
     """What a resumed run must match: the settings the result depends on, with the model, the windows and the
     dtype by what they resolved to, and what the body resolved (pattern, forward dtype)."""
     resolved = {
@@ -284,7 +286,7 @@ def fingerprint_of(ctx: RunContext, body: Body, kind: str) -> dict:
         "dtype": str(ctx.save_dtype),
         **body.fingerprint(ctx),
     }
-    return make_fingerprint(**{**ctx.settings.fingerprint_parts(kind), **resolved})
+    return make_fingerprint(**{**ctx.settings.fingerprint_parts(body.sections), **resolved})
 
 
 def resumable_state(

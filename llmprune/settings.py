@@ -145,6 +145,7 @@ class Unstructured:
     """The unstructured / N:M engine: what to prune, and how the streamed layer loop runs."""
 
     title: ClassVar[str] = "unstructured and N:M methods"  # its --help group
+    who: ClassVar[str] = "unstructured"
 
     sparsity: float | None = setting(
         None,
@@ -204,10 +205,11 @@ class Unstructured:
 
 
 @dataclass(frozen=True)
-class Structured:
-    """Structured methods: how much to remove, and how the kept units are chosen and tuned."""
+class Removal:
+    """How much of the decoder structured and depth methods remove."""
 
-    title: ClassVar[str] = "structured methods (remove heads and neurons)"  # its --help group
+    title: ClassVar[str] = "structured and depth methods: how much to remove"  # its --help group
+    who: ClassVar[str] = "structured and depth"  # the methods it is for, in errors
 
     remove: float | None = setting(
         None, f"fraction of decoder-layer parameters to remove (default {DEFAULT_REMOVE})", type=fraction, metavar="F"
@@ -215,6 +217,21 @@ class Structured:
     target_flops: float | None = setting(
         None, "instead of --remove: keep at most F of the decoder FLOPs per token", type=fraction, metavar="F"
     )
+
+    def keep_fraction(self) -> tuple[float, bool]:
+        """(fraction of decoder parameters or FLOPs to keep, measured in FLOPs?)."""
+        if self.target_flops is not None:
+            return self.target_flops, True
+        return 1 - (DEFAULT_REMOVE if self.remove is None else self.remove), False
+
+
+@dataclass(frozen=True)
+class Structured:
+    """Structured methods: how the kept heads and neurons are chosen and tuned."""
+
+    title: ClassVar[str] = "structured methods (remove heads and neurons)"  # its --help group
+    who: ClassVar[str] = "structured"
+
     heads_per_group: bool = setting(
         False, "remove the same number of query heads from every KV group (default: whole KV groups)"
     )
@@ -233,12 +250,6 @@ class Structured:
         metavar="F",
         minimum=0.0,
     )
-
-    def keep_fraction(self) -> tuple[float, bool]:
-        """(fraction of decoder parameters or FLOPs to keep, measured in FLOPs?)."""
-        if self.target_flops is not None:
-            return self.target_flops, True
-        return 1 - (DEFAULT_REMOVE if self.remove is None else self.remove), False
 
 
 @dataclass(frozen=True)
@@ -270,9 +281,11 @@ class Publish:
 SECTIONS: dict[str, type] = {
     "common": Common,
     "unstructured": Unstructured,
+    "removal": Removal,
     "structured": Structured,
     "publish": Publish,
 }
+SHARED = ("common", "publish")  # the sections every kind of run reads
 DEFAULT_MAX_PPL_INCREASE: float = Publish.max_ppl_increase
 
 
@@ -282,6 +295,7 @@ class Settings:
 
     common: Common
     unstructured: Unstructured = Unstructured()
+    removal: Removal = Removal()
     structured: Structured = Structured()
     publish: Publish = Publish()
     method_options: Mapping[str, Any] = field(default_factory=dict)
@@ -314,13 +328,13 @@ class Settings:
         base = {**Settings(Common(model=self.common.model)).flat(), **method_defaults}
         return {k: v for k, v in self.flat().items() if k not in ("model", "command") and v != base.get(k)}
 
-    def fingerprint_parts(self, kind: str) -> dict[str, Any]:
+    def fingerprint_parts(self, sections: tuple[str, ...]) -> dict[str, Any]:
         """The settings a result of this kind depends on, for the resume fingerprint, without those the run
         fingerprints by what they resolve to (the model's files, the calibration and eval windows, the dtype)."""
         resolved = ("model", "calibration", "samples", "seqlen", "seed", "eval", "eval_samples", "no_eval", "dtype")
         parts = {}
         for name, section in SECTIONS.items():
-            if name in ("common", "publish", kind):
+            if name in (*SHARED, *sections):
                 for option in options_of(section):
                     if option.affects_result and option.name not in resolved:
                         parts[option.name] = getattr(getattr(self, name), option.name)
@@ -360,6 +374,7 @@ class Settings:
         return cls(
             Common(model=model, **routed["common"]),
             Unstructured(**routed["unstructured"]),
+            Removal(**routed["removal"]),
             Structured(**routed["structured"]),
             Publish(**routed["publish"]),
             chosen,
@@ -416,46 +431,40 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def validate(settings: Settings, kind: str, method_options: Iterable[Option] = ()) -> None:
-    """Every check of option values, before any work: a run of `kind` ("unstructured" or "structured")
-    refuses the other kind's settings, each value is in range, and the combinations make sense."""
-    for other in SECTIONS:
-        if other in ("common", "publish", kind):
+def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_options: Iterable[Option] = ()) -> None:
+    """Every check of option values, before any work: a run of `kind`, which reads `sections` besides the shared
+    ones, refuses the other sections' settings; each value is in range, and the combinations make sense."""
+    for other, section in SECTIONS.items():
+        if other in (*SHARED, *sections):
             continue
-        given = getattr(settings, other)
-        for option in options_of(SECTIONS[other]):
-            if getattr(given, option.name) != option.default:
+        for option in options_of(section):
+            if getattr(getattr(settings, other), option.name) != option.default:
                 hint = ": use --remove or --target-flops" if option.name in ("sparsity", "pattern") else ""
                 raise LLMPruneError(
-                    f"{option.cli_flag} is for the {other} methods; --method {settings.method} is {kind}{hint}"
+                    f"{option.cli_flag} is for the {section.who} methods; --method {settings.method} is {kind}{hint}"
                 )
-    common, unstructured, structured, publish = (
-        settings.common,
-        settings.unstructured,
-        settings.structured,
-        settings.publish,
-    )
-    for section in (common, unstructured, structured, publish):
-        for option in options_of(type(section)):
-            option.check(getattr(section, option.name))
+    for name, section in SECTIONS.items():
+        for option in options_of(section):
+            option.check(getattr(getattr(settings, name), option.name))
     for option in method_options:
         option.check(settings.method_options[option.name])
+    common, unstructured, removal, publish = settings.common, settings.unstructured, settings.removal, settings.publish
     if common.dtype not in (None, "auto", *DTYPE_NAMES):
         raise LLMPruneError(f"--dtype must be one of auto, {', '.join(DTYPE_NAMES)} (got {common.dtype!r})")
     parse_size(common.max_shard_size)
     parse_budget_text(unstructured.max_memory)
-    if structured.remove is not None and structured.target_flops is not None:
+    if removal.remove is not None and removal.target_flops is not None:
         raise LLMPruneError("give --remove or --target-flops, not both")
-    if structured.target_flops is not None and not 0 < structured.target_flops < 1:
-        raise LLMPruneError(f"--target-flops must be in (0, 1) (got {structured.target_flops})")
-    if structured.remove is not None and not 0 < structured.remove < 1:
-        raise LLMPruneError(f"--remove must be in (0, 1) (got {structured.remove})")
-    if kind == "structured" and publish.save_format != "dense":
-        raise LLMPruneError(f"--save-format {publish.save_format} is for 2:4-sparse models, not structured ones")
-    if kind == "unstructured":
+    if removal.target_flops is not None and not 0 < removal.target_flops < 1:
+        raise LLMPruneError(f"--target-flops must be in (0, 1) (got {removal.target_flops})")
+    if removal.remove is not None and not 0 < removal.remove < 1:
+        raise LLMPruneError(f"--remove must be in (0, 1) (got {removal.remove})")
+    if "unstructured" in sections:
         pattern = Pattern.parse(unstructured.pattern, unstructured.sparsity)
         if publish.save_format == PACKED_FORMAT and str(pattern) != "2:4":
             raise LLMPruneError(f"--save-format {PACKED_FORMAT} needs --pattern 2:4 (got {pattern})")
+    elif publish.save_format != "dense":
+        raise LLMPruneError(f"--save-format {publish.save_format} is for 2:4-sparse models, not {kind} ones")
     check_max_ppl_increase(publish.max_ppl_increase)
     if publish.push_to_hub:
         check_repo_id(publish.push_to_hub)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from llmprune.depth import DEPTH
 from llmprune.methods import METHODS
 from llmprune.structured.methods import STRUCTURED
 from tests.helpers.cli import one_error_line, run_main
@@ -124,7 +125,7 @@ def test_every_registered_method_declares_its_interface():
     from llmprune.settings import SECTIONS, options_of
 
     settings = {option.name for section in SECTIONS.values() for option in options_of(section)}
-    for registry in (METHODS, STRUCTURED):
+    for registry in (METHODS, STRUCTURED, DEPTH):
         for name, method in registry.items():
             assert method.name == name and method.summary
             for option in method.options:

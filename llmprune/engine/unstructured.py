@@ -50,6 +50,7 @@ class UnstructuredBody(Body):
     """Prune every target Linear of every decoder layer to a sparsity pattern."""
 
     kind = "unstructured"
+    sections = ("unstructured",)
     resumable = True
 
     def __init__(self, settings: Settings, method: type[PruningMethod]) -> None:

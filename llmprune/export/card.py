@@ -24,6 +24,7 @@ METHOD_NAMES = {
     "fisher": "Fisher head/neuron removal (Kwon et al. 2022)",
     "flap": "FLAP-style fluctuation head/neuron removal",
     "l2-structured": "weight-norm head/neuron removal",
+    "depth": "depth removal (whole decoder layers)",
 }
 PROJECT_URL = "https://pypi.org/project/llmprune/"
 
@@ -78,7 +79,7 @@ def front_matter(report: dict) -> dict:
     if report.get("base_model"):
         meta["base_model"] = report["base_model"]
     pattern = report["pattern"]
-    if report.get("structured"):
+    if report.get("structured") or report.get("depth"):
         tags = ["pruned", "structured-pruning", "llmprune"]
     else:
         tags = ["pruned", "sparse", pattern if pattern != "unstructured" else "unstructured-sparsity", "llmprune"]
@@ -103,6 +104,8 @@ def render_card(report: dict) -> str:
     )
     if report.get("structured"):
         return _render_structured(report, name, method, source)
+    if report.get("depth"):
+        return _render_depth(report, name, method, source)
     parts = [
         "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
         f"# {name}, pruned with {method} ({pattern})\n",
@@ -156,6 +159,42 @@ def _render_structured(report: dict, name: str, method: str, source: str) -> str
         .replace(
             "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
             "The weights are ordinary dense safetensors and `config.json` is the base model's with smaller counts,",
+        )
+        .replace(" Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.", ""),
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _render_depth(report: dict, name: str, method: str, source: str) -> str:
+    """The card of a model with whole decoder layers removed."""
+    info = report["depth"]
+    params = info["parameters"]
+    removed = ", ".join(str(i) for i in info["removed_layers"])
+    structure = "\n".join(
+        [
+            "## Structure\n",
+            "| | dense | pruned |",
+            "|---|---:|---:|",
+            f"| decoder layers | {info['dense_layers']} | {info['kept_layers']} |",
+            f"| parameters (all decoder layers) | {params['decoder_before']:,} | {params['decoder_after']:,} |\n",
+            f"Removed layers (dense numbering): {removed}. The kept layers are renumbered, and `config.json` is the "
+            "base model's with the smaller `num_hidden_layers` (per-layer lists such as `layer_types` follow).\n",
+        ]
+    )
+    parts = [
+        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
+        f"# {name}, {len(info['removed_layers'])} of its {info['dense_layers']} decoder layers removed\n",
+        f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
+        f"from {source}: method **{method}**, removing whole decoder layers. The result is a shallower dense model "
+        "that runs faster on any hardware.\n",
+        _gate_section(report),
+        _command_section(report),
+        structure,
+        _perplexity_section(report),
+        _usage_section(report)
+        .replace(
+            "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
+            "The weights are ordinary dense safetensors and `config.json` is the base model's with fewer layers,",
         )
         .replace(" Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.", ""),
     ]

@@ -29,14 +29,16 @@ from llmprune.structured.tuning import Normal, accumulate_heads, accumulate_neur
 
 def choose_counts(
     settings: StructuredSettings,
+    keep: float,
+    by_flops: bool,
     method: StructuredMethod,
     ranking: Ranking,
     shape: Shape,
     structure: Structure,
     costs: Costs,
 ) -> Counts:
-    """Explicit --keep-heads/--keep-neurons, else Kwon's search (methods that search) or equal shares."""
-    keep, by_flops = settings.keep_fraction()
+    """Explicit --keep-heads/--keep-neurons, else Kwon's search (methods that search) or equal shares of the
+    `keep` fraction of the decoder's parameters (or FLOPs)."""
     per_group = bool(settings.heads_per_group)
     if settings.keep_heads is not None or settings.keep_neurons is not None:
         return _explicit_counts(settings, shape, structure)
@@ -310,11 +312,12 @@ class StructuredBody(Body):
     tune the kept units' scales against the dense teacher, and write a physically smaller model."""
 
     kind = "structured"
+    sections = ("removal", "structured")
 
     def __init__(self, settings: Settings, method: type[StructuredMethod]) -> None:
         super().__init__(settings, method)
         self.method = method(**settings.method_options)
-        self.keep, self.by_flops = settings.structured.keep_fraction()
+        self.keep, self.by_flops = settings.removal.keep_fraction()
 
     @property
     def tag(self) -> str:
@@ -364,7 +367,9 @@ class StructuredBody(Body):
         ranking = self.method.rank(inputs)
         self.timings = {"score_seconds": round(time.perf_counter() - started, 2)}
         self.costs = Costs.of(skeleton.layers[0], structure, shape, ctx.calib.seqlen)
-        self.counts = choose_counts(settings, self.method, ranking, shape, structure, self.costs)
+        self.counts = choose_counts(
+            settings, self.keep, self.by_flops, self.method, ranking, shape, structure, self.costs
+        )
         cuts = choose_cuts(self.counts, shape, ranking, per_group)
         self.method.compensate(skeleton, structure, shape, cuts, ranking)
         tuned = time.perf_counter()
@@ -409,8 +414,8 @@ class StructuredBody(Body):
             "budget": {
                 "keep_fraction": self.keep,
                 "measure": "flops" if self.by_flops else "parameters",
-                "remove": settings.remove,
-                "target_flops": settings.target_flops,
+                "remove": self.settings.removal.remove,
+                "target_flops": self.settings.removal.target_flops,
             },
             "dense": {"heads": shape.heads, "kv_heads": shape.kv_heads, "intermediate": shape.intermediate},
             "kept": {

@@ -1,0 +1,254 @@
+"""Depth removal: drop whole decoder layers, chosen from statistics of one streamed pass of the dense model.
+
+- "angular" (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"): the span of n
+  consecutive layers whose input and output are closest, by the angular distance arccos(cos(h_l, h_{l+n}))/pi
+  of the last token's hidden state, averaged over the calibration windows;
+- "influence" (ShortGPT, Men et al. 2024): the n layers of least block influence 1 - cos(x_in, x_out),
+  averaged over every calibration token;
+- "perplexity" (BlockPruner-style, Zhong et al. 2024): n greedy steps, each removing the layer whose removal
+  raises the calibration windows' loss least, every candidate evaluated by a streamed forward (one layer in
+  memory; n x L^2 layer forwards, so keep --samples small for deep models).
+
+The output is the same architecture with fewer `num_hidden_layers` (layers renumbered, per-layer config lists
+such as `layer_types` kept in step), so stock transformers and vLLM load it and run it faster.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from llmprune.body import Body, BodyReport, RunContext
+from llmprune.engine.activations import Activations
+from llmprune.engine.devices import default_chunk
+from llmprune.engine.loop import layer_unit
+from llmprune.engine.resume import RunState
+from llmprune.engine.stream import open_stream
+from llmprune.errors import LLMPruneError
+from llmprune.export.writer import OutputFolder
+from llmprune.settings import Configurable, Option, Settings
+
+
+class Depth(Configurable):
+    """Which layers go: the most redundant span (angular) or the least influential layers (influence)."""
+
+    name = "depth"
+    summary = "remove whole decoder layers: angular distance (Gromov et al. 2024) or block influence (ShortGPT)"
+    options = (
+        Option(
+            "depth_criterion",
+            "angular",
+            "angular: the span of layers whose input and output are closest (default); influence: the layers "
+            "of least block influence 1 - cos(in, out); perplexity: greedy, the layer whose removal raises the "
+            "calibration loss least, one at a time",
+            choices=("angular", "influence", "perplexity"),
+        ),
+    )
+
+    def choose(self, scores: dict[str, list], remove: int) -> list[int]:
+        """The layers to remove, from the streamed scores (the perplexity search's steps are in the scores)."""
+        if self.values["depth_criterion"] == "perplexity":
+            return sorted(step["removed"] for step in scores["search"])
+        if self.values["depth_criterion"] == "influence":
+            influence = scores["block_influence"]
+            return sorted(sorted(range(len(influence)), key=lambda i: influence[i])[:remove])
+        distances = scores["angular_distance"][remove - 1]  # spans of `remove` layers, by their first layer
+        start = min(range(len(distances)), key=lambda i: distances[i])
+        return list(range(start, start + remove))
+
+
+DEPTH: dict[str, type[Depth]] = {Depth.name: Depth}
+
+
+def depth_scores(ctx: RunContext, chunk: int) -> dict[str, list]:
+    """One streamed pass of the dense model: each layer's block influence over every token, and the angular
+    distance between the last token's hidden states at every pair of layer boundaries (l, l + n)."""
+    assert ctx.calib is not None
+    skeleton, cpu = ctx.skeleton, torch.device("cpu")
+    stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
+    dtype = stream.dtype
+    boundaries: list[torch.Tensor] = []  # [windows, hidden] last-token states entering each layer, then the output
+    influence = []
+    for index in tqdm(range(skeleton.num_layers), desc="depth scores", unit="layer", disable=not ctx.progress):
+        layer = skeleton.load_layer(index, ctx.device, dtype)
+        cosines, tokens, last = 0.0, 0, []
+        with torch.no_grad():
+            for position in range(len(acts)):
+                x = acts.get(position)
+                out = stream.run(index, layer, x).to(cpu, dtype)
+                cosines += float(torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1).sum())
+                tokens += x.shape[0] * x.shape[1]
+                last.append(x[:, -1].float())
+                acts.put(position, out)
+        boundaries.append(torch.cat(last))
+        influence.append(1 - cosines / tokens)
+        skeleton.unload_layer(index)
+    boundaries.append(torch.cat([acts.get(position)[:, -1].float() for position in range(len(acts))]))
+    stream.close()
+    layers = skeleton.num_layers
+    angular = [
+        [
+            float(torch.nn.functional.cosine_similarity(boundaries[start], boundaries[start + n], dim=-1)
+                  .clamp(-1, 1).acos().mean() / math.pi)
+            for start in range(layers - n + 1)
+        ]
+        for n in range(1, layers + 1)
+    ]  # fmt: skip
+    return {"block_influence": influence, "angular_distance": angular}
+
+
+def greedy_search(ctx: RunContext, chunk: int, remove: int) -> list[dict]:
+    """BlockPruner-style search: `remove` steps, each removing the layer whose removal gives the lowest loss on
+    the calibration windows. Each candidate is a streamed forward from the embeddings through the kept layers
+    (one layer in memory at a time); returns the steps: the layer removed and the perplexity after it."""
+    assert ctx.calib is not None
+    skeleton, cpu = ctx.skeleton, torch.device("cpu")
+    stream, start = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
+    removed: list[int] = []
+    steps = []
+    total = sum(skeleton.num_layers - step for step in range(remove))  # candidates over all steps
+    with tqdm(total=total, desc="depth search", unit="candidate", disable=not ctx.progress) as bar:
+        for _ in range(remove):
+            kept = [i for i in range(skeleton.num_layers) if i not in removed]
+            best: tuple[float, int] | None = None
+            for candidate in kept:
+                acts = Activations([piece.clone() for piece in start.chunks])
+                for index in kept:
+                    if index != candidate:
+                        stream.forward(index, skeleton.load_layer(index, ctx.device, stream.dtype), acts)
+                        skeleton.unload_layer(index)
+                nll, tokens = stream.nll(acts)
+                if best is None or nll < best[0]:
+                    best = (nll, candidate)
+                bar.update(1)
+            assert best is not None
+            removed.append(best[1])
+            steps.append({"removed": best[1], "perplexity": math.exp(best[0] / tokens)})
+    stream.close()
+    return steps
+
+
+def _per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
+    """A config (or its text_config) with `num_hidden_layers` and every per-layer list kept in step."""
+    out = dict(config)
+    if isinstance(out.get("text_config"), dict) and "num_hidden_layers" in out["text_config"]:
+        out["text_config"] = _per_layer_lists(out["text_config"], layers, kept)
+        return out
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == layers and key != "architectures":
+            out[key] = [value[i] for i in kept]
+    out["num_hidden_layers"] = len(kept)
+    return out
+
+
+class DepthBody(Body):
+    """Remove whole decoder layers and write the shallower model, layers renumbered."""
+
+    kind = "depth"
+    sections = ("removal",)
+
+    def __init__(self, settings: Settings, method: type[Depth]) -> None:
+        super().__init__(settings, method)
+        self.method = method(**settings.method_options)
+        self.keep, self.by_flops = settings.removal.keep_fraction()
+
+    @property
+    def tag(self) -> str:
+        return f"{round((1 - self.keep) * 100)}"
+
+    def check_model(self, ctx: RunContext) -> None:
+        layers = ctx.skeleton.num_layers
+        self.remove = round((1 - self.keep) * layers)  # the layers are alike: parameters and FLOPs go with them
+        if self.remove < 1:
+            raise LLMPruneError(f"removing {1 - self.keep:.0%} of {layers} layers removes no layer; remove more")
+        if self.remove >= layers:
+            raise LLMPruneError(f"removing {1 - self.keep:.0%} of {layers} layers removes every layer; remove less")
+
+    def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
+        assert ctx.calib is not None
+        self.chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
+        return None
+
+    @property
+    def eval_chunk(self) -> int:
+        return self.chunk
+
+    def describe(self, ctx: RunContext) -> str:
+        assert ctx.calib is not None
+        return (
+            f"depth ({self.method.values['depth_criterion']}): remove {self.remove} of {ctx.skeleton.num_layers} "
+            f"layers of {ctx.folder.name} ({ctx.device.type}); calibration {ctx.calib.count} x {ctx.calib.seqlen} "
+            f"tokens from {ctx.calib.source}"
+        )
+
+    def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
+        started = time.perf_counter()
+        self.scores = depth_scores(ctx, self.chunk)
+        if self.method.values["depth_criterion"] == "perplexity":
+            self.scores["search"] = greedy_search(ctx, self.chunk, self.remove)
+        self.removed = self.method.choose(self.scores, self.remove)
+        self.kept = [i for i in range(ctx.skeleton.num_layers) if i not in self.removed]
+        scored = time.perf_counter()
+        skeleton = ctx.skeleton
+        for new, old in enumerate(self.kept):
+            source, target = f"{skeleton.layers_prefix}.{old}.", f"{skeleton.layers_prefix}.{new}."
+            tensors = skeleton.read(skeleton.layer_keys(old))
+            writer.write_unit(
+                layer_unit(new),
+                {
+                    target + key[len(source) :]: value.to(ctx.save_dtype) if value.is_floating_point() else value
+                    for key, value in tensors.items()
+                },
+            )
+        self.timings = {
+            "score_seconds": round(scored - started, 2),
+            "write_seconds": round(time.perf_counter() - scored, 2),
+            "prune_seconds": round(time.perf_counter() - started, 2),
+        }
+
+    def output_layers(self, ctx: RunContext) -> int:
+        return len(self.kept)
+
+    def config(self, config: dict) -> dict:
+        return _per_layer_lists(config, len(self.kept) + len(self.removed), self.kept)
+
+    def report(self, ctx: RunContext, state: RunState) -> BodyReport:
+        skeleton = ctx.skeleton
+        sizes = [
+            sum(math.prod(skeleton.checkpoint.metadata(skeleton.key_map[key])[1]) for key in skeleton.layer_keys(i))
+            for i in range(skeleton.num_layers)
+        ]
+        before, after = sum(sizes), sum(sizes[i] for i in self.kept)
+        influence = self.scores["block_influence"]
+        return BodyReport(
+            pattern="depth",
+            sparsity=1 - after / before,
+            achieved_sparsity=1 - after / before,
+            options=self.method.report_options(),
+            sections={
+                "depth": {
+                    "budget": {
+                        "keep_fraction": self.keep,
+                        "measure": "flops" if self.by_flops else "parameters",
+                        "remove": self.settings.removal.remove,
+                        "target_flops": self.settings.removal.target_flops,
+                    },
+                    "dense_layers": skeleton.num_layers,
+                    "kept_layers": len(self.kept),
+                    "removed_layers": self.removed,
+                    "parameters": {"decoder_before": before, "decoder_after": after},
+                    "block_influence": influence,
+                    "angular_distance": self.scores["angular_distance"][self.remove - 1],
+                    "search": self.scores.get("search"),
+                },
+                "order": "depth",
+            },
+            layers=[
+                {"index": i, "block_influence": influence[i], "removed": i in self.removed, "parameters": sizes[i]}
+                for i in range(skeleton.num_layers)
+            ],
+            timings=self.timings,
+        )
