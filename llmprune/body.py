@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from llmprune.data.windows import Windows
+from llmprune.engine.devices import default_chunk
 from llmprune.engine.resume import RunState
 from llmprune.export.writer import OutputFolder
 from llmprune.models.skeleton import Skeleton
@@ -33,7 +34,7 @@ class RunContext:
     folder: Path  # the source model folder
     skeleton: Skeleton
     device: torch.device
-    save_dtype: torch.dtype
+    save_override: torch.dtype | None  # --dtype, when given
     calib: Windows | None = None
     eval_windows: Windows | None = None
     overhead: int = 0  # bytes the interpreter and libraries held before any work (outside the budget)
@@ -41,6 +42,11 @@ class RunContext:
     @property
     def progress(self) -> bool:
         return not self.settings.quiet
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """The dtype the output is saved in: --dtype, else the model's."""
+        return self.save_override or self.skeleton.dtype
 
 
 @dataclass
@@ -121,3 +127,36 @@ class Body(ABC):
     @abstractmethod
     def report(self, ctx: RunContext, state: RunState) -> BodyReport:
         """What the report records of the pruning."""
+
+
+class RemovalBody(Body):
+    """A body that removes a fraction of the decoder (settings section `removal`): structured and depth. It holds
+    the method's instance and the budget, names the output by the fraction removed and forwards in default
+    chunks."""
+
+    def __init__(self, settings: Settings, method: type) -> None:
+        super().__init__(settings, method)
+        self.method = method(**settings.method_options)
+        self.keep, self.by_flops = settings.removal.keep_fraction()
+
+    @property
+    def tag(self) -> str:
+        return f"{round((1 - self.keep) * 100)}"
+
+    def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
+        assert ctx.calib is not None
+        self.chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
+        return None
+
+    @property
+    def eval_chunk(self) -> int:
+        return self.chunk
+
+    def budget(self) -> dict:
+        """The report's record of what was asked for."""
+        return {
+            "keep_fraction": self.keep,
+            "measure": "flops" if self.by_flops else "parameters",
+            "remove": self.settings.removal.remove,
+            "target_flops": self.settings.removal.target_flops,
+        }

@@ -116,7 +116,6 @@ def run_prune(argv: list[str]) -> int:
     args = prune_parser().parse_args(argv)
     setup_logging(args.quiet)
     options = {k: v for k, v in vars(args).items() if k not in ("model", "json")}
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     options["command"] = shlex.join(["llmprune", *argv])
     report = prune(args.model, **options)
     if args.plan_only:
@@ -301,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def dispatch(argv: list[str]) -> int:
         handler = SUBCOMMANDS.get(argv[0]) if argv else None
-        if handler is None and argv and argv[0] in plugin_commands():
-            handler = plugin_commands()[argv[0]]()
+        plugin = plugin_commands().get(argv[0]) if argv and handler is None else None
+        if plugin is not None:
+            handler = plugin()
         if handler is not None:
             return handler(argv[1:])
         return run_prune(argv[1:] if argv and argv[0] == "prune" else argv)

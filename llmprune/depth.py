@@ -21,15 +21,15 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from llmprune.body import Body, BodyReport, RunContext
+from llmprune.body import BodyReport, RemovalBody, RunContext
 from llmprune.engine.activations import Activations
-from llmprune.engine.devices import default_chunk
 from llmprune.engine.loop import layer_unit
 from llmprune.engine.resume import RunState
 from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
-from llmprune.settings import Configurable, Option, Settings
+from llmprune.models.skeleton import cast_floating
+from llmprune.settings import Configurable, Option
 
 
 class Depth(Configurable):
@@ -55,7 +55,7 @@ class Depth(Configurable):
         if self.values["depth_criterion"] == "influence":
             influence = scores["block_influence"]
             return sorted(sorted(range(len(influence)), key=lambda i: influence[i])[:remove])
-        distances = scores["angular_distance"][remove - 1]  # spans of `remove` layers, by their first layer
+        distances = scores["angular_distance"]  # spans of `remove` layers, by their first layer
         start = min(range(len(distances)), key=lambda i: distances[i])
         return list(range(start, start + remove))
 
@@ -63,9 +63,9 @@ class Depth(Configurable):
 DEPTH: dict[str, type[Depth]] = {Depth.name: Depth}
 
 
-def depth_scores(ctx: RunContext, chunk: int) -> dict[str, list]:
+def depth_scores(ctx: RunContext, chunk: int, span: int) -> dict[str, list]:
     """One streamed pass of the dense model: each layer's block influence over every token, and the angular
-    distance between the last token's hidden states at every pair of layer boundaries (l, l + n)."""
+    distance between the last token's hidden states entering layer l and layer l + span, for every l."""
     assert ctx.calib is not None
     skeleton, cpu = ctx.skeleton, torch.device("cpu")
     stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
@@ -88,14 +88,10 @@ def depth_scores(ctx: RunContext, chunk: int) -> dict[str, list]:
         skeleton.unload_layer(index)
     boundaries.append(torch.cat([acts.get(position)[:, -1].float() for position in range(len(acts))]))
     stream.close()
-    layers = skeleton.num_layers
     angular = [
-        [
-            float(torch.nn.functional.cosine_similarity(boundaries[start], boundaries[start + n], dim=-1)
-                  .clamp(-1, 1).acos().mean() / math.pi)
-            for start in range(layers - n + 1)
-        ]
-        for n in range(1, layers + 1)
+        float(torch.nn.functional.cosine_similarity(boundaries[start], boundaries[start + span], dim=-1)
+              .clamp(-1, 1).acos().mean() / math.pi)
+        for start in range(skeleton.num_layers - span + 1)
     ]  # fmt: skip
     return {"block_influence": influence, "angular_distance": angular}
 
@@ -144,20 +140,11 @@ def _per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
     return out
 
 
-class DepthBody(Body):
+class DepthBody(RemovalBody):
     """Remove whole decoder layers and write the shallower model, layers renumbered."""
 
     kind = "depth"
     sections = ("removal",)
-
-    def __init__(self, settings: Settings, method: type[Depth]) -> None:
-        super().__init__(settings, method)
-        self.method = method(**settings.method_options)
-        self.keep, self.by_flops = settings.removal.keep_fraction()
-
-    @property
-    def tag(self) -> str:
-        return f"{round((1 - self.keep) * 100)}"
 
     def check_model(self, ctx: RunContext) -> None:
         layers = ctx.skeleton.num_layers
@@ -166,15 +153,6 @@ class DepthBody(Body):
             raise LLMPruneError(f"removing {1 - self.keep:.0%} of {layers} layers removes no layer; remove more")
         if self.remove >= layers:
             raise LLMPruneError(f"removing {1 - self.keep:.0%} of {layers} layers removes every layer; remove less")
-
-    def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
-        assert ctx.calib is not None
-        self.chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
-        return None
-
-    @property
-    def eval_chunk(self) -> int:
-        return self.chunk
 
     def describe(self, ctx: RunContext) -> str:
         assert ctx.calib is not None
@@ -186,7 +164,7 @@ class DepthBody(Body):
 
     def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
         started = time.perf_counter()
-        self.scores = depth_scores(ctx, self.chunk)
+        self.scores = depth_scores(ctx, self.chunk, self.remove)
         if self.method.values["depth_criterion"] == "perplexity":
             self.scores["search"] = greedy_search(ctx, self.chunk, self.remove)
         self.removed = self.method.choose(self.scores, self.remove)
@@ -198,10 +176,7 @@ class DepthBody(Body):
             tensors = skeleton.read(skeleton.layer_keys(old))
             writer.write_unit(
                 layer_unit(new),
-                {
-                    target + key[len(source) :]: value.to(ctx.save_dtype) if value.is_floating_point() else value
-                    for key, value in tensors.items()
-                },
+                {target + key[len(source) :]: cast_floating(value, ctx.save_dtype) for key, value in tensors.items()},
             )
         self.timings = {
             "score_seconds": round(scored - started, 2),
@@ -230,18 +205,13 @@ class DepthBody(Body):
             options=self.method.report_options(),
             sections={
                 "depth": {
-                    "budget": {
-                        "keep_fraction": self.keep,
-                        "measure": "flops" if self.by_flops else "parameters",
-                        "remove": self.settings.removal.remove,
-                        "target_flops": self.settings.removal.target_flops,
-                    },
+                    "budget": self.budget(),
                     "dense_layers": skeleton.num_layers,
                     "kept_layers": len(self.kept),
                     "removed_layers": self.removed,
                     "parameters": {"decoder_before": before, "decoder_after": after},
                     "block_influence": influence,
-                    "angular_distance": self.scores["angular_distance"][self.remove - 1],
+                    "angular_distance": self.scores["angular_distance"],
                     "search": self.scores.get("search"),
                 },
                 "order": "depth",

@@ -50,7 +50,7 @@ from llmprune.export.packed import FORMAT, pack_shards
 from llmprune.export.writer import OutputFolder, check_output
 from llmprune.methods import METHODS
 from llmprune.models.resolve import resolve_model
-from llmprune.models.skeleton import Skeleton, build_skeleton
+from llmprune.models.skeleton import Skeleton, build_skeleton, cast_floating
 from llmprune.models.text import context_length, load_tokenizer
 from llmprune.report import PeakMemory, PerplexitySection, Report, write_report
 from llmprune.settings import DEFAULT_EVAL, Option, Settings, parse_size, validate
@@ -59,11 +59,10 @@ from llmprune.structured.methods import STRUCTURED
 
 LOADER_BREAKING_KEYS = ("quantization_config", "sparsity_config", "compression_config")
 
-# each kind of pruning: its methods and its body
+# each kind of pruning, by its body's name for it: its methods and its body
 KINDS: dict[str, tuple[dict[str, type], type[Body]]] = {
-    "unstructured": (METHODS, UnstructuredBody),
-    "structured": (STRUCTURED, StructuredBody),
-    "depth": (DEPTH, DepthBody),
+    body.kind: (registry, body)
+    for registry, body in ((METHODS, UnstructuredBody), (STRUCTURED, StructuredBody), (DEPTH, DepthBody))
 }
 
 
@@ -168,7 +167,7 @@ def prune(model: str, **options) -> dict:
     skeleton = build_skeleton(folder)
     limit = context_length(skeleton)
     seqlen = min(common.seqlen, limit) if limit else common.seqlen
-    ctx = RunContext(settings, folder, skeleton, device, save_override or skeleton.dtype)
+    ctx = RunContext(settings, folder, skeleton, device, save_override)
     body.check_model(ctx)
     tokenizer = functools.cache(lambda: load_tokenizer(folder))  # not loaded at all for token files without eval
     if is_token_file(common.calibration):
@@ -202,8 +201,7 @@ def prune(model: str, **options) -> dict:
         state = saved
         log.info("resuming %s at layer %d of %d", writer.partial.name, state.next_layer, skeleton.num_layers)
     try:
-        report = _run(ctx, body, writer, state, started)
-        result = report.as_dict()
+        result = _run(ctx, body, writer, state, started)
         result["output"] = str(writer.commit())
     except BaseException:
         if not body.resumable or (state.next_layer == 0 and not state.dense_perplexity):
@@ -215,8 +213,8 @@ def prune(model: str, **options) -> dict:
     return result
 
 
-def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, started: float) -> Report:
-    """From the dense perplexity to the finished (uncommitted) folder and its report."""
+def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, started: float) -> dict:
+    """From the dense perplexity to the finished (uncommitted) folder; returns its report."""
     settings, eval_windows, device = ctx.settings, ctx.eval_windows, ctx.device
     if eval_windows is not None and state.dense_perplexity is None:
         dense = perplexity(ctx.folder, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="dense ppl")
@@ -226,16 +224,12 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
         log.info("dense perplexity %.3f on %d x %d tokens", dense.perplexity, eval_windows.count, eval_windows.seqlen)
     body.prune(ctx, writer, state)
     skeleton = ctx.skeleton
-    rest = {
-        k: (v.to(ctx.save_dtype) if v.is_floating_point() else v)
-        for k, v in skeleton.read(skeleton.rest_keys()).items()
-    }
-    writer.write_unit("rest", rest)
-    del rest
+    writer.write_unit(
+        "rest", {k: cast_floating(v, ctx.save_dtype) for k, v in skeleton.read(skeleton.rest_keys()).items()}
+    )
     units = [layer_unit(i) for i in range(body.output_layers(ctx))] + ["rest"]
     writer.write_shards(units, parse_size(settings.common.max_shard_size))
-    save_override = ctx.save_dtype if settings.common.dtype not in (None, "auto") else None
-    writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, save_override)))
+    writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, ctx.save_override)))
     pruned = None
     if eval_windows is not None:
         pruned = perplexity(
@@ -271,9 +265,10 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
     )
     if publish.save_format == FORMAT:
         report.packed = pack_shards(writer.partial, writer.partial)
-    write_card(writer.partial, report.as_dict())
-    write_report(writer.partial, report.as_dict())
-    return report
+    data = report.as_dict()
+    write_card(writer.partial, data)
+    write_report(writer.partial, data)
+    return data
 
 
 def fingerprint_of(ctx: RunContext, body: Body) -> dict:

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
 from llmprune.errors import LLMPruneError
-from tests.helpers.vllm_generate import greedy
+from tests.helpers.vllm_generate import greedy, transformers_greedy
 
 
 def _token_file(path, windows=6, seqlen=24, vocab=512, seed=0):
@@ -162,8 +162,5 @@ def test_smollm2_without_three_layers_gives_the_same_greedy_tokens_in_transforme
     assert sum(p.numel() for p in model.model.layers.parameters()) == report["depth"]["parameters"]["decoder_after"]
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompts = [tokenizer(text)["input_ids"] for text in ("The king said to the queen", "What is the matter")]
-    expected = [
-        model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
-        for ids in prompts
-    ]
+    expected = transformers_greedy(model, prompts, 12)
     assert greedy(out, prompts, "float32", 12) == expected

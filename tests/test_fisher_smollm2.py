@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
-from tests.helpers.vllm_generate import greedy
+from tests.helpers.vllm_generate import greedy, transformers_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,5 @@ def test_smaller_model_loads_in_transformers_and_vllm(runs):
     assert report["structured"]["parameters"]["total_after"] < report["structured"]["parameters"]["total_before"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = [tokenizer(text)["input_ids"] for text in ("The king said to the queen", "What is the matter")]
-    expected = [
-        model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
-        for ids in prompts
-    ]
+    expected = transformers_greedy(model, prompts, 12)
     assert greedy(folder, prompts, "float32", 12) == expected

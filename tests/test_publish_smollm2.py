@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
 from llmprune.export.card import read_front_matter
-from tests.helpers.vllm_generate import greedy
+from tests.helpers.vllm_generate import greedy, transformers_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +48,7 @@ def prompt_ids(pruned) -> list[list[int]]:
 def test_vllm_and_transformers_load_it_and_agree(pruned, prompt_ids):
     model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
     assert float((model.model.layers[11].self_attn.o_proj.weight == 0).float().mean()) == pytest.approx(0.5)
-    expected = [
-        model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :].tolist()
-        for ids in prompt_ids
-    ]
+    expected = transformers_greedy(model, prompt_ids, NEW_TOKENS)
     assert all(len(tokens) == NEW_TOKENS for tokens in expected)
     # vLLM downcasts float32 checkpoints to bfloat16 unless told otherwise: ask for the saved dtype.
     assert greedy(pruned, prompt_ids, "float32", NEW_TOKENS) == expected

@@ -145,24 +145,9 @@ def _render_structured(report: dict, name: str, method: str, source: str) -> str
             + "\n",
         ]
     )
-    parts = [
-        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
-        f"# {name}, {params['removed_fraction_of_decoder']:.0%} of its decoder parameters removed\n",
-        f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
-        f"from {source}: method **{method}**, removing whole attention heads and FFN neurons. The result is a "
-        "smaller dense model that runs faster on any hardware.\n",
-        _gate_section(report),
-        _command_section(report),
-        structure,
-        _perplexity_section(report),
-        _usage_section(report)
-        .replace(
-            "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
-            "The weights are ordinary dense safetensors and `config.json` is the base model's with smaller counts,",
-        )
-        .replace(" Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.", ""),
-    ]
-    return "\n".join(p for p in parts if p)
+    title = f"{params['removed_fraction_of_decoder']:.0%} of its decoder parameters removed"
+    return _render_smaller(report, name, method, source, title, "whole attention heads and FFN neurons",
+                           structure, "smaller counts")  # fmt: skip
 
 
 def _render_depth(report: dict, name: str, method: str, source: str) -> str:
@@ -181,12 +166,21 @@ def _render_depth(report: dict, name: str, method: str, source: str) -> str:
             "base model's with the smaller `num_hidden_layers` (per-layer lists such as `layer_types` follow).\n",
         ]
     )
+    title = f"{len(info['removed_layers'])} of its {info['dense_layers']} decoder layers removed"
+    return _render_smaller(report, name, method, source, title, "whole decoder layers", structure, "fewer layers")
+
+
+def _render_smaller(
+    report: dict, name: str, method: str, source: str, title: str, removed: str, structure: str, config: str
+) -> str:
+    """The card of a physically smaller model: `removed` says what went, `structure` tabulates it, `config` says
+    how its config.json differs from the base model's."""
     parts = [
         "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
-        f"# {name}, {len(info['removed_layers'])} of its {info['dense_layers']} decoder layers removed\n",
+        f"# {name}, {title}\n",
         f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
-        f"from {source}: method **{method}**, removing whole decoder layers. The result is a shallower dense model "
-        "that runs faster on any hardware.\n",
+        f"from {source}: method **{method}**, removing {removed}. The result is a smaller dense model that runs "
+        "faster on any hardware.\n",
         _gate_section(report),
         _command_section(report),
         structure,
@@ -194,7 +188,7 @@ def _render_depth(report: dict, name: str, method: str, source: str) -> str:
         _usage_section(report)
         .replace(
             "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
-            "The weights are ordinary dense safetensors and `config.json` is the base model's with fewer layers,",
+            f"The weights are ordinary dense safetensors and `config.json` is the base model's with {config},",
         )
         .replace(" Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.", ""),
     ]

@@ -153,9 +153,6 @@ class InputStats:
     def __getitem__(self, kind: type[Statistic]) -> Statistic:
         return self.values[kind]
 
-    def get(self, kind: type[Statistic]) -> Statistic | None:
-        return self.values.get(kind)
-
     @property
     def exact_error(self) -> bool:
         return any(value.exact_error for value in self.values.values())

@@ -59,7 +59,7 @@ class Skeleton:
         prefix = f"{self.layers_prefix}.{index}."
         tensors = self.read(self.layer_keys(index), device)
         for name, tensor in tensors.items():
-            _assign(layer, name[len(prefix) :], _cast(tensor, dtype))
+            _assign(layer, name[len(prefix) :], cast_floating(tensor, dtype))
         layer.to(device)
         return layer
 
@@ -104,7 +104,7 @@ class Skeleton:
             keys = [k for k in keys if k != table]
         tensors = self.read(keys, device)
         for name, tensor in tensors.items():
-            _assign(self.model, name, _cast(tensor, dtype))
+            _assign(self.model, name, cast_floating(tensor, dtype))
         output = self.model.get_output_embeddings()
         if output is not None and output.weight.is_meta and (head or self.tied):
             embed = self.model.get_input_embeddings()
@@ -140,7 +140,8 @@ def _move_except(module: nn.Module, skip: nn.Module | None, device: torch.device
             module._buffers[key] = buf.to(device)
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype` if it is floating point (integer buffers keep theirs)."""
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 

@@ -9,16 +9,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from llmprune.body import Body, BodyReport, RunContext
+from llmprune.body import BodyReport, RemovalBody, RunContext
 from llmprune.engine.activations import Activations
-from llmprune.engine.devices import default_chunk
 from llmprune.engine.loop import layer_unit
 from llmprune.engine.resume import RunState
 from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
 from llmprune.models.skeleton import Skeleton
-from llmprune.settings import Settings
 from llmprune.settings import Structured as StructuredSettings
 from llmprune.structured.arch import Shape, Structure, smaller_config, structure_of
 from llmprune.structured.base import Ranking, RankInputs, StructuredMethod
@@ -307,21 +305,12 @@ def _write_layer(skeleton, index, layer, structure, shape, cut, writer, save_dty
     return sum(v.numel() for v in small.values())
 
 
-class StructuredBody(Body):
+class StructuredBody(RemovalBody):
     """Remove whole heads (KV groups) and FFN neurons: rank, choose uniform counts under the budget, cut,
     tune the kept units' scales against the dense teacher, and write a physically smaller model."""
 
     kind = "structured"
     sections = ("removal", "structured")
-
-    def __init__(self, settings: Settings, method: type[StructuredMethod]) -> None:
-        super().__init__(settings, method)
-        self.method = method(**settings.method_options)
-        self.keep, self.by_flops = settings.removal.keep_fraction()
-
-    @property
-    def tag(self) -> str:
-        return f"{round((1 - self.keep) * 100)}"
 
     def check_model(self, ctx: RunContext) -> None:
         self.structure = structure_of(ctx.skeleton.config)
@@ -329,16 +318,6 @@ class StructuredBody(Body):
         settings = self.settings.structured
         if settings.keep_heads is not None or settings.keep_neurons is not None:
             _explicit_counts(settings, self.shape, self.structure)  # refused before any weight is read
-
-    @property
-    def eval_chunk(self) -> int:
-        assert self.chunk is not None
-        return self.chunk
-
-    def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
-        assert ctx.calib is not None
-        self.chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
-        return None
 
     def describe(self, ctx: RunContext) -> str:
         calib = ctx.calib
@@ -411,12 +390,7 @@ class StructuredBody(Body):
             if r.get(part) and r[part].get("note")
         ]
         structured = {
-            "budget": {
-                "keep_fraction": self.keep,
-                "measure": "flops" if self.by_flops else "parameters",
-                "remove": self.settings.removal.remove,
-                "target_flops": self.settings.removal.target_flops,
-            },
+            "budget": self.budget(),
             "dense": {"heads": shape.heads, "kv_heads": shape.kv_heads, "intermediate": shape.intermediate},
             "kept": {
                 "heads": counts.heads,

@@ -15,6 +15,16 @@ import sys
 from pathlib import Path
 
 
+def transformers_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """The same greedy continuations from a stock transformers model, the reference vLLM's must equal."""
+    import torch
+
+    return [
+        model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0, len(ids) :].tolist()
+        for ids in prompts
+    ]
+
+
 def greedy(folder: Path, prompts: list[list[int]], dtype: str, new_tokens: int) -> list[list[int]]:
     """Greedy token ids from one vLLM engine started in a subprocess running this file."""
     proc = subprocess.run(
