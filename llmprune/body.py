@@ -43,6 +43,14 @@ class RunContext:
     def progress(self) -> bool:
         return not self.settings.quiet
 
+    def where(self) -> str:
+        """The describe lines' common tail: the model's depth and device, and the calibration."""
+        assert self.calib is not None
+        return (
+            f"{self.folder.name} ({self.skeleton.num_layers} layers, {self.device.type}); calibration "
+            f"{self.calib.count} x {self.calib.seqlen} tokens from {self.calib.source}"
+        )
+
     @property
     def save_dtype(self) -> torch.dtype:
         """The dtype the output is saved in: --dtype, else the model's."""

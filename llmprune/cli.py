@@ -86,7 +86,9 @@ def prune_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL", help=options_of(Common)[0].help)
     kinds = "; ".join(f"{kind}: {', '.join(registry)}" for kind, (registry, _) in KINDS.items())
-    parser.add_argument("--method", default=Common.method, help=f"{kinds} (default {Common.method})")
+    parser.add_argument(
+        "--method", default=None, help=f"{kinds} (default {Common.method}; with --target-speedup, speed)"
+    )
     for name, section in SECTIONS.items():  # the common settings first, then one group per section
         group = parser if name == "common" else parser.add_argument_group(section.title)
         for option in options_of(section):

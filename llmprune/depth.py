@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -48,24 +49,47 @@ class Depth(Configurable):
         ),
     )
 
-    def choose(self, scores: dict[str, list], remove: int) -> list[int]:
-        """The layers to remove, from the streamed scores (the perplexity search's steps are in the scores)."""
+    def choose(self, scores: DepthScores, remove: int, search: list[dict] | None = None) -> list[int]:
+        """The layers to remove, from the streamed scores (or the perplexity search's steps)."""
         if self.values["depth_criterion"] == "perplexity":
-            return sorted(step["removed"] for step in scores["search"])
+            assert search is not None
+            return sorted(step["removed"] for step in search)
         if self.values["depth_criterion"] == "influence":
-            influence = scores["block_influence"]
+            influence = scores.block_influence
             return sorted(sorted(range(len(influence)), key=lambda i: influence[i])[:remove])
-        distances = scores["angular_distance"]  # spans of `remove` layers, by their first layer
-        start = min(range(len(distances)), key=lambda i: distances[i])
-        return list(range(start, start + remove))
+        return scores.closest_span(remove)
 
 
 DEPTH: dict[str, type[Depth]] = {Depth.name: Depth}
 
 
-def depth_scores(ctx: RunContext, chunk: int, span: int) -> dict[str, list]:
-    """One streamed pass of the dense model: each layer's block influence over every token, and the angular
-    distance between the last token's hidden states entering layer l and layer l + span, for every l."""
+@dataclass
+class DepthScores:
+    """Each layer's block influence (1 - cos(in, out), over every token), and the last token's hidden state of
+    every window at every layer boundary (entering layer l; the last one is the decoder's output)."""
+
+    block_influence: list[float]
+    last_tokens: list[torch.Tensor]  # [windows, hidden] per boundary
+
+    def angular_distance(self, span: int) -> list[float]:
+        """arccos(cos(h_l, h_{l+span}))/pi averaged over the windows, for every first layer l."""
+        ends = self.last_tokens
+        return [
+            float(torch.nn.functional.cosine_similarity(ends[start], ends[start + span], dim=-1)
+                  .clamp(-1, 1).acos().mean() / math.pi)
+            for start in range(len(ends) - span)
+        ]  # fmt: skip
+
+    def closest_span(self, span: int) -> list[int]:
+        """The `span` consecutive layers whose input and output are closest (Gromov et al.)."""
+        distances = self.angular_distance(span)
+        start = min(range(len(distances)), key=lambda i: distances[i])
+        return list(range(start, start + span))
+
+
+def depth_scores(ctx: RunContext, chunk: int) -> DepthScores:
+    """One streamed pass of the dense model: each layer's block influence and the last tokens' states at every
+    layer boundary."""
     assert ctx.calib is not None
     skeleton, cpu = ctx.skeleton, torch.device("cpu")
     stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
@@ -88,12 +112,7 @@ def depth_scores(ctx: RunContext, chunk: int, span: int) -> dict[str, list]:
         skeleton.unload_layer(index)
     boundaries.append(torch.cat([acts.get(position)[:, -1].float() for position in range(len(acts))]))
     stream.close()
-    angular = [
-        float(torch.nn.functional.cosine_similarity(boundaries[start], boundaries[start + span], dim=-1)
-              .clamp(-1, 1).acos().mean() / math.pi)
-        for start in range(skeleton.num_layers - span + 1)
-    ]  # fmt: skip
-    return {"block_influence": influence, "angular_distance": angular}
+    return DepthScores(influence, boundaries)
 
 
 def greedy_search(ctx: RunContext, chunk: int, remove: int) -> list[dict]:
@@ -127,11 +146,11 @@ def greedy_search(ctx: RunContext, chunk: int, remove: int) -> list[dict]:
     return steps
 
 
-def _per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
+def per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
     """A config (or its text_config) with `num_hidden_layers` and every per-layer list kept in step."""
     out = dict(config)
     if isinstance(out.get("text_config"), dict) and "num_hidden_layers" in out["text_config"]:
-        out["text_config"] = _per_layer_lists(out["text_config"], layers, kept)
+        out["text_config"] = per_layer_lists(out["text_config"], layers, kept)
         return out
     for key, value in config.items():
         if isinstance(value, list) and len(value) == layers and key != "architectures":
@@ -155,19 +174,15 @@ class DepthBody(RemovalBody):
             raise LLMPruneError(f"removing {1 - self.keep:.0%} of {layers} layers removes every layer; remove less")
 
     def describe(self, ctx: RunContext) -> str:
-        assert ctx.calib is not None
-        return (
-            f"depth ({self.method.values['depth_criterion']}): remove {self.remove} of {ctx.skeleton.num_layers} "
-            f"layers of {ctx.folder.name} ({ctx.device.type}); calibration {ctx.calib.count} x {ctx.calib.seqlen} "
-            f"tokens from {ctx.calib.source}"
-        )
+        return f"depth ({self.method.values['depth_criterion']}): remove {self.remove} layers of {ctx.where()}"
 
     def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
         started = time.perf_counter()
-        self.scores = depth_scores(ctx, self.chunk, self.remove)
+        self.scores = depth_scores(ctx, self.chunk)
+        self.search = None
         if self.method.values["depth_criterion"] == "perplexity":
-            self.scores["search"] = greedy_search(ctx, self.chunk, self.remove)
-        self.removed = self.method.choose(self.scores, self.remove)
+            self.search = greedy_search(ctx, self.chunk, self.remove)
+        self.removed = self.method.choose(self.scores, self.remove, self.search)
         self.kept = [i for i in range(ctx.skeleton.num_layers) if i not in self.removed]
         scored = time.perf_counter()
         skeleton = ctx.skeleton
@@ -188,7 +203,7 @@ class DepthBody(RemovalBody):
         return len(self.kept)
 
     def config(self, config: dict) -> dict:
-        return _per_layer_lists(config, len(self.kept) + len(self.removed), self.kept)
+        return per_layer_lists(config, len(self.kept) + len(self.removed), self.kept)
 
     def report(self, ctx: RunContext, state: RunState) -> BodyReport:
         skeleton = ctx.skeleton
@@ -197,7 +212,7 @@ class DepthBody(RemovalBody):
             for i in range(skeleton.num_layers)
         ]
         before, after = sum(sizes), sum(sizes[i] for i in self.kept)
-        influence = self.scores["block_influence"]
+        influence = self.scores.block_influence
         return BodyReport(
             pattern="depth",
             sparsity=1 - after / before,
@@ -211,8 +226,8 @@ class DepthBody(RemovalBody):
                     "removed_layers": self.removed,
                     "parameters": {"decoder_before": before, "decoder_after": after},
                     "block_influence": influence,
-                    "angular_distance": self.scores["angular_distance"],
-                    "search": self.scores.get("search"),
+                    "angular_distance": self.scores.angular_distance(self.remove),
+                    "search": self.search,
                 },
                 "order": "depth",
             },

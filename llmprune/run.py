@@ -54,6 +54,7 @@ from llmprune.models.skeleton import Skeleton, build_skeleton, cast_floating
 from llmprune.models.text import context_length, load_tokenizer
 from llmprune.report import PeakMemory, PerplexitySection, Report, write_report
 from llmprune.settings import DEFAULT_EVAL, Option, Settings, parse_size, validate
+from llmprune.speed import SPEED, SpeedBody
 from llmprune.structured.body import StructuredBody
 from llmprune.structured.methods import STRUCTURED
 
@@ -62,7 +63,12 @@ LOADER_BREAKING_KEYS = ("quantization_config", "sparsity_config", "compression_c
 # each kind of pruning, by its body's name for it: its methods and its body
 KINDS: dict[str, tuple[dict[str, type], type[Body]]] = {
     body.kind: (registry, body)
-    for registry, body in ((METHODS, UnstructuredBody), (STRUCTURED, StructuredBody), (DEPTH, DepthBody))
+    for registry, body in (
+        (METHODS, UnstructuredBody),
+        (STRUCTURED, StructuredBody),
+        (DEPTH, DepthBody),
+        (SPEED, SpeedBody),
+    )
 }
 
 

@@ -25,6 +25,8 @@ PARK_MODES = ("memory", "host", "disk")
 PACKED_FORMAT = "packed-2:4"
 SAVE_FORMATS = ("dense", PACKED_FORMAT)
 DEFAULT_REMOVE = 0.2  # structured, when neither --remove nor --target-flops is given
+DEFAULT_SPEEDUP = 1.25  # --method speed, when --target-speedup is not given
+SPEED_METHOD = "speed"  # the method --target-speedup implies when no --method is given
 DEFAULT_EVAL = "wikitext2"  # the eval source when neither --eval nor a local calibration corpus gives one
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -253,6 +255,22 @@ class Structured:
 
 
 @dataclass(frozen=True)
+class Speed:
+    """The speed-aware search: the decode speedup to reach."""
+
+    title: ClassVar[str] = "speed-aware search (--method speed; --target-speedup alone implies it)"
+    who: ClassVar[str] = "speed"
+
+    target_speedup: float | None = setting(
+        None,
+        f"remove layers, heads and neurons until a measured cost model predicts S times the dense decode speed, at "
+        f"the lowest calibration perplexity (default {DEFAULT_SPEEDUP})",
+        type=fraction,
+        metavar="S",
+    )
+
+
+@dataclass(frozen=True)
 class Publish:
     """What happens to the finished folder: its format, the quality gate, the Hub."""
 
@@ -283,6 +301,7 @@ SECTIONS: dict[str, type] = {
     "unstructured": Unstructured,
     "removal": Removal,
     "structured": Structured,
+    "speed": Speed,
     "publish": Publish,
 }
 SHARED = ("common", "publish")  # the sections every kind of run reads
@@ -297,6 +316,7 @@ class Settings:
     unstructured: Unstructured = Unstructured()
     removal: Removal = Removal()
     structured: Structured = Structured()
+    speed: Speed = Speed()
     publish: Publish = Publish()
     method_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -345,7 +365,8 @@ class Settings:
         """Settings from the Python API's flat keywords (the CLI flags' names). `method_options` maps each
         method's name to the options it declares: the chosen method's are filled with their defaults, and
         another method's option given with a value is refused (never silently ignored)."""
-        method = options.get("method", Common.method)
+        method = options.get("method") or (SPEED_METHOD if options.get("target_speedup") is not None else Common.method)
+        options = {**options, "method": method}
         if method not in method_options:
             raise LLMPruneError(f"unknown --method {method!r}: choose from {', '.join(method_options)}")
         routed: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
@@ -376,6 +397,7 @@ class Settings:
             Unstructured(**routed["unstructured"]),
             Removal(**routed["removal"]),
             Structured(**routed["structured"]),
+            Speed(**routed["speed"]),
             Publish(**routed["publish"]),
             chosen,
         )
@@ -459,6 +481,9 @@ def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_op
         raise LLMPruneError(f"--target-flops must be in (0, 1) (got {removal.target_flops})")
     if removal.remove is not None and not 0 < removal.remove < 1:
         raise LLMPruneError(f"--remove must be in (0, 1) (got {removal.remove})")
+    speedup = settings.speed.target_speedup
+    if speedup is not None and not speedup > 1:
+        raise LLMPruneError(f"--target-speedup must be more than 1 (got {speedup})")
     if "unstructured" in sections:
         pattern = Pattern.parse(unstructured.pattern, unstructured.sparsity)
         if publish.save_format == PACKED_FORMAT and str(pattern) != "2:4":

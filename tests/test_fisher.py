@@ -12,25 +12,27 @@ from llmprune.structured.arch import Shape, structure_of
 from llmprune.structured.fisher import mask_gradients
 
 
-def whole_model_mask_gradients(folder, ids: torch.Tensor, chunk: int):
-    """The same gradients from one autograd graph over the whole model in memory."""
+def whole_model_mask_gradients(folder, ids: torch.Tensor, chunk: int, per_token: bool = False):
+    """The same gradients from one autograd graph over the whole model in memory (per_token: a mask per token
+    and unit, [layers, chunks, windows, tokens, units])."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model.requires_grad_(False)
     structure = structure_of(model.config)
     shape = Shape.of(model.config, structure)
     heads, neurons = [], []
     for start in range(0, ids.shape[0], chunk):
-        masks_h = [torch.ones(shape.heads, requires_grad=True) for _ in model.model.layers]
-        masks_n = [torch.ones(shape.intermediate, requires_grad=True) for _ in model.model.layers]
+        batch = ids[start : start + chunk]
+        lead = tuple(batch.shape) if per_token else ()
+        masks_h = [torch.ones(*lead, shape.heads, requires_grad=True) for _ in model.model.layers]
+        masks_n = [torch.ones(*lead, shape.intermediate, requires_grad=True) for _ in model.model.layers]
         handles = []
         for layer, mh, mn in zip(model.model.layers, masks_h, masks_n):
             handles.append(
                 layer.self_attn.o_proj.register_forward_pre_hook(
-                    lambda m, a, mh=mh: (a[0] * mh.repeat_interleave(shape.head_dim),)
+                    lambda m, a, mh=mh: (a[0] * mh.repeat_interleave(shape.head_dim, dim=-1),)
                 )
             )
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, mn=mn: (a[0] * mn,)))
-        batch = ids[start : start + chunk]
         model(input_ids=batch, labels=batch).loss.backward()
         for handle in handles:
             handle.remove()
@@ -51,6 +53,26 @@ def test_streamed_mask_gradients_equal_whole_model_autograd(tiny_models, tmp_pat
     for layer in range(3):
         torch.testing.assert_close(streamed.heads[layer], heads[layer], rtol=0, atol=1e-5)
         torch.testing.assert_close(streamed.neurons[layer], neurons[layer], rtol=0, atol=1e-5)
+
+
+def test_per_token_fisher_equals_whole_model_autograd(tiny_models, tmp_path):
+    """--fisher-samples token: Σ over every token of (∂L/∂m_token)², from the same streamed backward pass."""
+    folder = tiny_models("llama", layers=3)
+    ids = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(0))
+    skeleton = build_skeleton(folder)
+    structure = structure_of(skeleton.config)
+    shape = Shape.of(skeleton.config, structure)
+    streamed = mask_gradients(skeleton, ids, structure, shape, torch.device("cpu"), 2, tmp_path, per_token=True)
+    heads, neurons = whole_model_mask_gradients(folder, ids, chunk=2, per_token=True)
+    for layer in range(3):
+        fisher_n = neurons[layer].pow(2).flatten(0, -2).sum(0)
+        groups = heads[layer].reshape(*heads[layer].shape[:-1], shape.kv_heads, -1).sum(-1)
+        torch.testing.assert_close(streamed.fisher_neurons[layer], fisher_n, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(streamed.fisher_heads[layer], heads[layer].pow(2).flatten(0, -2).sum(0),
+                                   rtol=1e-4, atol=1e-9)  # fmt: skip
+        torch.testing.assert_close(streamed.fisher_groups[layer], groups.pow(2).flatten(0, -2).sum(0),
+                                   rtol=1e-4, atol=1e-9)  # fmt: skip
+        torch.testing.assert_close(streamed.neurons[layer], neurons[layer].sum((1, 2)), rtol=0, atol=1e-5)
 
 
 def _logits(folder, ids):
@@ -192,8 +214,8 @@ def test_fisher_batch_sets_the_gradient_minibatch(tiny_models, corpus_file, tmp_
     seen = []
     original = run.mask_gradients
 
-    def spy(skeleton, ids, structure, shape, device, chunk, *rest):
-        grads = original(skeleton, ids, structure, shape, device, chunk, *rest)
+    def spy(skeleton, ids, structure, shape, device, chunk, *rest, **options):
+        grads = original(skeleton, ids, structure, shape, device, chunk, *rest, **options)
         seen.append((chunk, grads.heads[0].shape[0]))
         return grads
 

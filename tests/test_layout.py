@@ -16,7 +16,7 @@ LAYERS = (  # docs/architecture.md: a module imports only from its own layer or 
     ("errors", "version", "argparsing", "pattern", "settings"),
     ("data", "models", "report"),
     ("methods",),
-    ("engine", "eval", "export", "hub", "structured", "depth", "body"),
+    ("engine", "eval", "export", "hub", "structured", "depth", "costmodel", "speed", "body"),
     ("run", "cli", "__main__", ""),
 )
 

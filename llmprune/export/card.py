@@ -25,6 +25,7 @@ METHOD_NAMES = {
     "flap": "FLAP-style fluctuation head/neuron removal",
     "l2-structured": "weight-norm head/neuron removal",
     "depth": "depth removal (whole decoder layers)",
+    "speed": "speed-aware search (layers, heads and neurons for a target decode speedup)",
 }
 PROJECT_URL = "https://pypi.org/project/llmprune/"
 
@@ -79,7 +80,7 @@ def front_matter(report: dict) -> dict:
     if report.get("base_model"):
         meta["base_model"] = report["base_model"]
     pattern = report["pattern"]
-    if report.get("structured") or report.get("depth"):
+    if report.get("structured") or report.get("depth") or report.get("speed"):
         tags = ["pruned", "structured-pruning", "llmprune"]
     else:
         tags = ["pruned", "sparse", pattern if pattern != "unstructured" else "unstructured-sparsity", "llmprune"]
@@ -106,6 +107,8 @@ def render_card(report: dict) -> str:
         return _render_structured(report, name, method, source)
     if report.get("depth"):
         return _render_depth(report, name, method, source)
+    if report.get("speed"):
+        return _render_speed(report, name, method, source)
     parts = [
         "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
         f"# {name}, pruned with {method} ({pattern})\n",
@@ -168,6 +171,35 @@ def _render_depth(report: dict, name: str, method: str, source: str) -> str:
     )
     title = f"{len(info['removed_layers'])} of its {info['dense_layers']} decoder layers removed"
     return _render_smaller(report, name, method, source, title, "whole decoder layers", structure, "fewer layers")
+
+
+def _render_speed(report: dict, name: str, method: str, source: str) -> str:
+    """The card of a model cut for a target decode speedup (layers, heads and neurons together)."""
+    info = report["speed"]
+    dense, kept, params = info["dense"], info["kept"], info["parameters"]
+    measured = info.get("measured")
+    speed = f"predicted **{info['predicted_speedup']:.2f}x**"
+    if measured:
+        speed += f", measured **{measured['speedup']:.2f}x** (random weights of both shapes, greedy generation)"
+    removed = ", ".join(str(i) for i in info["removed_layers"]) or "none"
+    structure = "\n".join(
+        [
+            "## Structure\n",
+            "| | dense | pruned |",
+            "|---|---:|---:|",
+            f"| decoder layers | {dense['layers']} | {kept['layers']} |",
+            f"| KV heads per layer | {dense['kv_groups']} | {kept['kv_heads']} |",
+            f"| FFN neurons per layer | {dense['neurons']} | {kept['intermediate']} |",
+            f"| parameters (all decoder layers) | {params['decoder_before']:,} | {params['decoder_after']:,} |\n",
+            f"Target: {info['target_speedup']:g}x the dense decode speed in {info['engine']} on "
+            f"`{info['cost_model']['device']}`; {speed}. Of {len(info['candidates'])} candidate cuts reaching it, "
+            f"this one had the lowest perplexity on {info['search_windows']} calibration windows. Removed layers "
+            f"(dense numbering): {removed}; the kept layers are renumbered.\n",
+        ]
+    )
+    title = f"cut for {info['target_speedup']:g}x decode speed"
+    return _render_smaller(report, name, method, source, title, "whole decoder layers, KV groups and FFN neurons",
+                           structure, "fewer layers and smaller counts")  # fmt: skip
 
 
 def _render_smaller(

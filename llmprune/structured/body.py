@@ -128,7 +128,7 @@ def choose_cuts(counts: Counts, shape: Shape, ranking: Ranking, per_group: bool 
     return cuts
 
 
-class _StudentMasks:
+class StudentMasks:
     """Fixed multiplicative masks (0 for removed units, the tuned scale for kept ones) on o/down inputs."""
 
     def __init__(self, layer, structure: Structure, shape: Shape, cut: LayerCut, device) -> None:
@@ -140,7 +140,7 @@ class _StudentMasks:
         self.captured: dict[str, torch.Tensor] = {}
         self._handles = []
 
-    def __enter__(self) -> _StudentMasks:
+    def __enter__(self) -> StudentMasks:
         hd = self.shape.head_dim
 
         def on_o(module, args):
@@ -188,17 +188,20 @@ def tune_and_write(
     tuning: bool,
     damping: float,
     progress: bool,
+    kept: list[int] | None = None,
 ) -> list[dict]:
     """Stream the dense teacher and the masked student side by side; per layer solve the scales (if
-    tuning), measure the output error, slice and write the layer. Returns per-layer reports."""
+    tuning), measure the output error, slice and write the layer. Returns per-layer reports. `kept`: the
+    source layers to keep (default all), written renumbered 0..n-1; the teacher skips the others too."""
     cpu = torch.device("cpu")
+    kept = list(range(skeleton.num_layers)) if kept is None else kept
     stream, teacher = open_stream(skeleton, ids, device, chunk, cpu)
     dtype = stream.dtype
     student = Activations([c.clone() for c in teacher.chunks])
     exact = tuning and structure.residual_adds_projections and structure.post_attention_norm is not None
     reports = []
-    for index in tqdm(
-        range(skeleton.num_layers), desc="tune + write" if tuning else "write", unit="layer", disable=not progress
+    for new, index in enumerate(
+        tqdm(kept, desc="tune + write" if tuning else "write", unit="layer", disable=not progress)
     ):
         layer = skeleton.load_layer(index, device, dtype)
         cut = cuts[index]
@@ -224,7 +227,7 @@ def tune_and_write(
             "kv_heads": len(cut.kv_heads),
             "neurons": len(cut.neurons),
         }
-        masks = _StudentMasks(layer, structure, shape, cut, device)
+        masks = StudentMasks(layer, structure, shape, cut, device)
         if exact and structure.heads:
             units = [[h] for h in cut.heads]  # a scale per kept query head (folded into its o_proj columns)
             normal = Normal.zeros(len(units))
@@ -290,18 +293,18 @@ def tune_and_write(
         if structure.heads:
             cut.head_scales = masks.head[cut.heads].cpu()
         cut.neuron_scales = masks.neuron[cut.neurons].cpu()
-        _write_layer(skeleton, index, layer, structure, shape, cut, writer, save_dtype)
+        _write_layer(skeleton, index, new, layer, structure, shape, cut, writer, save_dtype)
         skeleton.unload_layer(index)
         reports.append(report)
     stream.close()
     return reports
 
 
-def _write_layer(skeleton, index, layer, structure, shape, cut, writer, save_dtype) -> int:
-    prefix = f"{skeleton.layers_prefix}.{index}."
+def _write_layer(skeleton, index, new, layer, structure, shape, cut, writer, save_dtype) -> int:
+    prefix, target = f"{skeleton.layers_prefix}.{index}.", f"{skeleton.layers_prefix}.{new}."
     tensors = {k: v.detach().float().cpu() for k, v in layer.state_dict().items() if prefix + k in skeleton.key_map}
     small = cut_layer(tensors, structure, shape, cut)
-    writer.write_unit(layer_unit(index), {prefix + k: v.to(save_dtype) for k, v in small.items()})
+    writer.write_unit(layer_unit(new), {target + k: v.to(save_dtype) for k, v in small.items()})
     return sum(v.numel() for v in small.values())
 
 
@@ -320,19 +323,13 @@ class StructuredBody(RemovalBody):
             _explicit_counts(settings, self.shape, self.structure)  # refused before any weight is read
 
     def describe(self, ctx: RunContext) -> str:
-        calib = ctx.calib
-        assert calib is not None
         settings = self.settings.structured
         if settings.keep_heads is not None or settings.keep_neurons is not None:
             what = f"keep {settings.keep_heads or 'all'} heads and {settings.keep_neurons or 'all'} neurons per layer"
         else:
             measure = "FLOPs" if self.by_flops else "parameters"
             what = f"remove {1 - self.keep:.0%} of the decoder {measure}"
-        return (
-            f"{self.settings.method}: {what} of {ctx.folder.name} "
-            f"({ctx.skeleton.num_layers} layers, {ctx.device.type}); calibration {calib.count} x {calib.seqlen} "
-            f"tokens from {calib.source}"
-        )
+        return f"{self.settings.method}: {what} of {ctx.where()}"
 
     def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
         assert ctx.calib is not None

@@ -27,37 +27,40 @@ from llmprune.structured.search import group_scores
 
 @dataclass
 class MaskGradients:
-    """Per layer, a [chunks, units] matrix of ∂L_b/∂m (query heads; FFN neurons)."""
+    """Per layer, a [chunks, units] matrix of ∂L_b/∂m (query heads; FFN neurons), and the empirical Fisher
+    Σ_s (∂L_s/∂m)² per unit over the samples s: the chunks, or every token (per_token)."""
 
     heads: list[torch.Tensor]
     neurons: list[torch.Tensor]
+    fisher_heads: list[torch.Tensor]
+    fisher_neurons: list[torch.Tensor]
+    fisher_groups: list[torch.Tensor]  # of whole KV groups: Σ_s (Σ_heads-in-group ∂L_s/∂m)²
     loss: float
-
-    def fisher_heads(self) -> torch.Tensor:
-        return torch.stack([g.pow(2).sum(0) for g in self.heads])
-
-    def fisher_neurons(self) -> torch.Tensor:
-        return torch.stack([g.pow(2).sum(0) for g in self.neurons])
 
 
 class Masks:
-    """Multiplicative masks on the inputs of the attention output and FFN down projections."""
+    """Multiplicative masks on the inputs of the attention output and FFN down projections: one per unit, or
+    (per_token) one per unit and input row (a token; created when the projection first sees its input, whatever
+    the layout), whose gradients are the per-token samples (their sum is the per-unit gradient)."""
 
-    def __init__(self, layer: nn.Module, structure: Structure, shape: Shape, device: torch.device) -> None:
-        self.head = torch.ones(shape.heads, device=device, requires_grad=True)
-        self.neuron = torch.ones(shape.intermediate, device=device, requires_grad=True)
+    def __init__(self, layer: nn.Module, structure: Structure, shape: Shape, device: torch.device, per_token: bool):
+        self.head = None if per_token else torch.ones(shape.heads, device=device, requires_grad=True)
+        self.neuron = None if per_token else torch.ones(shape.intermediate, device=device, requires_grad=True)
         head_dim = shape.head_dim
-        self._handles = [
-            layer.get_submodule(structure.down).register_forward_pre_hook(
-                lambda module, args: (args[0] * self.neuron.to(args[0].dtype), *args[1:])
-            )
-        ]
+
+        def on_down(module, args):
+            if self.neuron is None:
+                self.neuron = torch.ones(*args[0].shape[:-1], shape.intermediate, device=device, requires_grad=True)
+            return (args[0] * self.neuron.to(args[0].dtype), *args[1:])
+
+        def on_o(module, args):
+            if self.head is None:
+                self.head = torch.ones(*args[0].shape[:-1], shape.heads, device=device, requires_grad=True)
+            return (args[0] * self.head.repeat_interleave(head_dim, dim=-1).to(args[0].dtype), *args[1:])
+
+        self._handles = [layer.get_submodule(structure.down).register_forward_pre_hook(on_down)]
         if structure.heads:
-            self._handles.append(
-                layer.get_submodule(structure.o).register_forward_pre_hook(
-                    lambda module, args: (args[0] * self.head.repeat_interleave(head_dim).to(args[0].dtype), *args[1:])
-                )
-            )
+            self._handles.append(layer.get_submodule(structure.o).register_forward_pre_hook(on_o))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -73,8 +76,10 @@ def mask_gradients(
     chunk: int,
     work: Path,
     progress: bool = False,
+    per_token: bool = False,
 ) -> MaskGradients:
-    """∂L_b/∂mask for every chunk b of `ids`, every layer's heads and neurons (streamed)."""
+    """∂L_b/∂mask for every chunk b of `ids`, every layer's heads and neurons (streamed), and the squared
+    gradients summed over the chunks or (per_token) over every token's mask."""
     boundary = [work / f"h{index:05d}" for index in range(skeleton.num_layers + 1)]
     for folder in boundary:
         folder.mkdir(parents=True, exist_ok=True)
@@ -107,6 +112,9 @@ def mask_gradients(
 
     heads: list[torch.Tensor] = [torch.empty(0)] * skeleton.num_layers
     neurons: list[torch.Tensor] = [torch.empty(0)] * skeleton.num_layers
+    fisher_heads: list[torch.Tensor] = [torch.empty(0)] * skeleton.num_layers
+    fisher_neurons: list[torch.Tensor] = [torch.empty(0)] * skeleton.num_layers
+    fisher_groups: list[torch.Tensor] = [torch.empty(0)] * skeleton.num_layers
     for index in tqdm(
         reversed(range(skeleton.num_layers)),
         desc="fisher: backward",
@@ -119,7 +127,7 @@ def mask_gradients(
         head_rows, neuron_rows = [], []
         for position in range(len(inputs)):
             x = inputs.get(position).to(device, dtype).requires_grad_(True)
-            masks = Masks(layer, structure, shape, device)
+            masks = Masks(layer, structure, shape, device, per_token)
             try:
                 with torch.enable_grad():
                     out = stream.run(index, layer, x)
@@ -127,12 +135,17 @@ def mask_gradients(
             finally:
                 masks.remove()
             grads.put(position, x.grad.detach())
-            head_rows.append(masks.head.grad.detach().float().cpu() if structure.heads else torch.zeros(shape.heads))
-            neuron_rows.append(masks.neuron.grad.detach().float().cpu())
-        heads[index] = torch.stack(head_rows)
-        neurons[index] = torch.stack(neuron_rows)
+            head = masks.head.grad.detach().float().cpu() if structure.heads else torch.zeros(shape.heads)
+            neuron = masks.neuron.grad.detach().float().cpu()
+            head_rows.append(head.reshape(-1, shape.heads))  # samples of this chunk: one, or one per token
+            neuron_rows.append(neuron.reshape(-1, shape.intermediate))
+        fisher_heads[index] = sum(rows.pow(2).sum(0) for rows in head_rows)
+        fisher_neurons[index] = sum(rows.pow(2).sum(0) for rows in neuron_rows)
+        fisher_groups[index] = sum(group_scores(rows, shape.group_size) for rows in head_rows)
+        heads[index] = torch.stack([rows.sum(0) for rows in head_rows])
+        neurons[index] = torch.stack([rows.sum(0) for rows in neuron_rows])
         skeleton.unload_layer(index)
-    return MaskGradients(heads, neurons, total_loss / ids.shape[0])
+    return MaskGradients(heads, neurons, fisher_heads, fisher_neurons, fisher_groups, total_loss / ids.shape[0])
 
 
 def _handle(folder: Path, like):
@@ -157,10 +170,26 @@ class Fisher(StructuredMethod):
             metavar="N",
             minimum=1,
         ),
+        Option(
+            "fisher_samples",
+            "token",
+            "the squared-gradient samples of the Fisher: token (one per calibration token: the same backward pass, "
+            "a mask per token; default) or minibatch (Kwon et al.: one per --fisher-batch windows, with Kwon's "
+            "mask rearrangement)",
+            choices=("minibatch", "token"),
+        ),
+        Option(
+            "fisher_combine",
+            "flap",
+            "flap: rank by the geometric mean of the Fisher and FLAP's fluctuation, each normalized by its layer "
+            "mean (default); none: by the Fisher alone",
+            choices=("none", "flap"),
+        ),
     )
 
     def rank(self, inputs: RankInputs) -> Ranking:
         self.values["fisher_batch"] = self.values["fisher_batch"] or max(1, inputs.chunk // 2)
+        per_token = self.values["fisher_samples"] == "token"
         grads = mask_gradients(
             inputs.skeleton,
             inputs.ids,
@@ -170,13 +199,27 @@ class Fisher(StructuredMethod):
             self.values["fisher_batch"],
             inputs.work / "fisher",
             inputs.progress,
+            per_token=per_token,
         )
         size = inputs.shape.group_size
         if inputs.per_group:
-            heads = [g.pow(2).sum(0) for g in grads.heads]
+            heads = grads.fisher_heads
             search = torch.stack(heads)
         else:
-            heads = [group_scores(g, size).repeat_interleave(size) / size for g in grads.heads]
-            search = torch.stack([group_scores(g, size) for g in grads.heads])
-        neurons = [g.pow(2).sum(0) for g in grads.neurons]
-        return Ranking(heads, neurons, search, grads.heads, grads.neurons)
+            heads = [g.repeat_interleave(size) / size for g in grads.fisher_groups]
+            search = torch.stack(grads.fisher_groups)
+        if self.values["fisher_combine"] == "flap":
+            from llmprune.structured.scores import fluctuation_scores
+
+            flap = fluctuation_scores(inputs)
+            neurons = [_geometric(f, v) for f, v in zip(grads.fisher_neurons, flap.neurons)]
+            heads = [_geometric(f, v) for f, v in zip(heads, flap.heads)]
+            return Ranking.of_scores(heads, neurons, inputs.shape, inputs.per_group)
+        if per_token:  # Kwon's rearrangement needs every sample's gradient: too many tokens to keep; top scores
+            return Ranking(heads, grads.fisher_neurons, search)
+        return Ranking(heads, grads.fisher_neurons, search, grads.heads, grads.neurons)
+
+
+def _geometric(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(a/mean(a) * b/mean(b)): two scores of one layer's units, each on its own scale."""
+    return (a / a.mean().clamp_min(1e-30) * b / b.mean().clamp_min(1e-30)).sqrt()

@@ -1,0 +1,162 @@
+"""The speed-aware search (--target-speedup): the cost model's fit and candidate cuts, a combined depth and width
+cut that is the dense model without those layers and units, and bad targets refused with no output."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import llmprune
+from llmprune.costmodel import DecodeCosts, DecodeShape, Timing, cache_key, decode_costs, fit, random_model
+from llmprune.errors import LLMPruneError
+from llmprune.speed import candidate_cuts
+from tests.helpers.vllm_generate import greedy, transformers_greedy
+
+
+def _costs(base=0.0, layer=1.0, group=0.0, neuron=0.0) -> DecodeCosts:
+    return DecodeCosts(base, layer, group, neuron, measured={}, timing=asdict(Timing()), device="cpu")
+
+
+def _write_costs(folder, costs: DecodeCosts) -> None:
+    """Put a cost model in the cache where a default run on `folder`'s architecture (float32, CPU) looks for it."""
+    text = AutoConfig.from_pretrained(folder).get_text_config().to_dict()
+    key = cache_key(text, torch.float32, torch.device("cpu"), Timing())
+    path = llmprune.costmodel.cache_root() / "costs" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(costs.as_dict()))
+
+
+def _token_file(path, windows=6, seqlen=24, vocab=512):
+    ids = torch.randint(2, vocab, (windows, seqlen), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, str(path))
+    return ids
+
+
+def test_the_fit_recovers_the_parts_of_a_linear_cost():
+    dense = DecodeShape(8, 4, 512)
+    truth = _costs(base=3.0, layer=0.5, group=0.25, neuron=0.002)
+    shapes = [DecodeShape(2, 4, 512), DecodeShape(8, 4, 512), DecodeShape(8, 4, 256), DecodeShape(8, 2, 512)]
+    times = {shape: truth.step(shape) for shape in shapes}
+    assert fit(dense, times, 2, 8, 256, 2) == pytest.approx((3.0, 0.5, 0.25, 0.002))
+
+
+def test_candidate_cuts_are_the_widest_per_depth_until_full_width_reaches_the_target():
+    costs = _costs(layer=1.0, neuron=1 / 1024)  # a full layer costs 2, its FFN half of it
+    dense = DecodeShape(10, 2, 1024)
+    cuts = candidate_cuts(costs, dense, 1.25, [2], [256, 512, 768, 1024])
+    # 10 layers x 2 = 20; 20 / 1.25 = 16 is the budget: L' (1 + n/1024) <= 16
+    assert [(d, n) for d, _, n, _ in cuts] == [(0, 512), (1, 768), (2, 1024)]
+    assert all(s >= 1.25 for *_, s in cuts)
+    assert cuts[0][3] == pytest.approx(20 / (10 * 1.5))
+
+
+def test_a_random_model_has_the_asked_shape(tiny_models):
+    text = AutoConfig.from_pretrained(tiny_models("gemma3_text", layers=4)).to_dict()
+    model = random_model(text, DecodeShape(3, 1, 64), 2, torch.float32, "cpu")
+    assert len(model.model.layers) == 3 and len(model.config.layer_types) == 3
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
+    assert model.model.layers[0].mlp.down_proj.in_features == 64
+
+
+def test_the_measured_cost_model_is_cached(tiny_models, tmp_path, monkeypatch):
+    """Measured once (positive parts that predict the timed shapes), then read back from the cache."""
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path))
+    text = AutoConfig.from_pretrained(tiny_models("llama", layers=2)).to_dict()
+    dense, timing = DecodeShape(4, 2, 128), Timing(batch=2, prompt=8, new_tokens=4, rounds=1)
+    costs = decode_costs(text, dense, 2, torch.float32, torch.device("cpu"), timing, smallest_groups=1)
+    assert min(costs.base, costs.layer, costs.group, costs.neuron) >= 0
+    assert costs.layer + costs.group * 2 + costs.neuron * 128 > 0
+    assert sorted(costs.measured) == ["1x2x128", "4x1x128", "4x2x128", "4x2x64"]
+    cached = list((tmp_path / "costs").glob("*.json"))
+    assert len(cached) == 1
+    again = decode_costs(text, dense, 2, torch.float32, torch.device("cpu"), timing, smallest_groups=1)
+    assert again == costs
+
+
+def test_a_combined_cut_is_the_dense_model_without_those_layers_and_units(tiny_models, tmp_path, monkeypatch):
+    """Without mask tuning, the output is the dense model with the removed layers skipped and the removed heads and
+    neurons masked: its perplexity on the search windows is the one the search measured, and its parameters are
+    the ones the report claims."""
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    folder = tiny_models("llama", layers=8, inter=256)
+    ids = _token_file(tmp_path / "tokens.safetensors")
+    # every layer costs 1 + n/256: width alone reaches at most 2/1.25 = 1.6x, so 2x needs layers and neurons
+    _write_costs(folder, _costs(layer=1.0, neuron=1 / 256))
+    out = tmp_path / "out"
+    report = llmprune.prune(str(folder), target_speedup=2.0, calibration=str(tmp_path / "tokens.safetensors"),
+                            no_eval=True, quiet=True, output=str(out), neuron_multiple=32, mask_tuning=False,
+                            search_windows=4, measure_speedup=False)  # fmt: skip
+    assert report["method"] == "speed"
+    info = report["speed"]
+    assert info["predicted_speedup"] >= 2.0 and info["measured"] is None
+    kept = info["kept"]
+    best = min(info["candidates"], key=lambda c: c["search_perplexity"])
+    assert best["removed_layers"] == info["removed_layers"] and best["neurons"] == kept["intermediate"]
+    # 8 layers x 2 = 16, halved: L' (1 + n/256) <= 8, n a multiple of 32
+    assert [(len(c["removed_layers"]), c["neurons"]) for c in info["candidates"]] == [
+        (1, 32),
+        (2, 64),
+        (3, 128),
+        (4, 256),
+    ]
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == kept["layers"] == 8 - len(info["removed_layers"])
+    assert model.config.intermediate_size == kept["intermediate"]
+    assert sum(p.numel() for p in model.model.layers.parameters()) == info["parameters"]["decoder_after"]
+    search = ids[:4]
+    with torch.no_grad():
+        loss = model(search, labels=search, use_cache=False).loss
+    assert math.exp(float(loss)) == pytest.approx(best["search_perplexity"], rel=1e-4)
+    assert "cut for 2x decode speed" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"target_speedup": 1.0}, "--target-speedup must be more than 1 (got 1.0)"),
+        ({"target_speedup": 0.5}, "--target-speedup must be more than 1 (got 0.5)"),
+        ({"target_speedup": 50.0}, "--target-speedup 50 is out of reach: the cost model measured on cpu predicts"),
+        ({"target_speedup": 1.5, "method": "sparsegpt"}, "--target-speedup is for the speed methods"),
+        ({"target_speedup": 1.5, "remove": 0.2}, "--remove is for the structured and depth methods"),
+        ({"target_speedup": 1.5, "keep_neurons": 64}, "--keep-heads, --keep-neurons and --heads-per-group fix"),
+    ],
+)
+def test_bad_targets_are_one_line_and_no_output(options, message, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    folder = tiny_models("llama", layers=4)
+    _write_costs(folder, _costs(base=1.0, layer=1.0))  # at most (1 + 4) / (1 + 1) = 2.5x
+    _token_file(tmp_path / "tokens.safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(LLMPruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        llmprune.prune(str(folder), no_eval=True, quiet=True, calibration=str(tmp_path / "tokens.safetensors"),
+                       output=str(out), **options)  # fmt: skip
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tokens.safetensors"]
+
+
+@pytest.mark.slow
+def test_smollm2_cut_in_depth_and_width_gives_the_same_greedy_tokens_in_transformers_and_vllm(
+    smollm2, tmp_path, monkeypatch
+):
+    """A combined cut of the real model (layers removed and every kept layer narrowed, mask tuning on) loads in
+    stock transformers and in vLLM, which continue greedily alike, with the parameter count the report claims."""
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    _write_costs(smollm2, _costs(layer=1.0, neuron=1 / 1536))  # width alone reaches at most 1.92x
+    out = tmp_path / "smol-speed"
+    report = llmprune.prune(str(smollm2), target_speedup=2.5, max_candidates=1, calibration="shakespeare",
+                            samples=8, seqlen=128, eval_samples=4, max_ppl_increase=float("inf"), quiet=True,
+                            measure_speedup=False, output=str(out))  # fmt: skip
+    info = report["speed"]
+    assert info["removed_layers"] and info["kept"]["intermediate"] < 1536
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert sum(p.numel() for p in model.model.layers.parameters()) == info["parameters"]["decoder_after"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompts = [tokenizer(text)["input_ids"] for text in ("The king said to the queen", "What is the matter")]
+    expected = transformers_greedy(model, prompts, 12)
+    assert greedy(out, prompts, "float32", 12) == expected
