@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -83,6 +84,9 @@ def random_model(text_config: dict, shape: DecodeShape, heads_per_group: int, dt
             config[key] = value[: shape.layers]
     config["num_hidden_layers"] = shape.layers
     if "num_key_value_heads" in config:
+        heads = int(config["num_attention_heads"])
+        config.setdefault("head_dim", None)
+        config["head_dim"] = config["head_dim"] or int(config["hidden_size"]) // heads  # it no longer follows
         config["num_key_value_heads"] = shape.kv_groups
         config["num_attention_heads"] = shape.kv_groups * heads_per_group
     for key in ("intermediate_size", "ffn_dim"):
@@ -154,6 +158,15 @@ def fit(dense: DecodeShape, times: dict[DecodeShape, float], low: int, high: int
     return base, per_layer - width, group, neuron
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def cache_key(text_config: dict, dtype: torch.dtype, device: torch.device, timing: Timing) -> str:
     """What the costs depend on: the architecture's shape, dtype, device, software and timing."""
     volatile = ("transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path")
@@ -162,7 +175,7 @@ def cache_key(text_config: dict, dtype: torch.dtype, device: torch.device, timin
         for k, v in sorted(text_config.items())
         if isinstance(v, (int, float, str, bool, list)) and not k.startswith("_") and k not in volatile
     }
-    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     parts = [
         COST_MODEL_VERSION,
         shape,
@@ -206,6 +219,9 @@ def decode_costs(
     log.info("measuring the decode cost model: %d random-weight shapes, %d rounds", len(shapes), timing.rounds)
     times = dict(zip(shapes, time_shapes(text_config, shapes, heads_per_group, dtype, device, timing)))
     base, layer, group, neuron = fit(dense, times, low, high, narrow, smallest_groups)
+    deeper = times[shapes[1]] > times[shapes[0]]  # else the timings were noise: used for this run, never cached
+    if not deeper:
+        log.warning("decode timings too noisy to fit (%d layers no slower than %d); not cached", high, low)
     costs = DecodeCosts(
         base=base,
         layer=layer,
@@ -215,9 +231,9 @@ def decode_costs(
         timing=asdict(timing),
         device=str(device),
     )
-    if cache:
+    if cache and deeper:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(costs.as_dict(), indent=1))
         tmp.replace(path)
     return costs

@@ -7,7 +7,7 @@ a measured cost model of decoding predicts at least S, at the lowest calibration
    candidate cut; deeper cuts stop where full width already reaches S (more depth only costs quality).
 3. Scores from streamed passes of the dense model: the angular distance of layer spans (Gromov et al.) picks
    which d layers go; a structured method's ranking (FLAP-style by default) picks which heads and neurons stay.
-4. Each candidate is evaluated by a streamed forward over held-out calibration windows (removed layers skipped,
+4. Each candidate is evaluated by a streamed forward over the first calibration windows (removed layers skipped,
    removed units masked); the lowest perplexity wins and is written like a structured cut (mask tuning against
    the depth-reduced teacher), layers renumbered. The chosen plan, the candidates, the predicted speedup and the
    speedup measured on the whole shapes go in the report.
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from llmprune.body import Body, BodyReport, RunContext
+from llmprune.body import Body, BodyReport, RunContext, log
 from llmprune.costmodel import DecodeCosts, DecodeShape, Timing, decode_costs, measured_speedup
 from llmprune.depth import DepthScores, depth_scores, per_layer_lists
 from llmprune.engine.devices import default_chunk
@@ -199,7 +199,7 @@ class SpeedBody(Body):
         )  # fmt: skip
         scored = time.perf_counter()
         self.candidates = self.search(ctx, depth, ranking)
-        best = min(self.candidates, key=lambda c: c.search_perplexity)
+        best = min(self.candidates, key=lambda c: math.inf if math.isnan(c.search_perplexity) else c.search_perplexity)
         self.chosen = best
         self.kept = [i for i in range(skeleton.num_layers) if i not in best.removed_layers]
         cuts = choose_cuts(Counts(best.kv_groups, shape.group_size, best.neurons), shape, ranking)
@@ -214,9 +214,12 @@ class SpeedBody(Body):
         self.measured = None
         if values["measure_speedup"]:
             small = DecodeShape(len(self.kept), best.kv_groups, best.neurons)
-            self.measured = measured_speedup(
-                self.text_config, self.dense, small, shape.group_size, ctx.save_dtype, ctx.device, self.timing()
-            )
+            try:  # two whole random-weight models: a model too large to hold twice keeps its prediction only
+                self.measured = measured_speedup(
+                    self.text_config, self.dense, small, shape.group_size, ctx.save_dtype, ctx.device, self.timing()
+                )
+            except (MemoryError, torch.OutOfMemoryError) as exc:
+                log.warning("the whole shapes do not fit to be timed (%s); the report keeps the prediction", exc)
         self.timings = {
             "score_seconds": round(scored - started, 2),
             "search_seconds": round(searched - scored, 2),

@@ -78,7 +78,7 @@ def plot(rows: list[dict], dense_ppl: float, path: Path) -> None:
     for ax, engine in zip(axes, ("transformers", "vllm")):
         ax.scatter([1.0], [dense_ppl], color="black", marker="*", s=120, label="dense", zorder=3)
         for method in METHODS:
-            points = sorted((r[f"{engine}_x"], r["ppl"]) for r in rows if r["method"] == method)
+            points = sorted((r[f"{engine}_x"], r["ppl"]) for r in rows if r["method"] == method and r[f"{engine}_x"])
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
         ax.axvline(1.25, color="grey", lw=0.8, ls=":")
@@ -101,6 +101,13 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds (median)")
     parser.add_argument("--reuse", action="store_true", help="keep the pruned folders a previous run finished")
+    parser.add_argument(
+        "--vllm-levels",
+        type=float,
+        nargs="+",
+        default=LEVELS,
+        help="time vLLM only for the removal levels given here (and for dense and every speed target)",
+    )
     parser.add_argument("--write", help="update this Markdown file's bench_structured section")
     parser.add_argument("--plot", help="write the frontier PNG here")
     args = parser.parse_args()
@@ -128,12 +135,17 @@ def main() -> None:
         rows.append({**speed, "method": "speed", "asked": f"{target}x"})
 
     folders = [dense_folder] + [r["folder"] for r in rows]
-    speed = {engine: rates(folders, engine, args.rounds) for engine in ("transformers", "vllm")}
+    in_vllm = [dense_folder] + [
+        r["folder"]
+        for r in rows
+        if r["method"] == "speed" or any(r["asked"] == f"{x:.0%} of params" for x in args.vllm_levels)
+    ]
+    speed = {"transformers": rates(folders, "transformers", args.rounds), "vllm": rates(in_vllm, "vllm", args.rounds)}
     dense_ppl = rows[0]["report"]["perplexity"]["dense"]
     for r in rows:
         for engine in ("transformers", "vllm"):
-            r[engine] = speed[engine][r["folder"]]
-            r[f"{engine}_x"] = r[engine] / speed[engine][dense_folder]
+            r[engine] = speed[engine].get(r["folder"])
+            r[f"{engine}_x"] = r[engine] / speed[engine][dense_folder] if r[engine] else None
         r["ppl"] = r["report"]["perplexity"]["pruned"]
     (out / "rows.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "report"} for r in rows]))
 
@@ -166,7 +178,8 @@ def main() -> None:
         lines.append(
             f"| {r['method']} | {r['asked']} | {shape_of(report)} | {params['decoder_after'] / 1e6:.1f} M | "
             f"{r['ppl']:.2f} ({r['ppl'] / dense_ppl:.2f}x) | {r['transformers']:.1f} ({r['transformers_x']:.2f}x) | "
-            f"{r['vllm']:.1f} ({r['vllm_x']:.2f}x) | {speed_cell} | {r['wall']:.0f} |"
+            + (f"{r['vllm']:.1f} ({r['vllm_x']:.2f}x)" if r["vllm"] else "not timed")
+            + f" | {speed_cell} | {r['wall']:.0f} |"
         )
     publish_table("\n".join(lines), "bench_structured", out, args.write)
     if args.plot:

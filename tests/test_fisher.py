@@ -219,11 +219,18 @@ def test_fisher_batch_sets_the_gradient_minibatch(tiny_models, corpus_file, tmp_
         seen.append((chunk, grads.heads[0].shape[0]))
         return grads
 
+    import llmprune.structured.body as body
+
+    rearranged = []
+    original_rearrange = body.rearrange
     monkeypatch.setattr(run, "mask_gradients", spy)
+    monkeypatch.setattr(body, "rearrange", lambda g, n: rearranged.append(g.shape) or original_rearrange(g, n))
     report = llmprune.prune(
         str(tiny_models("llama", layers=2)),
         method="fisher",
         fisher_batch=1,
+        fisher_samples="minibatch",  # Kwon's configuration: a sample per minibatch, the rearrangement
+        fisher_combine="none",
         calibration=str(corpus_file),
         samples=4,
         seqlen=16,
@@ -232,4 +239,5 @@ def test_fisher_batch_sets_the_gradient_minibatch(tiny_models, corpus_file, tmp_
         quiet=True,
     )
     assert seen == [(1, 4)]
-    assert report["options"]["fisher_batch"] == 1
+    assert report["options"]["fisher_batch"] == 1 and report["options"]["fisher_samples"] == "minibatch"
+    assert rearranged and all(shape[0] == 4 for shape in rearranged)  # 4 samples (windows) per layer

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import llmprune
 from llmprune.costmodel import DecodeCosts, DecodeShape, Timing, cache_key, decode_costs, fit, random_model
 from llmprune.errors import LLMPruneError
-from llmprune.speed import candidate_cuts
+from llmprune.speed import candidate_cuts, spaced
 from tests.helpers.vllm_generate import greedy, transformers_greedy
 
 
@@ -56,12 +56,48 @@ def test_candidate_cuts_are_the_widest_per_depth_until_full_width_reaches_the_ta
     assert cuts[0][3] == pytest.approx(20 / (10 * 1.5))
 
 
+def test_a_noisy_fit_keeps_its_parts_positive_within_the_layer():
+    """Timings where narrowing looks dearer than the whole layer: the parts are scaled into the layer's cost,
+    which the two depths measured, and none is negative."""
+    dense = DecodeShape(8, 4, 512)
+    times = {
+        DecodeShape(2, 4, 512): 4.0,
+        DecodeShape(8, 4, 512): 7.0,  # 0.5 per layer
+        DecodeShape(8, 4, 256): 3.0,  # narrowing "saves" 4.0 > the layers' 4 x 0.5 x 8 / 8
+        DecodeShape(8, 2, 512): 7.5,  # fewer groups "cost" more: clipped to 0
+    }
+    base, layer, group, neuron = fit(dense, times, 2, 8, 256, 2)
+    assert base == pytest.approx(3.0) and group == 0.0 and layer >= 0 and neuron > 0
+    assert layer + 4 * group + 512 * neuron == pytest.approx(0.5)
+
+
+def test_candidate_cuts_cover_every_group_count_and_spacing_keeps_the_ends():
+    costs = _costs(layer=1.0, group=0.25, neuron=1 / 1024)  # a dense layer: 1 + 4 x 0.25 + 1 = 3
+    dense = DecodeShape(6, 4, 1024)
+    cuts = candidate_cuts(costs, dense, 1.5, [2, 4], [256, 512, 768, 1024])
+    # budget 18 / 1.5 = 12: L' (1 + g/4 + n/1024) <= 12; 4 groups need a layer gone, 2 groups do not
+    assert [(d, g, n) for d, g, n, _ in cuts] == [(1, 4, 256), (2, 4, 1024), (0, 2, 512), (1, 2, 768), (2, 2, 1024)]
+    assert spaced(list(range(10)), 4) == [0, 3, 6, 9] and spaced([1, 2], 5) == [1, 2] and spaced([7, 8], 1) == [7]
+
+
 def test_a_random_model_has_the_asked_shape(tiny_models):
     text = AutoConfig.from_pretrained(tiny_models("gemma3_text", layers=4)).to_dict()
     model = random_model(text, DecodeShape(3, 1, 64), 2, torch.float32, "cpu")
     assert len(model.model.layers) == 3 and len(model.config.layer_types) == 3
     assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
     assert model.model.layers[0].mlp.down_proj.in_features == 64
+    qwen2 = AutoConfig.for_model(
+        "qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_hidden_layers=2,
+        vocab_size=512,
+    ).to_dict()
+    model = random_model(qwen2, DecodeShape(1, 2, 128), 2, torch.float32, "cpu")  # head_dim stays 64 / 8
+    assert model.model.layers[0].self_attn.q_proj.out_features == 4 * 8
+    assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 8
 
 
 def test_the_measured_cost_model_is_cached(tiny_models, tmp_path, monkeypatch):
@@ -115,6 +151,36 @@ def test_a_combined_cut_is_the_dense_model_without_those_layers_and_units(tiny_m
         loss = model(search, labels=search, use_cache=False).loss
     assert math.exp(float(loss)) == pytest.approx(best["search_perplexity"], rel=1e-4)
     assert "cut for 2x decode speed" in (out / "README.md").read_text()
+
+
+def test_a_cut_of_layers_and_kv_groups_loads_with_explicit_head_dim(tmp_path, monkeypatch):
+    """A Qwen2 (head_dim implicit, hidden / heads) cut to 1 of 2 layers and 2 of 4 KV groups: the config
+    says so with an explicit head_dim, stock transformers loads it, and untuned it computes what the search
+    measured."""
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    config = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=128, num_attention_heads=8,
+                                  num_key_value_heads=4, num_hidden_layers=2, vocab_size=512,
+                                  max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "qwen2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    # only KV groups cost time: 4 groups x 2 layers = 8; 2.5x needs one layer with 2 groups (2: 4x)
+    _write_costs(folder, _costs(layer=0.0, group=1.0))
+    ids = _token_file(tmp_path / "tokens.safetensors")
+    out = tmp_path / "out"
+    report = llmprune.prune(str(folder), target_speedup=2.5, calibration=str(tmp_path / "tokens.safetensors"),
+                            no_eval=True, quiet=True, output=str(out), mask_tuning=False, search_windows=4,
+                            measure_speedup=False)  # fmt: skip
+    info = report["speed"]
+    assert [(len(c["removed_layers"]), c["kv_groups"]) for c in info["candidates"]] == [(1, 2)]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["num_hidden_layers"], saved["num_key_value_heads"], saved["num_attention_heads"]) == (1, 2, 4)
+    assert saved["head_dim"] == 8 and saved["intermediate_size"] == 128
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert sum(p.numel() for p in model.model.layers.parameters()) == info["parameters"]["decoder_after"]
+    with torch.no_grad():
+        loss = model(ids[:4], labels=ids[:4], use_cache=False).loss
+    assert math.exp(float(loss)) == pytest.approx(info["candidates"][0]["search_perplexity"], rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,9 @@ class Ranking:
     """Scores of the units (higher: keep). `heads` and `neurons` are per layer, a score per query head and
     per neuron; `search_heads` [layers, KV groups] (or [layers, query heads] per group) feed the count
     search. `gradients`, when a method has them, drive Kwon's rearrangement of the cut (per-sample
-    gradients [samples, units] per layer); `extra` is the method's own data for `compensate`."""
+    gradients [samples, units] per layer); `search_neurons` [layers, neurons], when the count search needs
+    other scores than the per-layer choice (scores in loss units, comparable between heads and neurons);
+    `extra` is the method's own data for `compensate`."""
 
     heads: list[torch.Tensor]
     neurons: list[torch.Tensor]
@@ -49,6 +51,7 @@ class Ranking:
     head_gradients: list[torch.Tensor] | None = None
     neuron_gradients: list[torch.Tensor] | None = None
     extra: object = None
+    search_neurons: torch.Tensor | None = None
 
     @classmethod
     def of_scores(

@@ -43,7 +43,7 @@ def choose_counts(
     if method.searches_counts:
         return search_counts(
             ranking.search_heads,
-            torch.stack(ranking.neurons),
+            torch.stack(ranking.neurons) if ranking.search_neurons is None else ranking.search_neurons,
             shape,
             structure,
             costs,
@@ -257,7 +257,7 @@ def tune_and_write(
             }
         if exact:
             normal = Normal.zeros(len(cut.neurons))
-            kept = torch.tensor(cut.neurons, dtype=torch.long)
+            kept_neurons = torch.tensor(cut.neurons, dtype=torch.long)
             down_bias = _bias(layer, structure.down)
             with torch.no_grad(), masks:
                 for position in range(len(student)):
@@ -271,11 +271,11 @@ def tune_and_write(
                         normal,
                         a,
                         layer.get_submodule(structure.down).weight.detach(),
-                        kept.to(a.device),
+                        kept_neurons.to(a.device),
                         target.reshape(-1, shape.hidden),
                     )
             result = solve(normal, damping)
-            masks.neuron[kept] = result.scales.to(masks.neuron.dtype)
+            masks.neuron[kept_neurons] = result.scales.to(masks.neuron.dtype)
             report["ffn"] = {
                 "error_before": result.error_before,
                 "error_after": result.error_after,

@@ -28,7 +28,8 @@ from llmprune.structured.search import group_scores
 @dataclass
 class MaskGradients:
     """Per layer, a [chunks, units] matrix of ∂L_b/∂m (query heads; FFN neurons), and the empirical Fisher
-    Σ_s (∂L_s/∂m)² per unit over the samples s: the chunks, or every token (per_token)."""
+    Σ_s g_s² per unit: g_s the gradient of chunk s's loss (Kwon's samples), or (per_token) the gradient of the
+    chunk's loss with respect to each token's copy of the mask (a sample per token; they sum to the chunk's)."""
 
     heads: list[torch.Tensor]
     neurons: list[torch.Tensor]
@@ -125,6 +126,7 @@ def mask_gradients(
         layer = skeleton.load_layer(index, device, dtype)
         inputs = Activations([_handle(boundary[index], c) for c in acts.chunks])
         head_rows, neuron_rows = [], []
+        squares = [torch.zeros(shape.heads), torch.zeros(shape.intermediate), torch.zeros(shape.kv_heads)]
         for position in range(len(inputs)):
             x = inputs.get(position).to(device, dtype).requires_grad_(True)
             masks = Masks(layer, structure, shape, device, per_token)
@@ -135,15 +137,17 @@ def mask_gradients(
             finally:
                 masks.remove()
             grads.put(position, x.grad.detach())
-            head = masks.head.grad.detach().float().cpu() if structure.heads else torch.zeros(shape.heads)
-            neuron = masks.neuron.grad.detach().float().cpu()
-            head_rows.append(head.reshape(-1, shape.heads))  # samples of this chunk: one, or one per token
-            neuron_rows.append(neuron.reshape(-1, shape.intermediate))
-        fisher_heads[index] = sum(rows.pow(2).sum(0) for rows in head_rows)
-        fisher_neurons[index] = sum(rows.pow(2).sum(0) for rows in neuron_rows)
-        fisher_groups[index] = sum(group_scores(rows, shape.group_size) for rows in head_rows)
-        heads[index] = torch.stack([rows.sum(0) for rows in head_rows])
-        neurons[index] = torch.stack([rows.sum(0) for rows in neuron_rows])
+            head = masks.head.grad.detach().float() if structure.heads else torch.zeros(shape.heads, device=device)
+            head = head.reshape(-1, shape.heads)  # this chunk's samples: one, or one per token (summed as we go)
+            neuron = masks.neuron.grad.detach().float().reshape(-1, shape.intermediate)
+            squares[0] += head.pow(2).sum(0).cpu()
+            squares[1] += neuron.pow(2).sum(0).cpu()
+            squares[2] += group_scores(head, shape.group_size).cpu()
+            head_rows.append(head.sum(0).cpu())
+            neuron_rows.append(neuron.sum(0).cpu())
+        fisher_heads[index], fisher_neurons[index], fisher_groups[index] = squares
+        heads[index] = torch.stack(head_rows)
+        neurons[index] = torch.stack(neuron_rows)
         skeleton.unload_layer(index)
     return MaskGradients(heads, neurons, fisher_heads, fisher_neurons, fisher_groups, total_loss / ids.shape[0])
 
@@ -212,9 +216,14 @@ class Fisher(StructuredMethod):
             from llmprune.structured.scores import fluctuation_scores
 
             flap = fluctuation_scores(inputs)
+            # the per-layer choice from both scores; the counts from the Fisher alone (its units, the loss's, compare
+            # heads with neurons; the normalized mean does not)
             neurons = [_geometric(f, v) for f, v in zip(grads.fisher_neurons, flap.neurons)]
-            heads = [_geometric(f, v) for f, v in zip(heads, flap.heads)]
-            return Ranking.of_scores(heads, neurons, inputs.shape, inputs.per_group)
+            combined = Ranking.of_scores(
+                [_geometric(f, v) for f, v in zip(heads, flap.heads)], neurons, inputs.shape, inputs.per_group
+            )
+            combined.search_heads, combined.search_neurons = search, torch.stack(grads.fisher_neurons)
+            return combined
         if per_token:  # Kwon's rearrangement needs every sample's gradient: too many tokens to keep; top scores
             return Ranking(heads, grads.fisher_neurons, search)
         return Ranking(heads, grads.fisher_neurons, search, grads.heads, grads.neurons)
