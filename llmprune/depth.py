@@ -47,6 +47,13 @@ class Depth(Configurable):
             "calibration loss least, one at a time",
             choices=("angular", "influence", "perplexity"),
         ),
+        Option(
+            "depth_repair",
+            True,
+            "skip the least-squares refit of the down projection of the layer before each removed span (by "
+            "default its output is fitted to the dense hidden state after the span, folded into the weight)",
+            flag="--no-depth-repair",
+        ),
     )
 
     def choose(self, scores: DepthScores, remove: int, search: list[dict] | None = None) -> list[int]:
@@ -146,6 +153,97 @@ def greedy_search(ctx: RunContext, chunk: int, remove: int) -> list[dict]:
     return steps
 
 
+REPAIR_DAMPING = 0.01  # ridge toward the original weight, as a fraction of the activations' mean square
+SKIP = 1  # each window's first tokens, left out of the fit: the attention sink's hidden states dwarf the rest
+
+
+def spans_of(layers: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive layers as (first, end) with `end` exclusive: [3, 4, 7] -> [(3, 5), (7, 8)]."""
+    runs: list[tuple[int, int]] = []
+    for layer in sorted(layers):
+        if runs and runs[-1][1] == layer:
+            runs[-1] = (runs[-1][0], layer + 1)
+        else:
+            runs.append((layer, layer + 1))
+    return runs
+
+
+@dataclass
+class _Fit:
+    """Least-squares sums of one repair: A^T A of the down projection's inputs a, R^T A and ||R||² of the
+    residual R = h_end - h_out the removed span would have added (h_out: the layer's output)."""
+
+    ata: torch.Tensor
+    rta: torch.Tensor
+    rtr: float = 0.0
+
+
+def least_squares_repair(ctx: RunContext, chunk: int, removed: list[int]) -> tuple[dict[str, torch.Tensor], list]:
+    """One streamed pass of the dense model: for every removed span [s, e) after layer p = s - 1, the down
+    projection W of layer p is refit to W + ΔW, ΔW = (R^T A)(A^T A + λ I)^-1 (ridge toward W), so that layer p's
+    output approximates the dense hidden state entering layer e. Returns the new weights by state-dict name
+    and a report per span (the residual's relative error before and after)."""
+    from llmprune.structured.arch import structure_of
+
+    assert ctx.calib is not None
+    skeleton, cpu = ctx.skeleton, torch.device("cpu")
+    down = structure_of(skeleton.config).down
+    spans = [(first, end) for first, end in spans_of(removed) if first > 0]
+    before = {first - 1: end for first, end in spans}  # layer p -> the layer whose input is the target
+    after = {end: first - 1 for first, end in spans}
+    stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
+    held: dict[int, tuple[list, list]] = {}  # p -> (a per chunk, layer p's output per chunk)
+    fits: dict[int, _Fit] = {}
+
+    def close_spans(index: int) -> None:  # acts hold the input of layer `index`: the target of a span ending there
+        if index not in after:
+            return
+        p = after[index]
+        inputs, outputs = held.pop(p)
+        for position, (a, out) in enumerate(zip(inputs, outputs)):
+            r = (acts.get(position)[:, SKIP:].double() - out).reshape(-1, out.shape[-1])
+            fits[p].rta += r.T @ a
+            fits[p].rtr += float(r.pow(2).sum())
+
+    last = max(end for _, end in spans) if spans else 0
+    for index in tqdm(range(last), desc="depth repair", unit="layer", disable=not ctx.progress):
+        close_spans(index)
+        layer = skeleton.load_layer(index, ctx.device, stream.dtype)
+        captured: list[torch.Tensor] = []
+        handle = None
+        if index in before:
+            handle = layer.get_submodule(down).register_forward_pre_hook(
+                lambda m, args, into=captured: into.append(args[0].detach().to(cpu)[:, SKIP:].double().flatten(0, -2))
+            )
+        with torch.no_grad():
+            for position in range(len(acts)):
+                out = stream.run(index, layer, acts.get(position)).to(cpu, stream.dtype)
+                if handle is not None:
+                    held.setdefault(index, ([], []))[1].append(out[:, SKIP:].double())
+                acts.put(position, out)
+        if handle is not None:
+            handle.remove()
+            held[index][0].extend(captured)
+            a_t_a = sum(a.T @ a for a in captured)
+            fits[index] = _Fit(a_t_a, torch.zeros(out.shape[-1], a_t_a.shape[0], dtype=torch.float64))
+        skeleton.unload_layer(index)
+    close_spans(last)
+    stream.close()
+
+    weights, reports = {}, []
+    for p, fit in fits.items():
+        eye = torch.eye(fit.ata.shape[0], dtype=torch.float64)
+        damped = fit.ata + REPAIR_DAMPING * fit.ata.diagonal().mean().clamp_min(1e-12) * eye
+        delta = torch.linalg.solve(damped, fit.rta.T).T  # [hidden, inter]
+        error = fit.rtr - 2 * float((delta * fit.rta).sum()) + float(((delta @ fit.ata) * delta).sum())
+        key = f"{skeleton.layers_prefix}.{p}.{down}.weight"
+        original = skeleton.read([key])[key]
+        weights[key] = (original.double() + delta).to(original.dtype)
+        reports.append({"layer": p, "span": [p + 1, before[p]], "error_before": 1.0,
+                        "error_after": error / max(fit.rtr, 1e-30)})  # fmt: skip
+    return weights, reports
+
+
 def per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
     """A config (or its text_config) with `num_hidden_layers` and every per-layer list kept in step."""
     out = dict(config)
@@ -166,6 +264,10 @@ class DepthBody(RemovalBody):
     sections = ("removal",)
 
     def check_model(self, ctx: RunContext) -> None:
+        if self.method.values["depth_repair"]:
+            from llmprune.structured.arch import structure_of
+
+            structure_of(ctx.skeleton.config)  # the families whose down projection llmprune knows
         layers = ctx.skeleton.num_layers
         self.remove = round((1 - self.keep) * layers)  # the layers are alike: parameters and FLOPs go with them
         if self.remove < 1:
@@ -184,11 +286,17 @@ class DepthBody(RemovalBody):
             self.search = greedy_search(ctx, self.chunk, self.remove)
         self.removed = self.method.choose(self.scores, self.remove, self.search)
         self.kept = [i for i in range(ctx.skeleton.num_layers) if i not in self.removed]
+        repaired, self.repairs = {}, None
+        if self.method.values["depth_repair"]:
+            repaired, self.repairs = least_squares_repair(ctx, self.chunk, self.removed)
         scored = time.perf_counter()
         skeleton = ctx.skeleton
         for new, old in enumerate(self.kept):
             source, target = f"{skeleton.layers_prefix}.{old}.", f"{skeleton.layers_prefix}.{new}."
-            tensors = skeleton.read(skeleton.layer_keys(old))
+            tensors = {  # the repaired down projection, if any, replaces the layer's own
+                **skeleton.read(skeleton.layer_keys(old)),
+                **{k: v for k, v in repaired.items() if k.startswith(source)},
+            }
             writer.write_unit(
                 layer_unit(new),
                 {target + key[len(source) :]: cast_floating(value, ctx.save_dtype) for key, value in tensors.items()},
@@ -228,6 +336,7 @@ class DepthBody(RemovalBody):
                     "block_influence": influence,
                     "angular_distance": self.scores.angular_distance(self.remove),
                     "search": self.search,
+                    "repairs": self.repairs,
                 },
                 "order": "depth",
             },

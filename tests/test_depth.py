@@ -56,8 +56,8 @@ def test_streamed_scores_equal_the_whole_model_and_the_output_is_the_dense_model
     ids = _token_file(tmp_path / "tokens.safetensors")
     out = tmp_path / "out"
     report = llmprune.prune(str(folder), method="depth", remove=0.5, depth_criterion=criterion,
-                            calibration=str(tmp_path / "tokens.safetensors"), no_eval=True, quiet=True,
-                            output=str(out))  # fmt: skip
+                            depth_repair=False, calibration=str(tmp_path / "tokens.safetensors"), no_eval=True,
+                            quiet=True, output=str(out))  # fmt: skip
     influence, angular = _whole_model_scores(folder, ids)
     info = report["depth"]
     assert info["block_influence"] == pytest.approx(influence, abs=1e-5)
@@ -67,7 +67,7 @@ def test_streamed_scores_equal_the_whole_model_and_the_output_is_the_dense_model
         assert info["removed_layers"] == [start, start + 1]
     else:
         assert info["removed_layers"] == sorted(sorted(range(4), key=lambda i: influence[i])[:2])
-    assert report["options"] == {"depth_criterion": criterion} and info["kept_layers"] == 2
+    assert report["options"] == {"depth_criterion": criterion, "depth_repair": False} and info["kept_layers"] == 2
 
     pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -164,3 +164,59 @@ def test_smollm2_without_three_layers_gives_the_same_greedy_tokens_in_transforme
     prompts = [tokenizer(text)["input_ids"] for text in ("The king said to the queen", "What is the matter")]
     expected = transformers_greedy(model, prompts, 12)
     assert greedy(out, prompts, "float32", 12) == expected
+
+
+def test_the_repair_is_the_least_squares_refit_of_the_layer_before_the_span(tiny_models, tmp_path):
+    """The repair (on by default): the written down projection of the layer before the removed span is W + ΔW,
+    ΔW the ridge least-squares fit of the span's residual computed the plain way on the whole model; it lowers
+    the residual's error, and the untouched layers are the dense ones."""
+    from llmprune.depth import REPAIR_DAMPING, SKIP, spans_of
+
+    assert spans_of([7, 3, 4]) == [(3, 5), (7, 8)]
+    folder = tiny_models("llama", layers=6)
+    ids = _token_file(tmp_path / "tokens.safetensors")
+    out = tmp_path / "out"
+    report = llmprune.prune(str(folder), method="depth", remove=0.34, depth_criterion="influence",
+                            calibration=str(tmp_path / "tokens.safetensors"), no_eval=True,
+                            quiet=True, output=str(out))  # fmt: skip
+    info = report["depth"]
+    removed = info["removed_layers"]
+    spans = [(first, end) for first, end in spans_of(removed) if first > 0]
+    assert spans, removed  # the tiny model's least influential layers are not layer 0
+    assert [r["layer"] for r in info["repairs"]] == [first - 1 for first, _ in spans]
+    assert all(r["error_after"] < 1.0 for r in info["repairs"])
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    inputs, outputs, downs = {}, {}, {}
+
+    def record(index):
+        def hook(module, args, kwargs, out) -> None:
+            inputs[index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            outputs[index] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.register_forward_hook(record(i), with_kwargs=True))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: downs.__setitem__(i, a[0])))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    kept = [i for i in range(6) if i not in removed]
+    for first, end in spans:
+        p = first - 1
+        target = inputs[end] if end < 6 else outputs[5]
+        a = downs[p][:, SKIP:].reshape(-1, downs[p].shape[-1])  # each window's first token left out
+        r = (target - outputs[p])[:, SKIP:].reshape(-1, target.shape[-1])
+        ata = a.T @ a
+        damped = ata + REPAIR_DAMPING * ata.diagonal().mean() * torch.eye(ata.shape[0], dtype=torch.float64)
+        expected = model.model.layers[p].mlp.down_proj.weight + torch.linalg.solve(damped, (r.T @ a).T).T
+        written = pruned.model.layers[kept.index(p)].mlp.down_proj.weight
+        torch.testing.assert_close(written, expected.float().double(), rtol=1e-4, atol=1e-5)
+    untouched = [i for i in kept if i + 1 not in removed]
+    for i in untouched:
+        assert torch.equal(pruned.model.layers[kept.index(i)].mlp.down_proj.weight,
+                           model.model.layers[i].mlp.down_proj.weight)  # fmt: skip
