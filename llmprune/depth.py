@@ -32,6 +32,14 @@ from llmprune.export.writer import OutputFolder
 from llmprune.models.skeleton import cast_floating
 from llmprune.settings import Configurable, Option
 
+DEPTH_REPAIR = Option(
+    "depth_repair",
+    True,
+    "skip the least-squares refit of the down projection of the layer before each removed span (by "
+    "default its output is fitted to the dense hidden state after the span, folded into the weight)",
+    flag="--no-depth-repair",
+)  # the speed search's depth cuts take it too
+
 
 class Depth(Configurable):
     """Which layers go: the most redundant span (angular) or the least influential layers (influence)."""
@@ -47,13 +55,7 @@ class Depth(Configurable):
             "calibration loss least, one at a time",
             choices=("angular", "influence", "perplexity"),
         ),
-        Option(
-            "depth_repair",
-            True,
-            "skip the least-squares refit of the down projection of the layer before each removed span (by "
-            "default its output is fitted to the dense hidden state after the span, folded into the weight)",
-            flag="--no-depth-repair",
-        ),
+        DEPTH_REPAIR,
     )
 
     def choose(self, scores: DepthScores, remove: int, search: list[dict] | None = None) -> list[int]:
@@ -169,79 +171,88 @@ def spans_of(layers: list[int]) -> list[tuple[int, int]]:
 
 
 @dataclass
-class _Fit:
-    """Least-squares sums of one repair: A^T A of the down projection's inputs a, R^T A and ||R||² of the
-    residual R = h_end - h_out the removed span would have added (h_out: the layer's output)."""
+class Repair:
+    """The refit down projection of layer `layer` for the removed span [first, end): its state-dict name and new
+    weight, and the residual's error after the fit relative to before (the fit's own windows)."""
 
-    ata: torch.Tensor
-    rta: torch.Tensor
-    rtr: float = 0.0
+    layer: int
+    span: tuple[int, int]
+    key: str
+    weight: torch.Tensor
+    error_after: float
+
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "span": list(self.span), "error_before": 1.0, "error_after": self.error_after}
 
 
-def least_squares_repair(ctx: RunContext, chunk: int, removed: list[int]) -> tuple[dict[str, torch.Tensor], list]:
-    """One streamed pass of the dense model: for every removed span [s, e) after layer p = s - 1, the down
-    projection W of layer p is refit to W + ΔW, ΔW = (R^T A)(A^T A + λ I)^-1 (ridge toward W), so that layer p's
-    output approximates the dense hidden state entering layer e. Returns the new weights by state-dict name
-    and a report per span (the residual's relative error before and after)."""
+def least_squares_repair(ctx: RunContext, chunk: int, spans: list[tuple[int, int]]) -> dict[tuple[int, int], Repair]:
+    """One streamed pass of the dense model: for every span [s, e) of layers to remove (s > 0), the down
+    projection W of layer p = s - 1 is refit to W + ΔW, ΔW = (R^T A)(A^T A + λ I)^-1 (ridge toward W), A the
+    projection's inputs and R the residual the span would have added (the dense hidden state entering layer e
+    minus layer p's output), so that layer p's output approximates what layer e would have seen. The spans may
+    overlap (a search's candidates): each is its own fit. Layer p's inputs are held (float32, CPU) until its
+    last span ends."""
     from llmprune.structured.arch import structure_of
 
     assert ctx.calib is not None
     skeleton, cpu = ctx.skeleton, torch.device("cpu")
     down = structure_of(skeleton.config).down
-    spans = [(first, end) for first, end in spans_of(removed) if first > 0]
-    before = {first - 1: end for first, end in spans}  # layer p -> the layer whose input is the target
-    after = {end: first - 1 for first, end in spans}
+    spans = sorted({(first, end) for first, end in spans if first > 0})
+    if not spans:
+        return {}
+    ends: dict[int, list[int]] = {}  # p -> the ends of its spans
+    for first, end in spans:
+        ends.setdefault(first - 1, []).append(end)
     stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
-    held: dict[int, tuple[list, list]] = {}  # p -> (a per chunk, layer p's output per chunk)
-    fits: dict[int, _Fit] = {}
+    held: dict[int, tuple[list, list, torch.Tensor]] = {}  # p -> (a per chunk, p's output per chunk, A^T A)
+    sums: dict[tuple[int, int], list] = {}  # span -> [R^T A, ||R||²]
 
-    def close_spans(index: int) -> None:  # acts hold the input of layer `index`: the target of a span ending there
-        if index not in after:
-            return
-        p = after[index]
-        inputs, outputs = held.pop(p)
-        for position, (a, out) in enumerate(zip(inputs, outputs)):
-            r = (acts.get(position)[:, SKIP:].double() - out).reshape(-1, out.shape[-1])
-            fits[p].rta += r.T @ a
-            fits[p].rtr += float(r.pow(2).sum())
+    def close(index: int) -> None:  # acts hold the input of layer `index`: the target of the spans ending there
+        for p in [p for p in held if index in ends[p]]:
+            inputs, outputs, _ = held[p]
+            rta, rtr = 0.0, 0.0
+            for position, (a, out) in enumerate(zip(inputs, outputs)):
+                r = (acts.get(position)[:, SKIP:].double() - out.double()).flatten(0, -2)
+                rta, rtr = rta + r.T @ a.double(), rtr + float(r.pow(2).sum())
+            sums[(p + 1, index)] = [rta, rtr, held[p][2]]
+            if index == max(ends[p]):
+                del held[p]
 
-    last = max(end for _, end in spans) if spans else 0
+    last = max(end for _, end in spans)
     for index in tqdm(range(last), desc="depth repair", unit="layer", disable=not ctx.progress):
-        close_spans(index)
+        close(index)
         layer = skeleton.load_layer(index, ctx.device, stream.dtype)
         captured: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
         handle = None
-        if index in before:
+        if index in ends:
             handle = layer.get_submodule(down).register_forward_pre_hook(
-                lambda m, args, into=captured: into.append(args[0].detach().to(cpu)[:, SKIP:].double().flatten(0, -2))
+                lambda m, args, into=captured: into.append(args[0].detach()[:, SKIP:].flatten(0, -2).to(cpu).float())
             )
         with torch.no_grad():
             for position in range(len(acts)):
                 out = stream.run(index, layer, acts.get(position)).to(cpu, stream.dtype)
                 if handle is not None:
-                    held.setdefault(index, ([], []))[1].append(out[:, SKIP:].double())
+                    outputs.append(out[:, SKIP:].float())
                 acts.put(position, out)
         if handle is not None:
             handle.remove()
-            held[index][0].extend(captured)
-            a_t_a = sum(a.T @ a for a in captured)
-            fits[index] = _Fit(a_t_a, torch.zeros(out.shape[-1], a_t_a.shape[0], dtype=torch.float64))
+            held[index] = (captured, outputs, sum(a.double().T @ a.double() for a in captured))
         skeleton.unload_layer(index)
-    close_spans(last)
+    close(last)
     stream.close()
 
-    weights, reports = {}, []
-    for p, fit in fits.items():
-        eye = torch.eye(fit.ata.shape[0], dtype=torch.float64)
-        damped = fit.ata + REPAIR_DAMPING * fit.ata.diagonal().mean().clamp_min(1e-12) * eye
-        delta = torch.linalg.solve(damped, fit.rta.T).T  # [hidden, inter]
-        error = fit.rtr - 2 * float((delta * fit.rta).sum()) + float(((delta @ fit.ata) * delta).sum())
+    repairs = {}
+    for (first, end), (rta, rtr, ata) in sums.items():
+        p = first - 1
+        eye = torch.eye(ata.shape[0], dtype=torch.float64)
+        delta = torch.linalg.solve(ata + REPAIR_DAMPING * ata.diagonal().mean().clamp_min(1e-12) * eye, rta.T).T
+        error = rtr - 2 * float((delta * rta).sum()) + float(((delta @ ata) * delta).sum())
         key = f"{skeleton.layers_prefix}.{p}.{down}.weight"
         original = skeleton.read([key])[key]
-        weights[key] = (original.double() + delta).to(original.dtype)
-        reports.append({"layer": p, "span": [p + 1, before[p]], "error_before": 1.0,
-                        "error_after": error / max(fit.rtr, 1e-30)})  # fmt: skip
-    return weights, reports
+        weight = (original.double() + delta).to(original.dtype)
+        repairs[(first, end)] = Repair(p, (first, end), key, weight, error / max(rtr, 1e-30))
+    return repairs
 
 
 def per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
@@ -288,7 +299,8 @@ class DepthBody(RemovalBody):
         self.kept = [i for i in range(ctx.skeleton.num_layers) if i not in self.removed]
         repaired, self.repairs = {}, None
         if self.method.values["depth_repair"]:
-            repaired, self.repairs = least_squares_repair(ctx, self.chunk, self.removed)
+            repairs = least_squares_repair(ctx, self.chunk, spans_of(self.removed)).values()
+            repaired, self.repairs = {r.key: r.weight for r in repairs}, [r.as_dict() for r in repairs]
         scored = time.perf_counter()
         skeleton = ctx.skeleton
         for new, old in enumerate(self.kept):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from llmprune.body import Body, BodyReport, RunContext, log
 from llmprune.costmodel import DecodeCosts, DecodeShape, Timing, decode_costs, measured_speedup
-from llmprune.depth import DepthScores, depth_scores, per_layer_lists
+from llmprune.depth import DEPTH_REPAIR, DepthScores, Repair, depth_scores, least_squares_repair, per_layer_lists
 from llmprune.engine.devices import default_chunk
 from llmprune.engine.resume import RunState
 from llmprune.engine.stream import open_stream
@@ -51,6 +51,7 @@ class Speed(Configurable):
             "how heads and FFN neurons are ranked for the width part of a cut (default flap)",
             choices=("flap", "fisher"),
         ),
+        DEPTH_REPAIR,
         Option("search_windows", 8, "calibration windows each candidate cut is evaluated on", type=int, minimum=1),
         Option("max_candidates", 16, "candidate cuts evaluated at most (evenly spaced)", type=int, minimum=1),
         Option("decode_batch", 16, "cost model: prompts generated together", type=int, minimum=1),
@@ -107,19 +108,31 @@ def spaced(items: list, count: int) -> list:
 
 
 def masked_perplexity(
-    ctx: RunContext, ids: torch.Tensor, kept: list[int], cuts: list[LayerCut], chunk: int, body: SpeedBody
+    ctx: RunContext,
+    ids: torch.Tensor,
+    kept: list[int],
+    cuts: list[LayerCut],
+    chunk: int,
+    body: SpeedBody,
+    replace: dict[str, torch.Tensor],
 ) -> float:
-    """Perplexity of `ids` through the kept layers with the removed heads and neurons masked (streamed)."""
+    """Perplexity of `ids` through the kept layers (with the `replace` weights: a depth repair) with the removed
+    heads and neurons masked (streamed)."""
     skeleton = ctx.skeleton
     stream, acts = open_stream(skeleton, ids, ctx.device, chunk, torch.device("cpu"))
     for index in kept:
-        layer = skeleton.load_layer(index, ctx.device, stream.dtype)
+        layer = skeleton.load_layer(index, ctx.device, stream.dtype, replace)
         with StudentMasks(layer, body.structure, body.shape, cuts[index], ctx.device):
             stream.forward(index, layer, acts)
         skeleton.unload_layer(index)
     nll, tokens = stream.nll(acts)
     stream.close()
     return math.exp(nll / tokens)
+
+
+def _span(removed: list[int]) -> tuple[int, int]:
+    """A contiguous run of layers as (first, end)."""
+    return (removed[0], removed[-1] + 1) if removed else (0, 0)
 
 
 class SpeedBody(Body):
@@ -198,7 +211,7 @@ class SpeedBody(Body):
                        ctx.progress, False)
         )  # fmt: skip
         scored = time.perf_counter()
-        self.candidates = self.search(ctx, depth, ranking)
+        self.candidates, repairs = self.search(ctx, depth, ranking)
         best = min(self.candidates, key=lambda c: math.inf if math.isnan(c.search_perplexity) else c.search_perplexity)
         self.chosen = best
         self.kept = [i for i in range(skeleton.num_layers) if i not in best.removed_layers]
@@ -206,9 +219,12 @@ class SpeedBody(Body):
         width.compensate(skeleton, self.structure, shape, cuts, ranking)
         searched = time.perf_counter()
         settings = self.settings.structured
+        repair = repairs.get(_span(best.removed_layers))
+        self.repair = repair.as_dict() if repair else None
         self.layer_reports = tune_and_write(
             skeleton, ctx.calib.ids, cuts, self.structure, shape, ctx.device, self.chunk, writer, ctx.save_dtype,
             settings.mask_tuning, settings.tuning_damping, ctx.progress, kept=self.kept,
+            replace={repair.key: repair.weight} if repair else None,
         )  # fmt: skip
         written = time.perf_counter()
         self.measured = None
@@ -228,21 +244,30 @@ class SpeedBody(Body):
             "prune_seconds": round(time.perf_counter() - started, 2),
         }
 
-    def search(self, ctx: RunContext, depth: DepthScores, ranking: Ranking) -> list[Candidate]:
+    def search(
+        self, ctx: RunContext, depth: DepthScores, ranking: Ranking
+    ) -> tuple[list[Candidate], dict[tuple[int, int], Repair]]:
         """Every candidate cut (at most max_candidates) evaluated on the first search_windows calibration
-        windows."""
+        windows, each span's depth repair (one streamed pass for all of them) in place; returns the candidates
+        and the repairs by span."""
         assert ctx.calib is not None
         values = self.method.values
         ids = ctx.calib.ids[: values["search_windows"]]
         chosen = spaced(self.cuts, values["max_candidates"])
+        spans = {d: depth.closest_span(d) for d, *_ in chosen if d}
+        repairs = {}
+        if values["depth_repair"]:
+            repairs = least_squares_repair(ctx, self.chunk, [_span(removed) for removed in spans.values()])
         candidates = []
         for d, g, n, predicted in tqdm(chosen, desc="speed search", unit="cut", disable=not ctx.progress):
-            removed = depth.closest_span(d) if d else []
+            removed = spans.get(d, [])
             kept = [i for i in range(ctx.skeleton.num_layers) if i not in removed]
             cuts = choose_cuts(Counts(g, self.shape.group_size, n), self.shape, ranking)
-            ppl = masked_perplexity(ctx, ids, kept, cuts, self.chunk, self)
+            repair = repairs.get(_span(removed)) if removed else None
+            replace = {repair.key: repair.weight} if repair else {}
+            ppl = masked_perplexity(ctx, ids, kept, cuts, self.chunk, self, replace)
             candidates.append(Candidate(removed, g, n, predicted, ppl))
-        return candidates
+        return candidates, repairs
 
     def output_layers(self, ctx: RunContext) -> int:
         return len(self.kept)
@@ -272,6 +297,7 @@ class SpeedBody(Body):
                 "head_dim": shape.head_dim,
             },
             "removed_layers": best.removed_layers,
+            "repair": self.repair,
             "predicted_speedup": best.predicted_speedup,
             "measured": self.measured,
             "candidates": [asdict(c) for c in self.candidates],

@@ -142,6 +142,8 @@ def test_a_combined_cut_is_the_dense_model_without_those_layers_and_units(tiny_m
         (4, 256),
     ]
 
+    first = info["removed_layers"][0]  # the layer before the span is refit (depth repair), in the search too
+    assert (info["repair"] or {}).get("layer") == (first - 1 if first > 0 else None)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert model.config.num_hidden_layers == kept["layers"] == 8 - len(info["removed_layers"])
     assert model.config.intermediate_size == kept["intermediate"]

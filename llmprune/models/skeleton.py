@@ -53,11 +53,15 @@ class Skeleton:
         raw = self.checkpoint.read([self.key_map[k] for k in keys], device)
         return {k: raw[self.key_map[k]] for k in keys}
 
-    def load_layer(self, index: int, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-        """Materialize decoder layer `index` from the shards on `device` in `dtype`."""
+    def load_layer(
+        self, index: int, device: torch.device | str, dtype: torch.dtype, replace: dict | None = None
+    ) -> nn.Module:
+        """Materialize decoder layer `index` from the shards on `device` in `dtype`; `replace` maps state-dict
+        names to tensors that stand in for the shards' (a refit weight)."""
         layer = self.layers[index]
         prefix = f"{self.layers_prefix}.{index}."
         tensors = self.read(self.layer_keys(index), device)
+        tensors.update({k: v.to(device) for k, v in (replace or {}).items() if k.startswith(prefix)})
         for name, tensor in tensors.items():
             _assign(layer, name[len(prefix) :], cast_floating(tensor, dtype))
         layer.to(device)

@@ -189,10 +189,12 @@ def tune_and_write(
     damping: float,
     progress: bool,
     kept: list[int] | None = None,
+    replace: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Stream the dense teacher and the masked student side by side; per layer solve the scales (if
     tuning), measure the output error, slice and write the layer. Returns per-layer reports. `kept`: the
-    source layers to keep (default all), written renumbered 0..n-1; the teacher skips the others too."""
+    source layers to keep (default all), written renumbered 0..n-1; the teacher skips the others too. `replace`:
+    weights (by state-dict name) that stand in for the shards' in teacher and student alike (a depth repair)."""
     cpu = torch.device("cpu")
     kept = list(range(skeleton.num_layers)) if kept is None else kept
     stream, teacher = open_stream(skeleton, ids, device, chunk, cpu)
@@ -203,7 +205,7 @@ def tune_and_write(
     for new, index in enumerate(
         tqdm(kept, desc="tune + write" if tuning else "write", unit="layer", disable=not progress)
     ):
-        layer = skeleton.load_layer(index, device, dtype)
+        layer = skeleton.load_layer(index, device, dtype, replace)
         cut = cuts[index]
         middles = []
         with torch.no_grad():
