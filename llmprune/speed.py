@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 
 from llmprune.body import Body, BodyReport, RunContext, log
 from llmprune.costmodel import DecodeCosts, DecodeShape, Timing, decode_costs, measured_speedup
-from llmprune.depth import DEPTH_REPAIR, DepthScores, Repair, depth_scores, least_squares_repair, per_layer_lists
+from llmprune.depth import (
+    DEPTH_REPAIR,
+    DepthScores,
+    Repair,
+    depth_scores,
+    least_squares_repair,
+    per_layer_lists,
+    repair_shortfall,
+)
 from llmprune.engine.devices import default_chunk
 from llmprune.engine.resume import RunState
 from llmprune.engine.stream import open_stream
@@ -255,9 +263,13 @@ class SpeedBody(Body):
         ids = ctx.calib.ids[: values["search_windows"]]
         chosen = spaced(self.cuts, values["max_candidates"])
         spans = {d: depth.closest_span(d) for d, *_ in chosen if d}
-        repairs = {}
-        if values["depth_repair"]:
-            repairs = least_squares_repair(ctx, self.chunk, [_span(removed) for removed in spans.values()])
+        repairs, self.repair_note = {}, None
+        if values["depth_repair"] and spans:
+            self.repair_note = repair_shortfall(ctx)
+            if self.repair_note:
+                log.warning("%s", self.repair_note)
+            else:
+                repairs = least_squares_repair(ctx, self.chunk, [_span(removed) for removed in spans.values()])
         candidates = []
         for d, g, n, predicted in tqdm(chosen, desc="speed search", unit="cut", disable=not ctx.progress):
             removed = spans.get(d, [])
@@ -298,6 +310,7 @@ class SpeedBody(Body):
             },
             "removed_layers": best.removed_layers,
             "repair": self.repair,
+            "repair_note": self.repair_note,
             "predicted_speedup": best.predicted_speedup,
             "measured": self.measured,
             "candidates": [asdict(c) for c in self.candidates],

@@ -174,7 +174,7 @@ def test_the_repair_is_the_least_squares_refit_of_the_layer_before_the_span(tiny
 
     assert spans_of([7, 3, 4]) == [(3, 5), (7, 8)]
     folder = tiny_models("llama", layers=6)
-    ids = _token_file(tmp_path / "tokens.safetensors")
+    ids = _token_file(tmp_path / "tokens.safetensors", windows=12, seqlen=32)  # 372 tokens for 128 FFN inputs
     out = tmp_path / "out"
     report = llmprune.prune(str(folder), method="depth", remove=0.34, depth_criterion="influence",
                             calibration=str(tmp_path / "tokens.safetensors"), no_eval=True,
@@ -220,3 +220,23 @@ def test_the_repair_is_the_least_squares_refit_of_the_layer_before_the_span(tiny
     for i in untouched:
         assert torch.equal(pruned.model.layers[kept.index(i)].mlp.down_proj.weight,
                            model.model.layers[i].mlp.down_proj.weight)  # fmt: skip
+
+
+def test_too_few_calibration_tokens_skip_the_repair_and_say_so(tiny_models, tmp_path, caplog):
+    """Fewer than 2 tokens per FFN input overfit the refit (SmolLM2: 533.9 perplexity against 75.21): the repair
+    is skipped with a warning and a note in the report, and every written layer is the dense one."""
+    folder = tiny_models("llama", layers=4)
+    _token_file(tmp_path / "tokens.safetensors", windows=4, seqlen=24)  # 92 tokens for 128 FFN inputs
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="llmprune"):
+        report = llmprune.prune(str(folder), method="depth", remove=0.5, depth_criterion="influence",
+                                calibration=str(tmp_path / "tokens.safetensors"), no_eval=True, quiet=True,
+                                output=str(out))  # fmt: skip
+    note = report["depth"]["repair_note"]
+    assert note.startswith("depth repair skipped: 92 calibration tokens are too few to fit 128 FFN inputs")
+    assert note in caplog.text and report["depth"]["repairs"] is None
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    kept = [i for i in range(4) if i not in report["depth"]["removed_layers"]]
+    for new, old in enumerate(kept):
+        assert torch.equal(pruned.model.layers[new].mlp.down_proj.weight, dense.model.layers[old].mlp.down_proj.weight)

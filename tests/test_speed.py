@@ -121,7 +121,7 @@ def test_a_combined_cut_is_the_dense_model_without_those_layers_and_units(tiny_m
     the ones the report claims."""
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
     folder = tiny_models("llama", layers=8, inter=256)
-    ids = _token_file(tmp_path / "tokens.safetensors")
+    ids = _token_file(tmp_path / "tokens.safetensors", windows=24)  # 552 tokens: enough to fit the depth repair
     # every layer costs 1 + n/256: width alone reaches at most 2/1.25 = 1.6x, so 2x needs layers and neurons
     _write_costs(folder, _costs(layer=1.0, neuron=1 / 256))
     out = tmp_path / "out"
