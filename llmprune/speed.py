@@ -39,7 +39,7 @@ from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
 from llmprune.settings import DEFAULT_SPEEDUP, Configurable, Option
-from llmprune.structured.arch import Shape, smaller_config, structure_of
+from llmprune.structured.arch import Shape, Structure, smaller_config, structure_of
 from llmprune.structured.base import Ranking, RankInputs
 from llmprune.structured.body import StudentMasks, choose_cuts, tune_and_write
 from llmprune.structured.export import LayerCut
@@ -121,7 +121,8 @@ def masked_perplexity(
     kept: list[int],
     cuts: list[LayerCut],
     chunk: int,
-    body: SpeedBody,
+    structure: Structure,
+    shape: Shape,
     replace: dict[str, torch.Tensor],
 ) -> float:
     """Perplexity of `ids` through the kept layers (with the `replace` weights: a depth repair) with the removed
@@ -130,7 +131,7 @@ def masked_perplexity(
     stream, acts = open_stream(skeleton, ids, ctx.device, chunk, torch.device("cpu"))
     for index in kept:
         layer = skeleton.load_layer(index, ctx.device, stream.dtype, replace)
-        with StudentMasks(layer, body.structure, body.shape, cuts[index], ctx.device):
+        with StudentMasks(layer, structure, shape, cuts[index], ctx.device):
             stream.forward(index, layer, acts)
         skeleton.unload_layer(index)
     nll, tokens = stream.nll(acts)
@@ -277,7 +278,7 @@ class SpeedBody(Body):
             cuts = choose_cuts(Counts(g, self.shape.group_size, n), self.shape, ranking)
             repair = repairs.get(_span(removed)) if removed else None
             replace = {repair.key: repair.weight} if repair else {}
-            ppl = masked_perplexity(ctx, ids, kept, cuts, self.chunk, self, replace)
+            ppl = masked_perplexity(ctx, ids, kept, cuts, self.chunk, self.structure, self.shape, replace)
             candidates.append(Candidate(removed, g, n, predicted, ppl))
         return candidates, repairs
 
