@@ -27,6 +27,7 @@ import torch
 import transformers
 
 from llmprune.models.gguf import cache_root
+from llmprune.structured.arch import Shape, Structure, per_layer_lists, smaller_config
 
 log = logging.getLogger("llmprune")
 COST_MODEL_VERSION = 1
@@ -39,6 +40,15 @@ class DecodeShape:
     layers: int
     kv_groups: int
     neurons: int
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the random-weight models are built from: the text config, and where its heads and neurons are."""
+
+    text_config: dict
+    structure: Structure
+    shape: Shape
 
 
 @dataclass(frozen=True)
@@ -75,23 +85,12 @@ class DecodeCosts:
         return asdict(self)
 
 
-def random_model(text_config: dict, shape: DecodeShape, heads_per_group: int, dtype: torch.dtype, device):
-    """A random-weight causal LM of the architecture in `text_config` with this depth and these widths."""
-    config = dict(text_config)
-    layers = int(config["num_hidden_layers"])
-    for key, value in text_config.items():  # per-layer lists (layer_types, ...) follow the depth
-        if isinstance(value, list) and len(value) == layers and key != "architectures":
-            config[key] = value[: shape.layers]
-    config["num_hidden_layers"] = shape.layers
-    if "num_key_value_heads" in config:
-        heads = int(config["num_attention_heads"])
-        config.setdefault("head_dim", None)
-        config["head_dim"] = config["head_dim"] or int(config["hidden_size"]) // heads  # it no longer follows
-        config["num_key_value_heads"] = shape.kv_groups
-        config["num_attention_heads"] = shape.kv_groups * heads_per_group
-    for key in ("intermediate_size", "ffn_dim"):
-        if key in config:
-            config[key] = shape.neurons
+def random_model(arch: Architecture, shape: DecodeShape, dtype: torch.dtype, device):
+    """A random-weight causal LM of `arch` with this depth and these widths (the configs a depth or width cut
+    writes, so the timed model is the one a cut produces)."""
+    text, size = arch.text_config, arch.shape.group_size
+    config = per_layer_lists(text, int(text["num_hidden_layers"]), list(range(shape.layers)))
+    config = smaller_config(config, arch.structure, arch.shape, shape.kv_groups * size, shape.kv_groups, shape.neurons)
     model_type = config.pop("model_type")
     built = transformers.AutoConfig.for_model(model_type, **config)
     with torch.device(device):
@@ -120,13 +119,11 @@ def seconds_per_token(model, timing: Timing, vocab: int) -> float:
     return (time.perf_counter() - started) / (timing.batch * timing.new_tokens)
 
 
-def time_shapes(
-    text_config: dict, shapes: list[DecodeShape], heads_per_group: int, dtype, device, timing: Timing
-) -> list[float]:
+def time_shapes(arch: Architecture, shapes: list[DecodeShape], dtype, device, timing: Timing) -> list[float]:
     """Median seconds per token of each shape, the shapes timed in interleaved rounds (a shared machine's
     drift falls on all of them alike); one warm-up generation per model."""
-    vocab = int(text_config["vocab_size"])
-    models = [random_model(text_config, shape, heads_per_group, dtype, device) for shape in shapes]
+    vocab = int(arch.text_config["vocab_size"])
+    models = [random_model(arch, shape, dtype, device) for shape in shapes]
     warm = Timing(timing.batch, timing.prompt, 2, 1)
     for model in models:
         seconds_per_token(model, warm, vocab)
@@ -191,18 +188,16 @@ def cache_key(text_config: dict, dtype: torch.dtype, device: torch.device, timin
 
 
 def decode_costs(
-    text_config: dict,
+    arch: Architecture,
     dense: DecodeShape,
-    heads_per_group: int,
     dtype: torch.dtype,
     device: torch.device,
     timing: Timing,
     smallest_groups: int,
-    cache: bool = True,
 ) -> DecodeCosts:
     """The cost model of this architecture on `device`, from the cache or measured now (and cached)."""
-    path = cache_root() / "costs" / f"{cache_key(text_config, dtype, device, timing)}.json"
-    if cache and path.is_file():
+    path = cache_root() / "costs" / f"{cache_key(arch.text_config, dtype, device, timing)}.json"
+    if path.is_file():
         data = json.loads(path.read_text())
         log.info("decode cost model from %s", path)
         return DecodeCosts(**data)
@@ -217,7 +212,7 @@ def decode_costs(
     if smallest_groups < dense.kv_groups:
         shapes.append(DecodeShape(high, smallest_groups, dense.neurons))
     log.info("measuring the decode cost model: %d random-weight shapes, %d rounds", len(shapes), timing.rounds)
-    times = dict(zip(shapes, time_shapes(text_config, shapes, heads_per_group, dtype, device, timing)))
+    times = dict(zip(shapes, time_shapes(arch, shapes, dtype, device, timing)))
     base, layer, group, neuron = fit(dense, times, low, high, narrow, smallest_groups)
     deeper = times[shapes[1]] > times[shapes[0]]  # else the timings were noise: used for this run, never cached
     if not deeper:
@@ -231,7 +226,7 @@ def decode_costs(
         timing=asdict(timing),
         device=str(device),
     )
-    if cache and deeper:
+    if deeper:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(costs.as_dict(), indent=1))
@@ -240,15 +235,14 @@ def decode_costs(
 
 
 def measured_speedup(
-    text_config: dict,
+    arch: Architecture,
     dense: DecodeShape,
     small: DecodeShape,
-    heads_per_group: int,
     dtype: torch.dtype,
     device: torch.device,
     timing: Timing,
 ) -> dict:
     """The decode speedup of the whole small shape over the whole dense one, timed now (random weights, the same
     generation the cost model timed, interleaved rounds)."""
-    dense_s, small_s = time_shapes(text_config, [dense, small], heads_per_group, dtype, device, timing)
+    dense_s, small_s = time_shapes(arch, [dense, small], dtype, device, timing)
     return {"dense_seconds_per_token": dense_s, "pruned_seconds_per_token": small_s, "speedup": dense_s / small_s}

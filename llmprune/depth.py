@@ -31,6 +31,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
 from llmprune.models.skeleton import cast_floating
 from llmprune.settings import Configurable, Option
+from llmprune.structured.arch import per_layer_lists
 
 DEPTH_REPAIR = Option(
     "depth_repair",
@@ -272,19 +273,6 @@ def least_squares_repair(ctx: RunContext, chunk: int, spans: list[tuple[int, int
         weight = (original.double() + delta).to(original.dtype)
         repairs[(first, end)] = Repair(p, (first, end), key, weight, error / max(rtr, 1e-30))
     return repairs
-
-
-def per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
-    """A config (or its text_config) with `num_hidden_layers` and every per-layer list kept in step."""
-    out = dict(config)
-    if isinstance(out.get("text_config"), dict) and "num_hidden_layers" in out["text_config"]:
-        out["text_config"] = per_layer_lists(out["text_config"], layers, kept)
-        return out
-    for key, value in config.items():
-        if isinstance(value, list) and len(value) == layers and key != "architectures":
-            out[key] = [value[i] for i in kept]
-    out["num_hidden_layers"] = len(kept)
-    return out
 
 
 class DepthBody(RemovalBody):

@@ -23,14 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from llmprune.body import Body, BodyReport, RunContext, log
-from llmprune.costmodel import DecodeCosts, DecodeShape, Timing, decode_costs, measured_speedup
+from llmprune.costmodel import Architecture, DecodeCosts, DecodeShape, Timing, decode_costs, measured_speedup
 from llmprune.depth import (
     DEPTH_REPAIR,
     DepthScores,
     Repair,
     depth_scores,
     least_squares_repair,
-    per_layer_lists,
     repair_shortfall,
 )
 from llmprune.engine.devices import default_chunk
@@ -39,7 +38,7 @@ from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
 from llmprune.settings import DEFAULT_SPEEDUP, Configurable, Option
-from llmprune.structured.arch import Shape, Structure, smaller_config, structure_of
+from llmprune.structured.arch import Shape, Structure, per_layer_lists, smaller_config, structure_of
 from llmprune.structured.base import Ranking, RankInputs
 from llmprune.structured.body import StudentMasks, choose_cuts, tune_and_write
 from llmprune.structured.export import LayerCut
@@ -186,16 +185,8 @@ class SpeedBody(Body):
         shape = self.shape
         self.dense = DecodeShape(ctx.skeleton.num_layers, shape.kv_heads, shape.intermediate)
         self.groups = allowed_groups(shape.kv_heads) if self.structure.heads else [shape.kv_heads]
-        self.text_config = ctx.skeleton.config.get_text_config().to_dict()
-        self.costs = decode_costs(
-            self.text_config,
-            self.dense,
-            shape.group_size,
-            ctx.save_dtype,
-            ctx.device,
-            self.timing(),
-            min(self.groups),
-        )
+        self.arch = Architecture(ctx.skeleton.config.get_text_config().to_dict(), self.structure, shape)
+        self.costs = decode_costs(self.arch, self.dense, ctx.save_dtype, ctx.device, self.timing(), min(self.groups))
         neurons = allowed_neurons(shape.intermediate, self.settings.structured.neuron_multiple)
         self.cuts = candidate_cuts(self.costs, self.dense, self.target, self.groups, neurons)
         if not self.cuts:
@@ -241,7 +232,7 @@ class SpeedBody(Body):
             small = DecodeShape(len(self.kept), best.kv_groups, best.neurons)
             try:  # two whole random-weight models: a model too large to hold twice keeps its prediction only
                 self.measured = measured_speedup(
-                    self.text_config, self.dense, small, shape.group_size, ctx.save_dtype, ctx.device, self.timing()
+                    self.arch, self.dense, small, ctx.save_dtype, ctx.device, self.timing()
                 )
             except (MemoryError, torch.OutOfMemoryError) as exc:
                 log.warning("the whole shapes do not fit to be timed (%s); the report keeps the prediction", exc)

@@ -41,14 +41,19 @@ def whole_model_mask_gradients(folder, ids: torch.Tensor, chunk: int, per_token:
     return torch.stack(heads, 1), torch.stack(neurons, 1)  # [layers, chunks, units]
 
 
-def test_streamed_mask_gradients_equal_whole_model_autograd(tiny_models, tmp_path):
+def _both_ways(tiny_models, tmp_path, per_token: bool):
+    """A 3-layer tiny Llama's mask gradients, streamed and from one whole-model graph (chunks of 2 windows)."""
     folder = tiny_models("llama", layers=3)
     ids = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(0))
     skeleton = build_skeleton(folder)
     structure = structure_of(skeleton.config)
     shape = Shape.of(skeleton.config, structure)
-    streamed = mask_gradients(skeleton, ids, structure, shape, torch.device("cpu"), chunk=2, work=tmp_path)
-    heads, neurons = whole_model_mask_gradients(folder, ids, chunk=2)
+    streamed = mask_gradients(skeleton, ids, structure, shape, torch.device("cpu"), 2, tmp_path, per_token=per_token)
+    return shape, streamed, *whole_model_mask_gradients(folder, ids, chunk=2, per_token=per_token)
+
+
+def test_streamed_mask_gradients_equal_whole_model_autograd(tiny_models, tmp_path):
+    _, streamed, heads, neurons = _both_ways(tiny_models, tmp_path, per_token=False)
     assert heads.abs().max() > 0 and neurons.abs().max() > 0
     for layer in range(3):
         torch.testing.assert_close(streamed.heads[layer], heads[layer], rtol=0, atol=1e-5)
@@ -57,13 +62,7 @@ def test_streamed_mask_gradients_equal_whole_model_autograd(tiny_models, tmp_pat
 
 def test_per_token_fisher_equals_whole_model_autograd(tiny_models, tmp_path):
     """--fisher-samples token: Σ over every token of (∂L/∂m_token)², from the same streamed backward pass."""
-    folder = tiny_models("llama", layers=3)
-    ids = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(0))
-    skeleton = build_skeleton(folder)
-    structure = structure_of(skeleton.config)
-    shape = Shape.of(skeleton.config, structure)
-    streamed = mask_gradients(skeleton, ids, structure, shape, torch.device("cpu"), 2, tmp_path, per_token=True)
-    heads, neurons = whole_model_mask_gradients(folder, ids, chunk=2, per_token=True)
+    shape, streamed, heads, neurons = _both_ways(tiny_models, tmp_path, per_token=True)
     for layer in range(3):
         fisher_n = neurons[layer].pow(2).flatten(0, -2).sum(0)
         groups = heads[layer].reshape(*heads[layer].shape[:-1], shape.kv_heads, -1).sum(-1)

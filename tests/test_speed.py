@@ -13,9 +13,19 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
-from llmprune.costmodel import DecodeCosts, DecodeShape, Timing, cache_key, decode_costs, fit, random_model
+from llmprune.costmodel import (
+    Architecture,
+    DecodeCosts,
+    DecodeShape,
+    Timing,
+    cache_key,
+    decode_costs,
+    fit,
+    random_model,
+)
 from llmprune.errors import LLMPruneError
 from llmprune.speed import candidate_cuts, spaced
+from llmprune.structured.arch import Shape, structure_of
 from tests.helpers.vllm_generate import greedy, transformers_greedy
 
 
@@ -30,6 +40,11 @@ def _write_costs(folder, costs: DecodeCosts) -> None:
     path = llmprune.costmodel.cache_root() / "costs" / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(costs.as_dict()))
+
+
+def _arch(config) -> Architecture:
+    structure = structure_of(config)
+    return Architecture(config.get_text_config().to_dict(), structure, Shape.of(config, structure))
 
 
 def _token_file(path, windows=6, seqlen=24, vocab=512):
@@ -81,8 +96,8 @@ def test_candidate_cuts_cover_every_group_count_and_spacing_keeps_the_ends():
 
 
 def test_a_random_model_has_the_asked_shape(tiny_models):
-    text = AutoConfig.from_pretrained(tiny_models("gemma3_text", layers=4)).to_dict()
-    model = random_model(text, DecodeShape(3, 1, 64), 2, torch.float32, "cpu")
+    gemma = _arch(AutoConfig.from_pretrained(tiny_models("gemma3_text", layers=4)))
+    model = random_model(gemma, DecodeShape(3, 1, 64), torch.float32, "cpu")
     assert len(model.model.layers) == 3 and len(model.config.layer_types) == 3
     assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
     assert model.model.layers[0].mlp.down_proj.in_features == 64
@@ -94,8 +109,8 @@ def test_a_random_model_has_the_asked_shape(tiny_models):
         num_key_value_heads=4,
         num_hidden_layers=2,
         vocab_size=512,
-    ).to_dict()
-    model = random_model(qwen2, DecodeShape(1, 2, 128), 2, torch.float32, "cpu")  # head_dim stays 64 / 8
+    )
+    model = random_model(_arch(qwen2), DecodeShape(1, 2, 128), torch.float32, "cpu")  # head_dim stays 64 / 8
     assert model.model.layers[0].self_attn.q_proj.out_features == 4 * 8
     assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 8
 
@@ -103,15 +118,15 @@ def test_a_random_model_has_the_asked_shape(tiny_models):
 def test_the_measured_cost_model_is_cached(tiny_models, tmp_path, monkeypatch):
     """Measured once (positive parts that predict the timed shapes), then read back from the cache."""
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path))
-    text = AutoConfig.from_pretrained(tiny_models("llama", layers=2)).to_dict()
+    llama = _arch(AutoConfig.from_pretrained(tiny_models("llama", layers=2)))
     dense, timing = DecodeShape(4, 2, 128), Timing(batch=2, prompt=8, new_tokens=4, rounds=1)
-    costs = decode_costs(text, dense, 2, torch.float32, torch.device("cpu"), timing, smallest_groups=1)
+    costs = decode_costs(llama, dense, torch.float32, torch.device("cpu"), timing, smallest_groups=1)
     assert min(costs.base, costs.layer, costs.group, costs.neuron) >= 0
     assert costs.layer + costs.group * 2 + costs.neuron * 128 > 0
     assert sorted(costs.measured) == ["1x2x128", "4x1x128", "4x2x128", "4x2x64"]
     cached = list((tmp_path / "costs").glob("*.json"))
     assert len(cached) == 1
-    again = decode_costs(text, dense, 2, torch.float32, torch.device("cpu"), timing, smallest_groups=1)
+    again = decode_costs(llama, dense, torch.float32, torch.device("cpu"), timing, smallest_groups=1)
     assert again == costs
 
 

@@ -1,5 +1,5 @@
 """Where heads and FFN neurons live in a decoder layer, per model family, and how the config
-expresses a uniformly smaller layer."""
+expresses a uniformly smaller layer or fewer layers."""
 
 from __future__ import annotations
 
@@ -104,4 +104,17 @@ def smaller_config(config: dict, structure: Structure, shape: Shape, heads: int,
         target["num_attention_heads"] = heads
         target["num_key_value_heads"] = kv_heads
         target["head_dim"] = shape.head_dim
+    return out
+
+
+def per_layer_lists(config: dict, layers: int, kept: list[int]) -> dict:
+    """A config (or its text_config) with `num_hidden_layers` and every per-layer list kept in step."""
+    out = dict(config)
+    if isinstance(out.get("text_config"), dict) and "num_hidden_layers" in out["text_config"]:
+        out["text_config"] = per_layer_lists(out["text_config"], layers, kept)
+        return out
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == layers and key != "architectures":
+            out[key] = [value[i] for i in kept]
+    out["num_hidden_layers"] = len(kept)
     return out
