@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from llmprune.argparsing import fraction
 from llmprune.errors import LLMPruneError
 from llmprune.pattern import DEFAULT_SPARSITY, Pattern
+from llmprune.scheme import SCHEMES
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ORDERS = ("parallel", "sequential")
@@ -155,6 +156,14 @@ class Unstructured:
         type=fraction,
     )
     pattern: str = setting("unstructured", "'unstructured' or N:M, e.g. 2:4 (N kept of every M)")
+    quantize: str | None = setting(
+        None,
+        "also quantize the kept weights, in the same streamed pass, into a compressed-tensors checkpoint: w8a8 "
+        "(int8 per channel, int8 activations per token), w4a16 (int4, groups of 128) or w8a16 (int8 per channel); "
+        "SparseGPT quantizes jointly, other methods by a GPTQ pass; --sparsity 0 is plain GPTQ",
+        choices=tuple(SCHEMES),
+        metavar="SCHEME",
+    )
     forward_dtype: str = setting(
         "auto",
         "dtype of the calibration forward's matmuls and attention: auto, float32, bfloat16 or float16 (GPU). "
@@ -488,6 +497,11 @@ def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_op
         pattern = Pattern.parse(unstructured.pattern, unstructured.sparsity)
         if publish.save_format == PACKED_FORMAT and str(pattern) != "2:4":
             raise LLMPruneError(f"--save-format {PACKED_FORMAT} needs --pattern 2:4 (got {pattern})")
+        if publish.save_format == PACKED_FORMAT and unstructured.quantize:
+            raise LLMPruneError(
+                f"--save-format {PACKED_FORMAT} stores float values; --quantize {unstructured.quantize} writes a "
+                "compressed-tensors checkpoint: choose one"
+            )
     elif publish.save_format != "dense":
         raise LLMPruneError(f"--save-format {publish.save_format} is for 2:4-sparse models, not {kind} ones")
     check_max_ppl_increase(publish.max_ppl_increase)

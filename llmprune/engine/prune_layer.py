@@ -135,6 +135,16 @@ class LayerPruner:
         self.save_dtype = save_dtype
         self.parking = parking or Parking("memory")
         self.devices = devices or []  # solver devices; the first is also the forward's
+        self.saved: dict[str, dict[str, torch.Tensor]] = {}  # module -> what the checkpoint stores for its weight
+
+    def stored_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A pruned layer's tensors as the checkpoint stores them: each quantized weight replaced by the tensors
+        that encode it (its codes and scales). Forgets them: the next layer starts afresh."""
+        for module, parts in self.saved.items():
+            del tensors[f"{module}.weight"]
+            tensors.update({f"{module}.{name}": tensor for name, tensor in parts.items()})
+        self.saved = {}
+        return tensors
 
     def prune(self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations) -> list[dict]:
         """Prune layer `index` in place; `acts` become the pruned layer's outputs. Returns module reports."""
@@ -256,7 +266,9 @@ class LayerPruner:
             module = targets[names[position]]
             dense = module.weight.data
             weight = result.weight.to(dense.device)
-            if self.save_dtype is not None and weight.dtype != self.save_dtype:
+            if result.saved is not None:  # quantized: the checkpoint holds these exact values as codes and scales
+                self.saved[f"{prefix}.{names[position]}"] = {k: v.cpu() for k, v in result.saved.items()}
+            elif self.save_dtype is not None and weight.dtype != self.save_dtype:
                 weight = weight.to(self.save_dtype).to(dense.dtype)  # propagate what will be saved
             error = _relative_error(dense, weight, group.sample, group.stats)
             module.weight.data = weight

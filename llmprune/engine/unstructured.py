@@ -5,6 +5,7 @@ killed run resumes."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from llmprune.body import Body, BodyReport, RunContext, log
 from llmprune.engine.devices import (
@@ -26,7 +27,11 @@ from llmprune.engine.resume import RunState
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
 from llmprune.methods.base import PruningMethod
+from llmprune.methods.quantize import quantizing
+from llmprune.methods.sparsegpt import SparseGPT
+from llmprune.models.compressed import quantization_config
 from llmprune.pattern import Pattern
+from llmprune.scheme import SCHEMES, quant_scheme
 from llmprune.settings import Settings, parse_budget_text
 
 
@@ -57,13 +62,15 @@ class UnstructuredBody(Body):
         super().__init__(settings, method)
         options = settings.unstructured
         self.pattern = Pattern.parse(options.pattern, options.sparsity)
+        self.scheme = quant_scheme(options.quantize)
+        self.ignored: list[str] = []  # the Linears a quantized checkpoint leaves in floating point
         self.rule = TargetRule(tuple(options.targets), tuple(options.ignore))
         self.plan_result: MemoryPlan | None = None
         self.targets: list[dict] = []
 
     @property
     def tag(self) -> str:
-        return self.pattern.tag
+        return self.pattern.tag + (f"-{self.scheme.name}" if self.scheme else "")
 
     @property
     def plans_absent_devices(self) -> bool:
@@ -81,6 +88,16 @@ class UnstructuredBody(Body):
         if ctx.device.type == "cpu" and self.fdtype == torch.bfloat16 and not cpu_has_native_bf16():
             log.info("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
         self.targets = self._check_targets(ctx)
+        if self.scheme is not None:
+            self.scheme = self.scheme.for_widths({m.in_features for t in self.targets for m in t.values()})
+            if self.scheme.group_size != SCHEMES[self.scheme.name].group_size:
+                log.info("--quantize %s: groups of %d inputs (the widths are not multiples of %d)", self.scheme.name,
+                         self.scheme.group_size, SCHEMES[self.scheme.name].group_size)  # fmt: skip
+            self.method_class = quantizing(self.method_class, self.scheme, ctx.save_dtype)
+            prefix = ctx.skeleton.layers_prefix
+            chosen = {f"{prefix}.{i}.{name}" for i, targets in enumerate(self.targets) for name in targets}
+            linears = (name for name, module in ctx.skeleton.model.named_modules() if isinstance(module, nn.Linear))
+            self.ignored = [name for name in linears if name not in chosen]
 
     def _check_targets(self, ctx: RunContext) -> list[dict]:
         """Before any weight is read: targets exist and N:M fits their widths (shapes from the meta model)."""
@@ -149,11 +166,17 @@ class UnstructuredBody(Body):
         assert self.plan_result is not None
         return choice_to_dict(self.plan_result.choice)
 
+    def config(self, config: dict) -> dict:
+        if self.scheme is None:
+            return config
+        return {**config, "quantization_config": quantization_config(self.scheme, self.ignored)}
+
     def describe(self, ctx: RunContext) -> str:
         calib = ctx.calib
         assert calib is not None
+        quantized = f", quantized {self.scheme.name}" if self.scheme else ""
         return (
-            f"{self.settings.method} {self.pattern} sparsity {self.pattern.sparsity:g} on {ctx.folder.name} "
+            f"{self.settings.method} {self.pattern} sparsity {self.pattern.sparsity:g}{quantized} on {ctx.folder.name} "
             f"({ctx.skeleton.num_layers} layers, {ctx.device.type}, forward in "
             f"{str(self.fdtype).removeprefix('torch.')}); calibration {calib.count} x {calib.seqlen} tokens "
             f"from {calib.source}"
@@ -186,6 +209,24 @@ class UnstructuredBody(Body):
             forward_dtype=self.fdtype,
         )
 
+    def quantization_section(self, ctx: RunContext) -> dict:
+        """The report's record of the quantization: the scheme, how it was solved, and the checkpoint format."""
+        assert self.scheme is not None
+        joint = issubclass(self.method_class, SparseGPT)
+        refit = self.scheme.group_size is None and self.pattern.sparsity > 0
+        return {
+            "scheme": self.scheme.name,
+            "bits": self.scheme.bits,
+            "group_size": self.scheme.group_size,
+            "activations": "int8 dynamic per token" if self.scheme.dynamic_activations else "unquantized",
+            "solve": "joint OBS sweep" + (", per-row scales fit to a pruning-only sweep" if refit else "")
+            if joint
+            else "GPTQ pass with the mask held",
+            "scale_dtype": str(ctx.save_dtype).removeprefix("torch."),
+            "format": f"compressed-tensors {self.scheme.format}",
+            "ignore": self.ignored,
+        }
+
     def report(self, ctx: RunContext, state: RunState) -> BodyReport:
         assert self.plan_result is not None
         plan, layers = self.plan_result, state.layers
@@ -204,6 +245,7 @@ class UnstructuredBody(Body):
                 "memory_plan": plan.as_dict(),
                 "forward_dtype": str(self.fdtype).removeprefix("torch."),
                 "solver_devices": [str(d) for d in self.solvers],
+                **({"quantization": self.quantization_section(ctx)} if self.scheme else {}),
             },
             layers=layers,
             timings={"prune_seconds": round(state.prune_seconds, 2)},

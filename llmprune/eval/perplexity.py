@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from llmprune.data.windows import Windows
 from llmprune.engine.activations import Activations
 from llmprune.engine.stream import LayerStream, open_stream
+from llmprune.models.compressed import quantize_inputs
 from llmprune.models.skeleton import build_skeleton
 
 
@@ -44,6 +45,7 @@ def stream_folder(
 ) -> tuple[LayerStream, Activations]:
     """Run all decoder layers of the model in `folder` over `ids`; returns the stream and last hidden states."""
     skeleton = build_skeleton(folder)
+    quantize_inputs(skeleton.model, skeleton.checkpoint, skeleton.key_map)  # W8A8: inputs rounded as vLLM rounds them
     stream, hidden = open_stream(skeleton, ids, device, batch_size)
     for index in tqdm(range(skeleton.num_layers), desc=label, unit="layer", disable=not progress, leave=False):
         layer = skeleton.load_layer(index, device, stream.dtype)

@@ -22,11 +22,13 @@ from llmprune.settings import Configurable
 
 @dataclass
 class Pruned:
-    """A method's answer for one Linear: the new weight (same dtype), the pruned mask, and notes."""
+    """A method's answer for one Linear: the new weight (same dtype), the pruned mask, and notes; for a quantized
+    weight, the tensors the checkpoint stores in its place (its codes and scales, by name under the module)."""
 
     weight: torch.Tensor
     mask: torch.Tensor  # bool, True where a weight was pruned
     info: dict = field(default_factory=dict)
+    saved: dict[str, torch.Tensor] | None = None
 
 
 class PruningMethod(Configurable, ABC):

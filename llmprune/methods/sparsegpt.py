@@ -17,6 +17,7 @@ import torch
 from llmprune.errors import LLMPruneError
 from llmprune.methods import masks
 from llmprune.methods.base import Pruned, PruningMethod
+from llmprune.methods.grid import Grid
 from llmprune.methods.statistics import Hessian, InputStats
 from llmprune.pattern import Pattern
 from llmprune.settings import Option
@@ -114,6 +115,21 @@ class SparseGPT(PruningMethod):
         return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
+        return self.solve(weight, stats, pattern)
+
+    def solve(
+        self,
+        weight: torch.Tensor,
+        stats: InputStats | None,
+        pattern: Pattern,
+        grid: Grid | None = None,
+        held: torch.Tensor | None = None,
+    ) -> Pruned:
+        """The OBS sweep. With a `grid`, each kept weight is also rounded onto it as its column is visited and
+        the error of both is pushed onto the columns not yet visited (the paper's joint sparsification and
+        quantization; with nothing pruned, GPTQ). A grid of one scale per row comes fitted; a grid of groups is fit
+        here, a group at a time, from its weights as the sweep reaches it. With a `held` mask the pruned set is that
+        mask instead of one chosen here (GPTQ on the output of another method)."""
         assert stats is not None
         hessian = stats[Hessian].matrix.to(weight.device)
         key = ("sparsegpt inverse", self.dampening, self.inverse_dtype, weight.device)
@@ -122,7 +138,10 @@ class SparseGPT(PruningMethod):
         rows, cols = w.shape
         w[:, torch.diagonal(hessian) == 0] = 0.0
         mask = torch.zeros_like(w, dtype=torch.bool)
+        choose = held is None
         block = max(pattern.m, (self.blocksize // pattern.m) * pattern.m) if pattern.is_nm else self.blocksize
+        if grid is not None and grid.group < cols:  # a block is one group: its scales are fit from its updated weights
+            block = grid.group
         for i1 in range(0, cols, block):
             i2 = min(i1 + block, cols)
             below = hinv[i1:i2].float().contiguous()  # this block's rows of the factor, in float32
@@ -130,18 +149,26 @@ class SparseGPT(PruningMethod):
             h1 = below[:, i1:i2]
             d = torch.diagonal(h1)
             err1 = torch.zeros_like(w1)
-            if pattern.is_nm:
+            if not choose:
+                mask1 = held[:, i1:i2].to(w.device)
+            elif pattern.is_nm:
                 mask1 = torch.zeros_like(w1, dtype=torch.bool)
             else:
                 count = round(pattern.sparsity * rows * i2) - round(pattern.sparsity * rows * i1)
                 mask1 = masks.lowest_global(w1.pow(2) / d.pow(2).unsqueeze(0), count)
+            if grid is not None and grid.group < cols:
+                grid.fit(w1.masked_fill(mask1, 0.0), i1)
             for i in range(i2 - i1):
-                if pattern.is_nm and i % pattern.m == 0:
+                if choose and pattern.is_nm and i % pattern.m == 0:
                     group = w1[:, i : i + pattern.m].pow(2) / d[i : i + pattern.m].pow(2).unsqueeze(0)
                     mask1[:, i : i + pattern.m] = masks.n_m(group, pattern)
                 col = w1[:, i]
-                err = (col - col.masked_fill(mask1[:, i], 0.0)) / d[i]
+                q = col.masked_fill(mask1[:, i], 0.0)
+                if grid is not None:
+                    q = grid.round(q, i1 + i)
+                err = (col - q) / d[i]
                 w1[:, i:].sub_(err.unsqueeze(1) * h1[i, i:].unsqueeze(0))
+                w1[:, i] = q  # what the update left there, exactly
                 err1[:, i] = err
             w[:, i1:i2] = w1.masked_fill(mask1, 0.0)
             mask[:, i1:i2] = mask1

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
+from llmprune.models.compressed import open_checkpoint
 
 
 @dataclass
@@ -223,7 +224,7 @@ def build_skeleton(folder: Path, attn_implementation: str = "sdpa") -> Skeleton:
     """Build the meta-device model for `folder` and map its tensors to the checkpoint."""
     folder = Path(folder)
     config = read_config(folder)
-    checkpoint = Checkpoint(folder)
+    checkpoint = open_checkpoint(folder, getattr(config, "quantization_config", None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -1,0 +1,67 @@
+"""Compound compression: an unstructured / N:M method whose kept weights are also quantized, in the same solve.
+
+SparseGPT quantizes jointly inside its OBS sweep (each column pruned, its kept weights rounded onto the grid, the
+error of both pushed onto the columns not yet visited: the SparseGPT paper's joint mode); any other method is
+followed by GPTQ (the same sweep with the method's mask held and nothing more pruned). Zeros stay exactly zero.
+With sparsity 0 this is plain GPTQ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.methods.base import Pruned, PruningMethod
+from llmprune.methods.grid import Grid
+from llmprune.methods.sparsegpt import SparseGPT
+from llmprune.methods.statistics import Hessian, InputStats
+from llmprune.models.compressed import compress_weight
+from llmprune.pattern import Pattern
+from llmprune.scheme import QuantScheme
+
+GPTQ_DAMPENING = 0.01  # of the GPTQ pass after a method that has no Hessian solve of its own (GPTQ's default)
+
+
+def quantizing(method: type[PruningMethod], scheme: QuantScheme, scale_dtype: torch.dtype) -> type[PruningMethod]:
+    """`method`, each solve of which also quantizes the kept weights onto `scheme`'s grid (scales stored in
+    `scale_dtype`). The class adds the Hessian the GPTQ sweep needs to the statistics and the sweep's buffers to
+    the workspace, so the engine and the memory plan treat it like any method."""
+    joint = issubclass(method, SparseGPT)
+
+    class Quantizing(method):  # type: ignore[valid-type, misc]
+        statistics = tuple(dict.fromkeys((*method.statistics, Hessian)))
+
+        def __init__(self, **values) -> None:
+            super().__init__(**values)
+            self.gptq = self if joint else SparseGPT(dampening=GPTQ_DAMPENING)
+
+        @classmethod
+        def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
+            """The method's solve, then the sweep holding the method's result (joint: one sweep), then the exact
+            float32 values and their codes (at most one byte each) beside the result."""
+            sweep = SparseGPT.workspace_bytes(rows, cols, weight_dtype, inverse_dtype)
+            if not joint:
+                own = method.workspace_bytes(rows, cols, weight_dtype, inverse_dtype)
+                sweep = max(own, sweep + rows * cols * (weight_dtype.itemsize + 1))
+            return sweep + rows * cols * 5
+
+        def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
+            grid = Grid(scheme, *weight.shape, scale_dtype, weight.device)
+            per_row = grid.group >= weight.shape[1]
+            if joint:
+                if per_row:  # the OBS updates grow the kept weights past the dense range: fit to a pruned solution
+                    grid.fit(
+                        (self.solve(weight, stats, pattern) if pattern.sparsity else Pruned(weight, None)).weight, 0
+                    )
+                result = self.solve(weight, stats, pattern, grid)
+            else:
+                pruned = super().prune(weight, stats, pattern)
+                if per_row:
+                    grid.fit(pruned.weight.float(), 0)
+                result = self.gptq.solve(pruned.weight, stats, pattern, grid, held=pruned.mask)
+                result.info = {**pruned.info, **result.info}
+            exact = grid.quantize(result.weight.float())  # the grid values, exact even from a bfloat16 weight
+            saved = compress_weight(exact, grid.scale.to(scale_dtype), scheme)
+            return Pruned(exact.to(weight.dtype), result.mask, result.info, saved)
+
+    Quantizing.__name__ = Quantizing.__qualname__ = f"{method.__name__}Quantizing"
+    return Quantizing

@@ -1,0 +1,165 @@
+"""The compressed-tensors checkpoint format (what vLLM and transformers load natively), written and read through
+the compressed-tensors library itself.
+
+Writing: a quantized Linear's weight is stored as its integer codes and scales (`weight` int8 + `weight_scale`
+for int-quantized; `weight_packed` int32 + `weight_scale` + `weight_shape` for pack-quantized), and config.json
+gets a `quantization_config` naming the scheme, with every Linear that was not quantized (lm_head included) in
+its `ignore` list. Never a `sparsity_config`: stock vLLM refuses one, and zeros need no metadata.
+
+Reading: `CompressedCheckpoint` presents such a folder as the dense checkpoint it encodes (each quantized weight
+under its dense name, dequantized when read), so the streamed evaluator and the engine read it like any other;
+`quantize_inputs` makes the Linears of a W8A8 model quantize their inputs per token as the int8 kernels do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.errors import LLMPruneError
+from llmprune.models.checkpoint import Checkpoint
+from llmprune.scheme import QuantScheme
+
+QUANT_METHOD = "compressed-tensors"
+READABLE_FORMATS = ("int-quantized", "pack-quantized", "naive-quantized")
+PART_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+
+def library_scheme(scheme: QuantScheme, targets: list[str] | None = None):
+    """The compressed-tensors QuantizationScheme of `scheme` (targets: every Linear unless told)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(
+        num_bits=scheme.bits,
+        type="int",
+        symmetric=True,
+        strategy="group" if scheme.group_size else "channel",
+        group_size=scheme.group_size,
+        dynamic=False,
+    )
+    inputs = (
+        QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        if scheme.dynamic_activations
+        else None
+    )
+    return QuantizationScheme(targets=targets or ["Linear"], weights=weights, input_activations=inputs)
+
+
+def compress_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """The tensors that stand for a Linear's `weight` (values on the grid of `scale`) in the checkpoint, by their
+    name under the module: the library's own compressor for the scheme's format encodes them."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    parts = compressor.compress({"weight": weight, "weight_scale": scale}, library_scheme(scheme))
+    return {name: tensor.contiguous() for name, tensor in parts.items()}
+
+
+def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
+    """config.json's `quantization_config` for a model whose Linears are quantized with `scheme`, but `ignore`."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = QuantizationConfig(
+        config_groups={"group_0": library_scheme(scheme)},
+        format=scheme.format,
+        quantization_status="compressed",
+        ignore=sorted(ignore),
+    )
+    return json.loads(json.dumps(config.model_dump(), default=str))
+
+
+def is_compressed(config: dict | None) -> bool:
+    """Whether a quantization_config (config.json's) is a compressed-tensors one."""
+    return bool(config) and config.get("quant_method") == QUANT_METHOD
+
+
+class CompressedCheckpoint(Checkpoint):
+    """A compressed-tensors checkpoint read as the dense checkpoint it encodes: each quantized Linear's weight is
+    listed under its dense name, with the dtype of its scale and its dense shape, and is dequantized by the
+    library's compressor when read."""
+
+    def __init__(self, folder: Path, config: dict) -> None:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+
+        super().__init__(folder)
+        if config.get("sparsity_config"):
+            raise LLMPruneError(f"{folder}: sparse compressed-tensors checkpoints are not supported (dense ones are)")
+        parsed = QuantizationConfig.model_validate(config)
+        groups = list(parsed.config_groups.values())
+        fmt = str(getattr(parsed.format, "value", parsed.format))
+        if len(groups) != 1 or fmt not in READABLE_FORMATS:
+            raise LLMPruneError(
+                f"{folder}: llmprune reads compressed-tensors checkpoints with one scheme in formats "
+                f"{', '.join(READABLE_FORMATS)} (this one: {len(groups)} schemes, {fmt})"
+            )
+        self.scheme = groups[0]
+        self.compressor = BaseCompressor.get_value_from_registry(fmt)
+        stored = super().keys()
+        self.modules = sorted(name.removesuffix(".weight_scale") for name in stored if name.endswith(".weight_scale"))
+        parts = {f"{module}.{suffix}" for module in self.modules for suffix in PART_SUFFIXES}
+        dense = [f"{module}.weight" for module in self.modules]
+        self.dense_keys = [k for k in stored if k not in parts and k not in dense] + dense
+
+    def keys(self) -> list[str]:
+        return list(self.dense_keys)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.dense_keys
+
+    def _module(self, name: str) -> str | None:
+        module = name.removesuffix(".weight")
+        return module if name.endswith(".weight") and f"{module}.weight_scale" in self.files else None
+
+    def _parts(self, module: str) -> list[str]:
+        return [f"{module}.{s}" for s in ("weight", *PART_SUFFIXES) if f"{module}.{s}" in self.files]
+
+    def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        plain = [n for n in names if self._module(n) is None]
+        out = super().read(plain, device)
+        for name in names:
+            module = self._module(name)
+            if module is not None:
+                stored = super().read(self._parts(module), "cpu")
+                local = {key.removeprefix(module + "."): tensor for key, tensor in stored.items()}
+                out[name] = self.compressor.decompress(local, self.scheme)["weight"].to(device)
+        return out
+
+    def metadata(self, name: str) -> tuple[torch.dtype, list[int]]:
+        module = self._module(name)
+        if module is None:
+            return super().metadata(name)
+        scale_dtype, _ = super().metadata(f"{module}.weight_scale")
+        if f"{module}.weight_shape" in self.files:
+            return scale_dtype, [int(v) for v in super().read([f"{module}.weight_shape"])[f"{module}.weight_shape"]]
+        return scale_dtype, super().metadata(name)[1]
+
+
+def open_checkpoint(folder: Path, quantization: dict | None) -> Checkpoint:
+    """The folder's checkpoint, read through its compression when config.json names a compressed-tensors one."""
+    if quantization is not None and not is_compressed(quantization):
+        method = quantization.get("quant_method", "unknown")
+        raise LLMPruneError(f"{folder}: {method} quantized checkpoints are not supported (compressed-tensors ones are)")
+    return CompressedCheckpoint(folder, quantization) if quantization else Checkpoint(folder)
+
+
+def quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as vLLM's dynamic per-token int8 quantization rounds it (symmetric, scale absmax / 127)."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return (torch.clamp(torch.round(x.float() / scale), -128, 127) * scale).to(x.dtype)
+
+
+def quantize_inputs(model: nn.Module, checkpoint: Checkpoint, key_map: dict[str, str]) -> list:
+    """For a checkpoint whose scheme quantizes activations per token: make every quantized Linear of `model`
+    round its input as the int8 kernels will (a forward pre-hook). Returns the hook handles (none otherwise)."""
+    if not isinstance(checkpoint, CompressedCheckpoint) or checkpoint.scheme.input_activations is None:
+        return []
+    stored = {key_map.get(f"{name}.weight"): module for name, module in model.named_modules()}
+    return [
+        stored[f"{module}.weight"].register_forward_pre_hook(lambda _, args: (quantize_per_token(args[0]), *args[1:]))
+        for module in checkpoint.modules
+        if isinstance(stored.get(f"{module}.weight"), nn.Linear)
+    ]
