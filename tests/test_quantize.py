@@ -132,7 +132,9 @@ def _prune(model, corpus_file, out, *extra, capsys=None):
     return run_main(argv, capsys)
 
 
-@pytest.mark.parametrize("scheme,fmt", [("w8a8", "int-quantized"), ("w4a16", "pack-quantized")])
+@pytest.mark.parametrize(
+    "scheme,fmt", [("w8a8", "int-quantized"), ("w4a16", "pack-quantized"), ("w8a16", "pack-quantized")]
+)
 def test_checkpoint_is_compressed_tensors_and_reads_back(scheme, fmt, tiny_models, corpus_file, tmp_path, capsys):
     from llmprune import load
     from llmprune.eval.perplexity import streamed_logits
@@ -155,6 +157,7 @@ def test_checkpoint_is_compressed_tensors_and_reads_back(scheme, fmt, tiny_model
         proj = "model.layers.0.mlp.down_proj"
         assert f"{proj}.{stored}" in names and f"{proj}.weight_scale" in names
         assert shard.get_tensor(f"{proj}.{stored}").dtype == (torch.int8 if scheme == "w8a8" else torch.int32)
+        assert shard.get_tensor(f"{proj}.weight_scale").dtype == torch.float32  # the model's dtype
         assert shard.get_tensor("model.embed_tokens.weight").is_floating_point()
     report = json.loads((out / "llmprune.json").read_text())
     assert report["quantization"]["scheme"] == scheme and report["quantization"]["solve"].startswith("GPTQ")
@@ -189,3 +192,51 @@ def test_bad_quantize_input_is_one_line_and_no_output(extra, message, model, cor
     assert code == 2
     assert message in one_error_line(err)
     assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_serve_start_up_check_runs_through_the_quantized_model(tiny_models, corpus_file, tmp_path):
+    """`llmprune serve` (transformers engine, compressed-tensors) reproduces the pruned perplexity the run recorded,
+    which llmprune measured with the W8A8 inputs rounded per token: the check passes and the model answers."""
+    import llmprune
+    from tests.helpers.serving import Server
+
+    out = tmp_path / "w8a8"
+    model = tiny_models("llama", layers=2, hidden=128, inter=256)
+    common = dict(calibration=str(corpus_file), samples=8, seqlen=64, eval_samples=8, quiet=True)
+    llmprune.prune(str(model), method="wanda", pattern="2:4", quantize="w8a8", output=str(out), **common)
+    srv = Server(out, "--engine", "transformers")
+    try:
+        body = srv.wait_checked()
+        assert body["ready"] and body["check"]["status"] == "passed", body
+        recorded = json.loads((out / "llmprune.json").read_text())["perplexity"]["pruned"]
+        assert body["check"]["reference"] == pytest.approx(recorded)
+        reply = srv.post("/v1/completions", {"prompt": "Good morrow", "max_tokens": 4})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scheme,flags,dtype",
+    [("w8a8", ["--sparsity", 0], "float32"), ("w4a16", ["--sparsity", 0], "bfloat16")],
+    ids=["w8a8", "w4a16"],
+)
+def test_smollm2_quantized_runs_in_vllm_cpu_with_transformers_greedy_tokens(scheme, flags, dtype, smollm2, plays,
+                                                                            tmp_path, capsys):  # fmt: skip
+    """GPTQ on the real SmolLM2-135M: vLLM-cpu loads the checkpoint with its integer kernels (w4a16 in bfloat16, the
+    only dtype its 4-bit kernel takes) and continues greedily with the tokens transformers gives."""
+    from transformers import AutoTokenizer
+
+    from llmprune import load
+    from tests.helpers.vllm_generate import greedy, transformers_greedy
+
+    out = tmp_path / scheme
+    code, _, err = run_main([smollm2, *flags, "--quantize", scheme, "--calibration", plays / "comedies", "--samples",
+                             16, "--seqlen", 128, "--no-eval", "--quiet", "--output", out], capsys)  # fmt: skip
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = ["Now is the winter of our discontent", "To be, or not to be, that is the question:"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    expected = transformers_greedy(load(out).eval(), prompts, 8)
+    assert greedy(out, prompts, dtype, 8) == expected

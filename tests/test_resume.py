@@ -70,16 +70,20 @@ def _kill_at_layer(cmd: list[str], state_file, layer: int, extra_delay: float) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("activations", ["memory", "disk"])
-def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path, activations):
+@pytest.mark.parametrize(
+    "activations,quantize", [("memory", None), ("disk", None), ("memory", "w4a16")], ids=["memory", "disk", "w4a16"]
+)
+def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path, activations, quantize):
+    """A quantized run too: its layer units hold codes and scales, and the resumed run writes the same bytes."""
     model = tiny_models("llama", layers=10, hidden=384, inter=1024, vocab=512)
     reference, output = tmp_path / "reference", tmp_path / "out"
-    subprocess.run(_command(model, corpus_file, reference, "--activations", activations), check=True)
+    flags = ["--activations", activations, *(["--quantize", quantize] if quantize else [])]
+    subprocess.run(_command(model, corpus_file, reference, *flags), check=True)
 
     rng = random.Random(f"resume-{activations}")
     state_file = tmp_path / ".out.partial" / ".work" / "state.json"
     committed = _kill_at_layer(
-        _command(model, corpus_file, output, "--activations", activations),
+        _command(model, corpus_file, output, *flags),
         state_file,
         layer=rng.randint(1, 7),
         extra_delay=rng.uniform(0.0, 0.2),
@@ -87,14 +91,12 @@ def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path
     assert 1 <= committed < 10 and not output.exists()
 
     mismatched = subprocess.run(
-        _command(model, corpus_file, output, "--activations", activations, "--seed", 7), capture_output=True, text=True
+        _command(model, corpus_file, output, *flags, "--seed", 7), capture_output=True, text=True
     )
     assert mismatched.returncode == 2
     assert "unfinished run with different settings (calibration differ)" in mismatched.stderr
 
-    resumed = subprocess.run(
-        _command(model, corpus_file, output, "--activations", activations), capture_output=True, text=True
-    )
+    resumed = subprocess.run(_command(model, corpus_file, output, *flags), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     expected, got = _tensor_bytes(reference), _tensor_bytes(output)
     assert got.keys() == expected.keys()

@@ -87,6 +87,8 @@ def front_matter(report: dict) -> dict:
     tags.append(report["method"])
     if report.get("packed"):
         tags.append("packed-2:4")
+    if report.get("quantization"):
+        tags += ["quantized", report["quantization"]["scheme"], "compressed-tensors"]
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags})
     return meta
 
@@ -109,12 +111,15 @@ def render_card(report: dict) -> str:
         return _render_depth(report, name, method, source)
     if report.get("speed"):
         return _render_speed(report, name, method, source)
+    quant = report.get("quantization")
+    quantized_title = f" and quantized to {quant['scheme']}" if quant else ""
     parts = [
         "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
-        f"# {name}, pruned with {method} ({pattern})\n",
+        f"# {name}, pruned with {method} ({pattern}){quantized_title}\n",
         f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
         f"from {source}: method **{method}**, pattern {pattern_text}, achieved sparsity "
-        f"**{report['achieved_sparsity']:.2%}** of the pruned Linear weights. Embeddings and the LM head are dense.\n",
+        f"**{report['achieved_sparsity']:.2%}** of the pruned Linear weights. Embeddings and the LM head are dense."
+        f"{_quantization_text(report)}\n",
         _gate_section(report),
         _command_section(report),
         _sparsity_section(report),
@@ -287,6 +292,19 @@ def _perplexity_section(report: dict) -> str:
     )
 
 
+def _quantization_text(report: dict) -> str:
+    """The card's sentence on the quantization of the kept weights (empty when there is none)."""
+    quant = report.get("quantization")
+    if not quant:
+        return ""
+    grain = f"groups of {quant['group_size']} inputs" if quant["group_size"] else "one scale per output channel"
+    return (
+        f" The kept weights are quantized to **{quant['scheme']}** ({quant['bits']}-bit symmetric integers, {grain}; "
+        f"activations {quant['activations']}; solved by {quant['solve']}), stored in the {quant['format']} format "
+        "that vLLM and transformers (with `compressed-tensors` installed) load natively."
+    )
+
+
 def _usage_section(report: dict) -> str:
     if report.get("packed"):
         return "\n".join(
@@ -305,7 +323,7 @@ def _usage_section(report: dict) -> str:
                 "```\n",
             ]
         )
-    dtype = report.get("dtype", "auto")
+    dtype = "bfloat16" if report.get("quantization") else report.get("dtype", "auto")
     return "\n".join(
         [
             "## How to load it\n",
@@ -330,9 +348,16 @@ def _usage_section(report: dict) -> str:
             'outputs = llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=32))',
             "print(outputs[0].outputs[0].text)",
             "```\n",
-            f"The checkpoint is saved as {dtype}"
-            + ("; vLLM would downcast it to bfloat16 unless `dtype` says otherwise." if dtype == "float32" else ".")
-            + " Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.\n",
+            (
+                "The quantized weights are compressed-tensors integer codes and scales: vLLM runs them with its "
+                "integer kernels (in bfloat16: its 4-bit and weight-only kernels take no float32 activations); "
+                "transformers needs `pip install compressed-tensors`. "
+                "Stock engines run the zeros as weights: the sparsity saves no time there.\n"
+                if report.get("quantization")
+                else f"The checkpoint is saved as {dtype}"
+                + ("; vLLM would downcast it to bfloat16 unless `dtype` says otherwise." if dtype == "float32" else ".")
+                + " Stock vLLM runs it as a dense model: the 2:4 zeros save no time there.\n"
+            ),
         ]
     )
 
