@@ -28,7 +28,12 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--served-model-name", default=None, metavar="NAME", help="model id (default: folder name)")
-    parser.add_argument("--dtype", default="auto", help="auto (vllm: the checkpoint's; transformers: float32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (vllm: the checkpoint's, but bfloat16 for a float32 weight-only quantized one; "
+        "transformers: float32 on CPU)",
+    )
     parser.add_argument("--device", default="auto", help="transformers engine and check reference: auto, cpu, cuda")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="N", help="context (default: model's)")
     parser.add_argument("--kv-cache-gib", type=float, default=None, metavar="F", help="vLLM KV cache (CPU default 1)")
@@ -87,6 +92,7 @@ def main(argv: list[str]) -> int:
 
     from llmprune.engine.devices import parse_dtype
     from llmprune.export.packed import is_packed
+    from llmprune.models.compressed import weight_only
     from llmprune.models.resolve import resolve_model
     from llmprune.models.skeleton import build_skeleton
     from llmprune.models.text import context_length, load_tokenizer
@@ -116,6 +122,9 @@ def main(argv: list[str]) -> int:
     if config.host not in LOOPBACK and not config.api_keys:
         log.warning("listening on %s without an API key: anyone who can reach it may use it", config.host)
     dtype = str(skeleton.dtype).removeprefix("torch.") if args.dtype == "auto" and kind == "vllm" else args.dtype
+    if args.dtype == "auto" and kind == "vllm" and dtype == "float32" and weight_only(skeleton.checkpoint):
+        log.info("weight-only quantized checkpoint: vLLM's kernels for it take no float32 inputs, serving in bfloat16")
+        dtype = "bfloat16"
     settings = EngineSettings(
         folder=config.folder,
         dtype=dtype,

@@ -127,6 +127,19 @@ def test_quantizing_declares_the_hessian_and_its_workspace():
     assert cls.workspace_bytes(*args) > max(SparseGPT.workspace_bytes(*args), wanda.workspace_bytes(*args))
 
 
+def test_memory_plan_counts_the_quantizers_hessian_and_workspace(tiny_models, corpus_file, tmp_path):
+    import llmprune
+
+    model = tiny_models("llama", layers=2, hidden=128, inter=256)
+    common = dict(method="wanda", calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True)
+    plain = llmprune.prune(str(model), output=str(tmp_path / "a"), **common)["memory_plan"]["phases"]["layer solve"]
+    quantized = llmprune.prune(str(model), output=str(tmp_path / "b"), quantize="w4a16", **common)
+    solve = quantized["memory_plan"]["phases"]["layer solve"]
+    assert "statistics (Hessian)" in solve and "statistics (Hessian)" not in plain
+    assert solve["method workspace"] > plain["method workspace"]
+    assert not (tmp_path / "b").exists()
+
+
 def _prune(model, corpus_file, out, *extra, capsys=None):
     argv = [model, "--calibration", corpus_file, "--samples", 8, "--seqlen", 64, "--output", out, *extra]
     return run_main(argv, capsys)
@@ -194,22 +207,30 @@ def test_bad_quantize_input_is_one_line_and_no_output(extra, message, model, cor
     assert not out.exists() and leftovers(tmp_path, "out") == []
 
 
-def test_serve_start_up_check_runs_through_the_quantized_model(tiny_models, corpus_file, tmp_path):
-    """`llmprune serve` (transformers engine, compressed-tensors) reproduces the pruned perplexity the run recorded,
-    which llmprune measured with the W8A8 inputs rounded per token: the check passes and the model answers."""
+@pytest.mark.parametrize(
+    "engine,scheme",
+    [("transformers", "w8a8"), pytest.param("vllm", "w8a8", marks=pytest.mark.slow),
+     pytest.param("vllm", "w4a16", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_serve_start_up_check_runs_through_the_quantized_model(engine, scheme, tiny_models, corpus_file, tmp_path):
+    """`llmprune serve` reproduces the pruned perplexity the run recorded (which llmprune measured with W8A8 inputs
+    rounded per token, as vLLM rounds them): the check passes and the model answers. vLLM serves a weight-only
+    quantized float32 checkpoint in bfloat16, the only dtype its CPU kernel takes."""
     import llmprune
     from tests.helpers.serving import Server
 
-    out = tmp_path / "w8a8"
+    out = tmp_path / scheme
     model = tiny_models("llama", layers=2, hidden=128, inter=256)
     common = dict(calibration=str(corpus_file), samples=8, seqlen=64, eval_samples=8, quiet=True)
-    llmprune.prune(str(model), method="wanda", pattern="2:4", quantize="w8a8", output=str(out), **common)
-    srv = Server(out, "--engine", "transformers")
+    llmprune.prune(str(model), method="wanda", pattern="2:4", quantize=scheme, output=str(out), **common)
+    flags = ["--enforce-eager", "--kv-cache-gib", "0.25"] if engine == "vllm" else []
+    srv = Server(out, "--engine", engine, *flags, env={"OMP_NUM_THREADS": "1"} if engine == "vllm" else None)
     try:
         body = srv.wait_checked()
         assert body["ready"] and body["check"]["status"] == "passed", body
         recorded = json.loads((out / "llmprune.json").read_text())["perplexity"]["pruned"]
         assert body["check"]["reference"] == pytest.approx(recorded)
+        assert body["check"]["dtype"] == ("bfloat16" if scheme == "w4a16" else "float32")
         reply = srv.post("/v1/completions", {"prompt": "Good morrow", "max_tokens": 4})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
     finally:

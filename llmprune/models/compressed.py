@@ -146,6 +146,12 @@ def open_checkpoint(folder: Path, quantization: dict | None) -> Checkpoint:
     return CompressedCheckpoint(folder, quantization) if quantization else Checkpoint(folder)
 
 
+def weight_only(checkpoint: Checkpoint) -> bool:
+    """Whether a checkpoint's weights are quantized and its activations not (W4A16, W8A16): vLLM's kernels for
+    those take bfloat16 or float16 activations only."""
+    return isinstance(checkpoint, CompressedCheckpoint) and checkpoint.scheme.input_activations is None
+
+
 def quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     """x rounded as vLLM's dynamic per-token int8 quantization rounds it (symmetric, scale absmax / 127)."""
     scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp_min(torch.finfo(torch.float32).tiny)
