@@ -213,15 +213,19 @@ class UnstructuredBody(Body):
         """The report's record of the quantization: the scheme, how it was solved, and the checkpoint format."""
         assert self.scheme is not None
         joint = issubclass(self.method_class, SparseGPT)
-        refit = self.scheme.group_size is None and self.pattern.sparsity > 0
+        grouped, sparse = self.scheme.group_size is not None, self.pattern.sparsity > 0
+        if joint and not sparse:
+            solve = "GPTQ" + (" in activation order, static groups" if grouped else "")
+        elif joint:
+            solve = "joint OBS sweep" + ("" if grouped else ", per-row scales fit to a pruning-only sweep")
+        else:
+            solve = "GPTQ pass with the mask held" + (", in activation order, static groups" if grouped else "")
         return {
             "scheme": self.scheme.name,
             "bits": self.scheme.bits,
             "group_size": self.scheme.group_size,
             "activations": "int8 dynamic per token" if self.scheme.dynamic_activations else "unquantized",
-            "solve": "joint OBS sweep" + (", per-row scales fit to a pruning-only sweep" if refit else "")
-            if joint
-            else "GPTQ pass with the mask held",
+            "solve": solve,
             "scale_dtype": str(ctx.save_dtype).removeprefix("torch."),
             "format": f"compressed-tensors {self.scheme.format}",
             "ignore": self.ignored,

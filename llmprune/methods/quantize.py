@@ -12,7 +12,7 @@ import torch
 
 from llmprune.methods.base import Pruned, PruningMethod
 from llmprune.methods.grid import Grid
-from llmprune.methods.sparsegpt import SparseGPT
+from llmprune.methods.sparsegpt import SparseGPT, activation_order
 from llmprune.methods.statistics import Hessian, InputStats
 from llmprune.models.compressed import compress_weight
 from llmprune.pattern import Pattern
@@ -42,22 +42,25 @@ def quantizing(method: type[PruningMethod], scheme: QuantScheme, scale_dtype: to
             if not joint:
                 own = method.workspace_bytes(rows, cols, weight_dtype, inverse_dtype)
                 sweep = max(own, sweep + rows * cols * (weight_dtype.itemsize + 1))
-            return sweep + rows * cols * 5
+            return sweep + rows * cols * 5 + cols * cols * 4 * 2  # and a Hessian permuted for activation order
 
         def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
             grid = Grid(scheme, *weight.shape, scale_dtype, weight.device)
             per_row = grid.group >= weight.shape[1]
+            # groups and nothing left to choose: GPTQ in activation order, with static groups fit up front
+            ordered = not per_row and (not joint or pattern.sparsity == 0)
+            order = activation_order(stats[Hessian].matrix) if ordered else None
             if joint:
-                if per_row:  # the OBS updates grow the kept weights past the dense range: fit to a pruned solution
-                    grid.fit(
-                        (self.solve(weight, stats, pattern) if pattern.sparsity else Pruned(weight, None)).weight, 0
-                    )
-                result = self.solve(weight, stats, pattern, grid)
+                if per_row and pattern.sparsity:  # the OBS updates grow the kept weights past the dense range
+                    grid.fit(self.solve(weight, stats, pattern).weight.float(), 0)  # so fit to a pruned solution
+                elif per_row or ordered:
+                    grid.fit(weight.float(), 0)
+                result = self.solve(weight, stats, pattern, grid, order=order)
             else:
                 pruned = super().prune(weight, stats, pattern)
-                if per_row:
+                if per_row or ordered:
                     grid.fit(pruned.weight.float(), 0)
-                result = self.gptq.solve(pruned.weight, stats, pattern, grid, held=pruned.mask)
+                result = self.gptq.solve(pruned.weight, stats, pattern, grid, held=pruned.mask, order=order)
                 result.info = {**pruned.info, **result.info}
             exact = grid.quantize(result.weight.float())  # the grid values, exact even from a bfloat16 weight
             saved = compress_weight(exact, grid.scale.to(scale_dtype), scheme)

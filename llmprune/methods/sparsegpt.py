@@ -124,19 +124,26 @@ class SparseGPT(PruningMethod):
         pattern: Pattern,
         grid: Grid | None = None,
         held: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
     ) -> Pruned:
         """The OBS sweep. With a `grid`, each kept weight is also rounded onto it as its column is visited and
         the error of both is pushed onto the columns not yet visited (the paper's joint sparsification and
         quantization; with nothing pruned, GPTQ). A grid of one scale per row comes fitted; a grid of groups is fit
         here, a group at a time, from its weights as the sweep reaches it. With a `held` mask the pruned set is that
-        mask instead of one chosen here (GPTQ on the output of another method)."""
-        assert stats is not None
+        mask instead of one chosen here (GPTQ on the output of another method). With an `order` (a permutation of
+        the columns, `activation_order`) the sweep visits the columns in it, against a grid fitted beforehand in the
+        original column order (GPTQ's activation order with static groups; a held mask, or nothing pruned)."""
+        assert stats is not None and (order is None or (held is not None or pattern.sparsity == 0))
         hessian = stats[Hessian].matrix.to(weight.device)
-        key = ("sparsegpt inverse", self.dampening, self.inverse_dtype, weight.device)
-        hinv, info = stats.derived(key, lambda: inverse_factor(hessian, self.dampening, self.inverse_dtype))
+        key = ("sparsegpt inverse", self.dampening, self.inverse_dtype, weight.device, order is not None)
+        ordered = (lambda: hessian[order][:, order]) if order is not None else (lambda: hessian)
+        hinv, info = stats.derived(key, lambda: inverse_factor(ordered(), self.dampening, self.inverse_dtype))
         w = weight.float().clone()
         rows, cols = w.shape
         w[:, torch.diagonal(hessian) == 0] = 0.0
+        if order is not None:
+            w, held = w[:, order], held[:, order] if held is not None else None
+        columns = order.tolist() if order is not None else range(cols)  # each swept column's original index
         mask = torch.zeros_like(w, dtype=torch.bool)
         choose = held is None
         block = max(pattern.m, (self.blocksize // pattern.m) * pattern.m) if pattern.is_nm else self.blocksize
@@ -156,7 +163,7 @@ class SparseGPT(PruningMethod):
             else:
                 count = round(pattern.sparsity * rows * i2) - round(pattern.sparsity * rows * i1)
                 mask1 = masks.lowest_global(w1.pow(2) / d.pow(2).unsqueeze(0), count)
-            if grid is not None and grid.group < cols:
+            if grid is not None and grid.group < cols and order is None:
                 grid.fit(w1.masked_fill(mask1, 0.0), i1)
             for i in range(i2 - i1):
                 if choose and pattern.is_nm and i % pattern.m == 0:
@@ -165,7 +172,7 @@ class SparseGPT(PruningMethod):
                 col = w1[:, i]
                 q = col.masked_fill(mask1[:, i], 0.0)
                 if grid is not None:
-                    q = grid.round(q, i1 + i)
+                    q = grid.round(q, columns[i1 + i])
                 err = (col - q) / d[i]
                 w1[:, i:].sub_(err.unsqueeze(1) * h1[i, i:].unsqueeze(0))
                 w1[:, i] = q  # what the update left there, exactly
@@ -174,4 +181,13 @@ class SparseGPT(PruningMethod):
             mask[:, i1:i2] = mask1
             for r in range(0, rows, UPDATE_ROWS):  # the lazy update, a chunk of rows at a time
                 w[r : r + UPDATE_ROWS, i2:].sub_(err1[r : r + UPDATE_ROWS] @ below[:, i2:])
+        if order is not None:
+            back = torch.argsort(order)
+            w, mask = w[:, back], mask[:, back]
         return Pruned(w.masked_fill_(mask, 0.0).to(weight.dtype), mask, info)
+
+
+def activation_order(hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ's activation order: the columns by decreasing Hessian diagonal (the inputs with the most energy first,
+    while the most columns are left to absorb their error); ties keep their order."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
