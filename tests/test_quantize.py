@@ -15,7 +15,7 @@ from llmprune.methods.grid import Grid
 from llmprune.methods.quantize import quantizing
 from llmprune.methods.sparsegpt import SparseGPT
 from llmprune.methods.statistics import Hessian, InputStats, SquaredNorm
-from llmprune.models.compressed import library_scheme
+from llmprune.models.compressed import compress_weight, quantization_config
 from llmprune.pattern import Pattern
 from llmprune.scheme import SCHEMES
 from tests.helpers.cli import leftovers, one_error_line, run_main
@@ -52,6 +52,39 @@ def _codes(saved: dict, scheme: str) -> torch.Tensor:
     return saved["weight"]
 
 
+def _library_scheme(scheme: str):
+    """compressed-tensors' own QuantizationScheme, parsed from the config llmprune writes."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = quantization_config(SCHEMES[scheme].for_widths({COLS}), ["lm_head"])
+    return QuantizationConfig.model_validate(config).config_groups["group_0"]
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16", "w8a16"])
+@pytest.mark.parametrize("cols", [256, 100])
+def test_encoding_and_config_are_compressed_tensors_own(scheme, cols):
+    """The codes and packed words llmprune writes are the bytes the library's compressor writes, and the config
+    it writes parses as the library's QuantizationConfig with the same scheme."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    chosen = SCHEMES[scheme].for_widths({cols}) if cols % 16 == 0 else SCHEMES[scheme]
+    if chosen.group_size and cols % chosen.group_size:
+        pytest.skip("groups must divide the width")
+    group = chosen.group_size or cols
+    scale = torch.rand(ROWS, cols // group) * 0.01 + 1e-3
+    codes = torch.randint(chosen.qmin, chosen.qmax + 1, (ROWS, cols)).float()
+    weight = codes * scale.repeat_interleave(group, dim=1)
+    config = QuantizationConfig.model_validate(quantization_config(chosen, ["lm_head"]))
+    assert config.format == chosen.format and config.ignore == ["lm_head"]
+    library = BaseCompressor.get_value_from_registry(chosen.format).compress(
+        {"weight": weight, "weight_scale": scale}, config.config_groups["group_0"]
+    )
+    ours = compress_weight(weight, scale, chosen)
+    assert ours.keys() == library.keys()
+    assert all(torch.equal(ours[k], library[k]) for k in ours)
+
+
 def _error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     delta = (w - w_hat).double()
     return float(torch.trace(delta @ hessian.double() @ delta.T))
@@ -74,7 +107,7 @@ def test_quantized_weights_lie_on_the_grid_with_exact_zeros(method, scheme, patt
     assert scale.shape == (ROWS, 1 if bits == 8 else COLS // 128) and group * scale.shape[1] == COLS
     assert torch.equal(codes.float() * scale.repeat_interleave(group, dim=1), result.weight)  # exactly on the grid
     decoded = BaseCompressor.get_value_from_registry(SCHEMES[scheme].format).decompress(
-        result.saved, library_scheme(SCHEMES[scheme])
+        result.saved, _library_scheme(scheme)
     )["weight"]
     assert torch.equal(decoded, result.weight)  # what a loader reads back is what the engine propagated
     assert torch.all(result.weight[result.mask] == 0)  # pruned weights are exact zeros

@@ -13,7 +13,6 @@ under its dense name, dequantized when read), so the streamed evaluator and the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,47 +27,56 @@ READABLE_FORMATS = ("int-quantized", "pack-quantized", "naive-quantized")
 PART_SUFFIXES = ("weight_scale", "weight_packed", "weight_shape", "weight_zero_point", "weight_g_idx")
 
 
-def library_scheme(scheme: QuantScheme, targets: list[str] | None = None):
-    """The compressed-tensors QuantizationScheme of `scheme` (targets: every Linear unless told)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    weights = QuantizationArgs(
-        num_bits=scheme.bits,
-        type="int",
-        symmetric=True,
-        strategy="group" if scheme.group_size else "channel",
-        group_size=scheme.group_size,
-        dynamic=False,
-    )
-    inputs = (
-        QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
-        if scheme.dynamic_activations
-        else None
-    )
-    return QuantizationScheme(targets=targets or ["Linear"], weights=weights, input_activations=inputs)
-
-
 def compress_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
-    """The tensors that stand for a Linear's `weight` (values on the grid of `scale`) in the checkpoint, by their
-    name under the module: the library's own compressor for the scheme's format encodes them."""
-    from compressed_tensors.compressors import BaseCompressor
+    """The tensors that stand for a Linear's `weight` (values on the grid of `scale`, [rows, groups]) in the
+    checkpoint, by their name under the module: int8 codes as they are (int-quantized), or packed into int32 words,
+    32 / bits codes each, the first in the lowest bits, every code offset by 2^(bits-1) (pack-quantized).
 
-    compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    parts = compressor.compress({"weight": weight, "weight_scale": scale}, library_scheme(scheme))
-    return {name: tensor.contiguous() for name, tensor in parts.items()}
+    Written here rather than by the library's compressors because importing those costs the pruning process about
+    50 MiB (they load triton and sympy), as much as a layer of a small model; a test checks these bytes against the
+    library's own encoding, and reading goes through the library."""
+    group = weight.shape[1] // scale.shape[1]
+    codes = torch.round(weight.float() / scale.float().repeat_interleave(group, dim=1))
+    codes = codes.clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+    if scheme.format == "int-quantized":
+        return {"weight": codes, "weight_scale": scale.contiguous()}
+    per_word = 32 // scheme.bits
+    rows, cols = codes.shape
+    unsigned = torch.nn.functional.pad(codes.to(torch.int32) - scheme.qmin, (0, -cols % per_word))  # zero-padded
+    unsigned = unsigned.reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int32, device=codes.device) * scheme.bits
+    words = (unsigned.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
+    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+    return {"weight_packed": packed, "weight_scale": scale.contiguous(), "weight_shape": torch.tensor([rows, cols])}
 
 
 def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
-    """config.json's `quantization_config` for a model whose Linears are quantized with `scheme`, but `ignore`."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    config = QuantizationConfig(
-        config_groups={"group_0": library_scheme(scheme)},
-        format=scheme.format,
-        quantization_status="compressed",
-        ignore=sorted(ignore),
+    """config.json's `quantization_config` for a model whose Linears are quantized with `scheme`, but `ignore`: the
+    dict compressed-tensors' QuantizationConfig serializes to (a test validates it with the library)."""
+    weights = {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": True,
+        "group_size": scheme.group_size,
+        "strategy": "group" if scheme.group_size else "channel",
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
+    inputs = (
+        {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
+        if scheme.dynamic_activations
+        else None
     )
-    return json.loads(json.dumps(config.model_dump(), default=str))
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs, "output_activations": None}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": scheme.format,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+    }
 
 
 def is_compressed(config: dict | None) -> bool:
