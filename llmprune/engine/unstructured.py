@@ -28,7 +28,6 @@ from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
 from llmprune.methods.base import PruningMethod
 from llmprune.methods.quantize import quantizing
-from llmprune.methods.sparsegpt import SparseGPT
 from llmprune.models.compressed import quantization_config
 from llmprune.pattern import Pattern
 from llmprune.scheme import SCHEMES, quant_scheme
@@ -212,20 +211,12 @@ class UnstructuredBody(Body):
     def quantization_section(self, ctx: RunContext) -> dict:
         """The report's record of the quantization: the scheme, how it was solved, and the checkpoint format."""
         assert self.scheme is not None
-        joint = issubclass(self.method_class, SparseGPT)
-        grouped, sparse = self.scheme.group_size is not None, self.pattern.sparsity > 0
-        if joint and not sparse:
-            solve = "GPTQ" + (" in activation order, static groups" if grouped else "")
-        elif joint:
-            solve = "joint OBS sweep" + ("" if grouped else ", per-row scales fit to a pruning-only sweep")
-        else:
-            solve = "GPTQ pass with the mask held" + (", in activation order, static groups" if grouped else "")
         return {
             "scheme": self.scheme.name,
             "bits": self.scheme.bits,
             "group_size": self.scheme.group_size,
             "activations": "int8 dynamic per token" if self.scheme.dynamic_activations else "unquantized",
-            "solve": solve,
+            "solve": self.method_class.solve_description(self.pattern),
             "scale_dtype": str(ctx.save_dtype).removeprefix("torch."),
             "format": f"compressed-tensors {self.scheme.format}",
             "ignore": self.ignored,

@@ -44,6 +44,16 @@ def quantizing(method: type[PruningMethod], scheme: QuantScheme, scale_dtype: to
                 sweep = max(own, sweep + rows * cols * (weight_dtype.itemsize + 1))
             return sweep + rows * cols * 5 + cols * cols * 4 * 2  # and a Hessian permuted for activation order
 
+        @classmethod
+        def solve_description(cls, pattern: Pattern) -> str:
+            """How `prune` solves a weight under `pattern`, for the report (the same cases as `prune`)."""
+            grouped = scheme.group_size is not None
+            if joint and pattern.sparsity == 0:
+                return "GPTQ" + (" in activation order, static groups" if grouped else "")
+            if joint:
+                return "joint OBS sweep" + ("" if grouped else ", per-row scales fit to a pruning-only sweep")
+            return "GPTQ pass with the mask held" + (", in activation order, static groups" if grouped else "")
+
         def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
             grid = Grid(scheme, *weight.shape, scale_dtype, weight.device)
             per_row = grid.group >= weight.shape[1]
