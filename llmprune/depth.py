@@ -338,10 +338,7 @@ class DepthBody(RemovalBody):
 
     def report(self, ctx: RunContext, state: RunState) -> BodyReport:
         skeleton = ctx.skeleton
-        sizes = [
-            sum(math.prod(skeleton.checkpoint.metadata(skeleton.key_map[key])[1]) for key in skeleton.layer_keys(i))
-            for i in range(skeleton.num_layers)
-        ]
+        sizes = [skeleton.layer_parameters(i) for i in range(skeleton.num_layers)]
         before, after = sum(sizes), sum(sizes[i] for i in self.kept)
         influence = self.scores.block_influence
         return BodyReport(

@@ -44,6 +44,7 @@ from llmprune.engine.resume import RunState, check_resumable, folder_identity, m
 from llmprune.engine.unstructured import UnstructuredBody
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import Perplexity, perplexity
+from llmprune.experts import EXPERTS, ExpertsBody
 from llmprune.export.card import base_model_of, write_card
 from llmprune.export.gate import quality_gate
 from llmprune.export.packed import FORMAT, pack_shards
@@ -67,6 +68,7 @@ KINDS: dict[str, tuple[dict[str, type], type[Body]]] = {
         (METHODS, UnstructuredBody),
         (STRUCTURED, StructuredBody),
         (DEPTH, DepthBody),
+        (EXPERTS, ExpertsBody),
         (SPEED, SpeedBody),
     )
 }

@@ -217,13 +217,17 @@ class Unstructured:
 
 @dataclass(frozen=True)
 class Removal:
-    """How much of the decoder structured and depth methods remove."""
+    """How much of the decoder structured, depth and expert methods remove."""
 
-    title: ClassVar[str] = "structured and depth methods: how much to remove"  # its --help group
-    who: ClassVar[str] = "structured and depth"  # the methods it is for, in errors
+    title: ClassVar[str] = "structured, depth and expert methods: how much to remove"  # its --help group
+    who: ClassVar[str] = "structured, depth and expert"  # the methods it is for, in errors
 
     remove: float | None = setting(
-        None, f"fraction of decoder-layer parameters to remove (default {DEFAULT_REMOVE})", type=fraction, metavar="F"
+        None,
+        f"fraction of decoder-layer parameters to remove (default {DEFAULT_REMOVE}); for reap, of the routed "
+        "experts of every MoE layer (0 writes the model unchanged)",
+        type=fraction,
+        metavar="F",
     )
     target_flops: float | None = setting(
         None, "instead of --remove: keep at most F of the decoder FLOPs per token", type=fraction, metavar="F"
@@ -488,8 +492,10 @@ def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_op
         raise LLMPruneError("give --remove or --target-flops, not both")
     if removal.target_flops is not None and not 0 < removal.target_flops < 1:
         raise LLMPruneError(f"--target-flops must be in (0, 1) (got {removal.target_flops})")
-    if removal.remove is not None and not 0 < removal.remove < 1:
-        raise LLMPruneError(f"--remove must be in (0, 1) (got {removal.remove})")
+    lowest = 0 if kind == "experts" else None  # removing no expert is a valid (identity) run
+    if removal.remove is not None and not (0 < removal.remove < 1 or removal.remove == lowest):
+        interval = "[0, 1)" if lowest == 0 else "(0, 1)"
+        raise LLMPruneError(f"--remove must be in {interval} (got {removal.remove})")
     speedup = settings.speed.target_speedup
     if speedup is not None and not speedup > 1:
         raise LLMPruneError(f"--target-speedup must be more than 1 (got {speedup})")

@@ -16,7 +16,7 @@ LAYERS = (  # docs/architecture.md: a module imports only from its own layer or 
     ("errors", "version", "argparsing", "pattern", "scheme", "settings"),
     ("data", "models", "report"),
     ("methods",),
-    ("engine", "eval", "export", "hub", "structured", "depth", "costmodel", "speed", "body"),
+    ("engine", "eval", "export", "hub", "structured", "depth", "experts", "costmodel", "speed", "body"),
     ("run", "cli", "__main__", ""),
 )
 

@@ -10,21 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import llmprune
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
+from tests.helpers.engine import read_output
 
 WIDE = dict(hidden=256, inter=768, vocab=512)
-
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
 
 
 MEASURE = Path(__file__).resolve().parent.parent / "scripts" / "measure_process.py"
@@ -192,7 +184,7 @@ def test_spilled_activations_give_identical_weights(tiny_models, corpus_file, tm
     )
     assert report["memory_plan"]["choice"]["activations"] == "disk"
     assert report["memory_plan"]["choice"]["order"] == "sequential"
-    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "disk")
+    a, b = read_output(tmp_path / "memory"), read_output(tmp_path / "disk")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -266,7 +258,7 @@ def test_a_tied_head_is_held_and_planned_once(tiny_models, corpus_file, tmp_path
 
     folder = tmp_path / "tied"
     shutil.copytree(tiny_models("llama", layers=2, **WIDE), folder)
-    tensors = _tensors(folder)
+    tensors = read_output(folder)
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     skeleton = build_skeleton(folder)

@@ -8,6 +8,7 @@ layers (embeddings, final norm, head) and the one layer being processed are ever
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
-from llmprune.models.compressed import open_checkpoint
+from llmprune.models.compressed import CompressedCheckpoint, open_checkpoint
+from llmprune.models.fused import FusedTensor, FusedView, collect_fused, fused_operations
 
 
 @dataclass
@@ -43,6 +45,24 @@ class Skeleton:
         """State-dict names (model naming) of decoder layer `index`."""
         prefix = f"{self.layers_prefix}.{index}."
         return [k for k in self.key_map if k.startswith(prefix)]
+
+    def layer_parameters(self, index: int) -> int:
+        """How many values decoder layer `index` stores, from the shard headers alone."""
+        return sum(math.prod(self.checkpoint.metadata(self.key_map[key])[1]) for key in self.layer_keys(index))
+
+    def stored(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors named as the model names them, renamed as the source checkpoint stores them where the two
+        differ in kind: a model with fused experts gets each fused parameter split per expert (renumbered 0 ..
+        n-1) and every name as the checkpoint spells it, which is what vLLM loads. Others keep the model's names."""
+        if not isinstance(self.checkpoint, FusedView):
+            return tensors
+        out: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            if key in self.checkpoint.fused:
+                out.update(self.checkpoint.split(key, value))
+            else:
+                out[self.key_map.get(key, key)] = value
+        return out
 
     def rest_keys(self) -> list[str]:
         """State-dict names outside the decoder layers (embeddings, final norm, head)."""
@@ -179,12 +199,13 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.Modu
     return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
-def _key_map(model: PreTrainedModel, checkpoint: Checkpoint) -> dict[str, str]:
-    """Map model state-dict names to checkpoint names.
+def _key_map(model: PreTrainedModel, checkpoint: Checkpoint) -> tuple[dict[str, str], dict[str, FusedTensor]]:
+    """Map model state-dict names to checkpoint names, and say how fused expert parameters are stored.
 
     Uses transformers' own checkpoint renamings (e.g. GPT-NeoX `embed_out` -> `lm_head`) and its
-    base-model-prefix rule, so any checkpoint that `from_pretrained` loads maps the same way.
-    Many-to-one conversions (fused MoE experts) are not streamable and are refused.
+    base-model-prefix rule, so any checkpoint that `from_pretrained` loads maps the same way. The one
+    many-to-one conversion streamed is the stacking of per-expert tensors into a fused expert parameter
+    (models/fused.py); any other is refused.
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -194,16 +215,23 @@ def _key_map(model: PreTrainedModel, checkpoint: Checkpoint) -> dict[str, str]:
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     mapping: dict[str, str] = {}
+    sources: dict[str, dict[str, list[str]]] = {}  # fused model name -> source pattern -> checkpoint names
+    order: dict[str, list[str]] = {}
     for key in checkpoint.keys():
         renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
         if converted is not None:
-            raise LLMPruneError(
-                f"checkpoint tensor {key} needs a many-to-one conversion; llmprune streams "
-                "checkpoints whose tensors map one to one onto the model"
-            )
-        if renamed in meta:
+            converter = next((c for c in converters if converted in c.source_patterns), None)
+            if converter is None or fused_operations(converter) is None or renamed not in meta:
+                raise LLMPruneError(
+                    f"checkpoint tensor {key} needs a many-to-one conversion; llmprune streams "
+                    "checkpoints whose tensors map one to one onto the model (or per-expert tensors onto fused ones)"
+                )
+            sources.setdefault(renamed, {}).setdefault(converted, []).append(key)
+            order[renamed] = list(converter.source_patterns)
+            mapping[renamed] = renamed  # read through the FusedView
+        elif renamed in meta:
             mapping[renamed] = key
-    return mapping
+    return mapping, collect_fused(sources, order, checkpoint)
 
 
 def read_config(folder: Path) -> PretrainedConfig:
@@ -236,7 +264,11 @@ def build_skeleton(folder: Path, attn_implementation: str = "sdpa") -> Skeleton:
     model.requires_grad_(False)
     text_config = config.get_text_config()
     prefix, layers = find_decoder_layers(model, text_config.num_hidden_layers)
-    key_map = _key_map(model, checkpoint)
+    key_map, fused = _key_map(model, checkpoint)
+    if fused:
+        if isinstance(checkpoint, CompressedCheckpoint):
+            raise LLMPruneError(f"{folder}: compressed-tensors mixture-of-experts checkpoints are not supported")
+        checkpoint = FusedView(checkpoint, fused)
     layer_keys = [k for k in key_map if k.startswith(prefix + ".0.")]
     if not layer_keys:
         raise LLMPruneError(f"checkpoint {folder} has no tensors for decoder layer 0 ({prefix}.0.*)")

@@ -1,0 +1,91 @@
+"""Mixture-of-experts blocks as transformers 5 builds them (Mixtral, Qwen2/3-MoE, OLMoE, ...): a router module
+`gate` (weight [E, D], top_k) that returns (logits, top-k weights, top-k indices), and an `experts` module with
+fused parameters `gate_up_proj` [E, 2I, D] and `down_proj` [E, D, I] called as experts(x, indices, weights).
+Found by that layout, not by class name; a shared expert (Qwen2-MoE) is an ordinary MLP beside them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmprune.errors import LLMPruneError
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config names of the routed experts
+
+
+@dataclass
+class MoeBlock:
+    """One MoE block of a decoder layer: its name relative to the layer, its router and its experts."""
+
+    name: str
+    router: nn.Module
+    experts: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.router.top_k)
+
+    def fused(self) -> dict[str, nn.Parameter]:
+        """The experts' 3-D parameters by name (relative to the experts module)."""
+        return {name: p for name, p in self.experts.named_parameters(recurse=False) if p.dim() == 3}
+
+    def expert_output(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert `expert` on tokens x [T, D], unweighted: the experts module itself, every token routed to it."""
+        index = torch.full((x.shape[0], 1), expert, dtype=torch.long, device=x.device)
+        return self.experts(x, index, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device))
+
+
+def moe_blocks(layer: nn.Module) -> dict[str, MoeBlock]:
+    """The MoE blocks of a decoder layer by relative name (none for a dense layer)."""
+    blocks = {}
+    for name, module in layer.named_modules():
+        router, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        if not isinstance(router, nn.Module) or not isinstance(experts, nn.Module):
+            continue
+        weight = getattr(router, "weight", None)
+        fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+        if weight is None or weight.dim() != 2 or not hasattr(router, "top_k") or not fused:
+            continue
+        if any(p.shape[0] != weight.shape[0] for p in fused):
+            continue
+        blocks[name] = MoeBlock(name, router, experts)
+    return blocks
+
+
+def is_moe(layers: nn.ModuleList) -> bool:
+    """Whether any decoder layer has an MoE block."""
+    return any(moe_blocks(layer) for layer in layers)
+
+
+def expert_count_key(config: dict) -> str:
+    """The config.json key that holds the routed expert count."""
+    key = next((k for k in EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    if key is None:
+        raise LLMPruneError(f"config.json names its expert count by none of {', '.join(EXPERT_COUNT_KEYS)}")
+    return key
+
+
+def keep_experts(block: MoeBlock, kept: list[int]) -> None:
+    """Shrink the block in place to the experts `kept` (in that order, renumbered 0 ..): the router's rows and
+    the experts' slices; the counts the modules hold are updated so their forward routes over the kept ones."""
+    index = torch.tensor(kept, dtype=torch.long)
+    extra = [name for name, _ in block.router.named_parameters(recurse=False) if name != "weight"]
+    extra += [name for name, _ in block.router.named_buffers(recurse=False)]
+    if extra:
+        raise LLMPruneError(
+            f"{block.name}: the router holds {extra[0]}; llmprune removes experts of routers with a weight only"
+        )
+    block.router.weight = nn.Parameter(
+        block.router.weight.data[index.to(block.router.weight.device)], requires_grad=False
+    )
+    for name, param in block.fused().items():
+        setattr(block.experts, name, nn.Parameter(param.data[index.to(param.device)], requires_grad=False))
+    for module in (block.router, block.experts):
+        if hasattr(module, "num_experts"):
+            module.num_experts = len(kept)

