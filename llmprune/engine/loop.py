@@ -77,12 +77,14 @@ def prune_layers(
         modules = pruner.prune(stream, index, layer, acts)
         trim_heap()
         prefix = f"{skeleton.layers_prefix}.{index}."
-        tensors = pruner.stored_tensors(
-            {
-                prefix + k: v.detach().to("cpu", save_dtype) if v.is_floating_point() else v.cpu()
-                for k, v in layer.state_dict().items()
-                if prefix + k in skeleton.key_map
-            }
+        tensors = skeleton.stored(
+            pruner.stored_tensors(
+                {
+                    prefix + k: v.detach().to("cpu", save_dtype) if v.is_floating_point() else v.cpu()
+                    for k, v in layer.state_dict().items()
+                    if prefix + k in skeleton.key_map
+                }
+            )
         )
         writer.write_unit(layer_unit(index), tensors)
         del tensors

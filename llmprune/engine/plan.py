@@ -203,6 +203,7 @@ class Request:
     error_tokens: int = 1024
     inverse_dtype: torch.dtype | None = None  # --inverse-dtype; None: float64 unless the budget needs float32
     embedding_rows: int | None = None  # distinct calibration ids: the table rows a CPU forward reads
+    parallel_only: bool = False  # MoE experts: their statistics are fed in the parallel order only
 
     @property
     def inverse(self) -> bool:
@@ -350,7 +351,9 @@ def make_plan(
         steps.append(
             ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))
         )
-    elif req.method.statistics:  # few tokens: one group's statistics at a time beats every group's
+    elif (
+        req.method.statistics and not req.parallel_only
+    ):  # few tokens: one group's statistics at a time beats every group's
         parked = park_to if req.park == "auto" else req.park
         steps.append(
             (

@@ -30,7 +30,9 @@ from llmprune.engine.parking import ChunkTracker, Parking
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import PruningMethod
+from llmprune.methods.magnitude import Magnitude
 from llmprune.methods.statistics import InputStats
+from llmprune.models.moe import ExpertProjection, MoeBlock, expert_projections, moe_blocks
 from llmprune.pattern import Pattern
 from llmprune.settings import ORDERS
 
@@ -49,13 +51,29 @@ class TargetRule:
         return hit(self.include) and not hit(self.ignore)
 
 
-def find_targets(layer: nn.Module, prefix: str, rule: TargetRule) -> dict[str, nn.Linear]:
-    """Linear modules of a decoder layer selected by `rule`, by relative name."""
-    return {
+Target = nn.Linear | ExpertProjection
+
+
+def find_targets(layer: nn.Module, prefix: str, rule: TargetRule) -> dict[str, Target]:
+    """The weights of a decoder layer selected by `rule`, by relative name: its Linear modules, and each
+    expert's gate, up and down projections inside the fused parameters of an MoE block."""
+    targets: dict[str, Target] = {
         name: module
         for name, module in layer.named_modules()
         if isinstance(module, nn.Linear) and rule.wants(name, f"{prefix}.{name}")
     }
+    for block in moe_blocks(layer).values():
+        projections = expert_projections(block).items()
+        targets.update({name: p for name, p in projections if rule.wants(name, f"{prefix}.{name}")})
+    return targets
+
+
+def set_weight(target: Target, weight: torch.Tensor) -> None:
+    """Write a pruned weight into its Linear or into its expert's slice of the fused parameter."""
+    if isinstance(target, ExpertProjection):
+        target.assign(weight)
+    else:
+        target.weight.data = weight
 
 
 def group_by_input(
@@ -107,6 +125,28 @@ class _Group:
     done: bool = False
 
 
+@dataclass
+class _ExpertFeed:
+    """An MoE block's expert groups: per expert, the group of its gate and up projections (fed the tokens
+    routed to it) and the group of its down projection (fed their act(gate) * up)."""
+
+    block: MoeBlock
+    experts: dict[int, tuple[_Group | None, _Group | None]]
+
+    @classmethod
+    def of(cls, block: MoeBlock, targets: dict) -> _ExpertFeed:
+        experts = {}
+        for expert in range(block.num_experts):
+            base = f"{block.name}.experts.{expert}"
+            first = [name for name in (f"{base}.gate_proj", f"{base}.up_proj") if name in targets]
+            down = f"{base}.down_proj"
+            experts[expert] = (_Group(first) if first else None, _Group([down]) if down in targets else None)
+        return cls(block, experts)
+
+    def groups(self) -> list[_Group]:
+        return [group for pair in self.experts.values() for group in pair if group is not None]
+
+
 class _EveryGroupFed(Exception):
     """Ends a statistics pass early: the chunk has fed every module group of the layer."""
 
@@ -124,6 +164,7 @@ class LayerPruner:
         save_dtype: torch.dtype | None = None,
         parking: Parking | None = None,
         devices: list[torch.device] | None = None,
+        uncovered: str = "dense",
     ) -> None:
         if order not in ORDERS:
             raise LLMPruneError(f"--order must be one of {', '.join(ORDERS)} (got {order!r})")
@@ -135,6 +176,7 @@ class LayerPruner:
         self.save_dtype = save_dtype
         self.parking = parking or Parking("memory")
         self.devices = devices or []  # solver devices; the first is also the forward's
+        self.uncovered = uncovered  # what happens to an expert no calibration token reached: "dense", "magnitude"
         self.saved: dict[str, dict[str, torch.Tensor]] = {}  # module -> what the checkpoint stores for its weight
 
     def stored_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,17 +196,35 @@ class LayerPruner:
         if not targets:
             stream.forward(index, layer, acts)
             return reports
-        groups = [_Group(names) for names in group_by_input(stream, index, layer, acts.first(), targets)]
+        linears = {name: module for name, module in targets.items() if isinstance(module, nn.Linear)}
+        groups = [_Group(names) for names in group_by_input(stream, index, layer, acts.first(), linears)]
+        feeds = [_ExpertFeed.of(block, targets) for block in moe_blocks(layer).values()]
+        feeds = [feed for feed in feeds if feed.groups()]
         if self.order == "sequential":
+            if feeds:
+                raise LLMPruneError(f"layer {index}: expert weights are pruned in the parallel order only")
             self._lockstep(stream, index, layer, acts, targets, groups, prefix, reports)
         else:
-            self._collect_all(stream, index, layer, acts, targets, groups)
-            for group in groups:
+            self._collect_all(stream, index, layer, acts, targets, groups, feeds)
+            for group in groups + [group for feed in feeds for group in feed.groups()]:
                 self._apply(targets, group, prefix, reports)
             stream.forward(index, layer, acts)
         return reports
 
-    def _observe(self, group: _Group, module: nn.Linear, x: torch.Tensor) -> None:
+    def _feed_experts(self, feed: _ExpertFeed, targets: dict, hidden: torch.Tensor, indices: torch.Tensor) -> None:
+        """One chunk's tokens into each expert's statistics: the tokens routed to it (the router's top-k
+        indices), and its down projection's inputs for them."""
+        for expert, (first, down) in feed.experts.items():
+            token = (indices == expert).any(dim=-1).nonzero().squeeze(1)
+            if token.numel() == 0:
+                continue
+            x = hidden[token]
+            if first is not None:
+                self._observe(first, targets[first.names[0]], x)
+            if down is not None:
+                self._observe(down, targets[down.names[0]], feed.block.expert_hidden(x, expert))
+
+    def _observe(self, group: _Group, module: Target, x: torch.Tensor) -> None:
         if group.stats is None:
             group.stats = InputStats(module.in_features, self.method.statistics, module.weight.device)
         group.stats.add(x)
@@ -212,23 +272,32 @@ class LayerPruner:
             for handle in handles:
                 handle.remove()
 
-    def _collect_all(self, stream, index, layer, acts, targets, groups) -> None:
+    def _collect_all(self, stream, index, layer, acts, targets, groups, feeds) -> None:
         """The papers' order: statistics of every group from one pass of the dense layer. A chunk's
         pass stops as soon as it has fed every group (the last Linear and what follows it, such as
-        down_proj and the residual, would only compute outputs that are thrown away)."""
+        down_proj and the residual, would only compute outputs that are thrown away). An MoE block's
+        experts are fed by one hook on its experts module, which sees the router's choices."""
         fed: set[int] = set()
+        feeders = [
+            (targets[g.names[0]], lambda args, g=g: self._observe(g, targets[g.names[0]], args[0])) for g in groups
+        ]
+        feeders += [
+            (f.block.experts, lambda args, f=f: self._feed_experts(f, targets, args[0], args[1])) for f in feeds
+        ]
 
-        def hook_for(position: int, group: _Group):
+        def hook_for(position: int, observe):
             def hook(module: nn.Module, args: tuple) -> None:
                 with full_precision(args[0].device):
-                    self._observe(group, module, args[0])
+                    observe(args)
                 fed.add(position)
-                if len(fed) == len(groups):
+                if len(fed) == len(feeders):
                     raise _EveryGroupFed
 
             return hook
 
-        handles = [targets[g.names[0]].register_forward_pre_hook(hook_for(i, g)) for i, g in enumerate(groups)]
+        handles = [
+            module.register_forward_pre_hook(hook_for(i, observe)) for i, (module, observe) in enumerate(feeders)
+        ]
         try:
             with torch.no_grad():
                 for chunk in acts:
@@ -241,7 +310,7 @@ class LayerPruner:
             for handle in handles:
                 handle.remove()
 
-    def _apply(self, targets: dict[str, nn.Linear], group: _Group, prefix: str, reports: list[dict]) -> None:
+    def _apply(self, targets: dict[str, Target], group: _Group, prefix: str, reports: list[dict]) -> None:
         """Prune every member of a group with the group's shared statistics.
 
         With several solver devices (GPUs), the members' solves run concurrently, one per device,
@@ -250,6 +319,9 @@ class LayerPruner:
         names = list(group.names)
         for name in names:
             self.pattern.check_width(targets[name].in_features, f"{prefix}.{name}")
+        if group.stats is None and self.method.statistics:  # an expert no calibration token was routed to
+            self._uncovered(targets, names, prefix, reports)
+            return
         devices = self.devices or [None]
 
         def solve(position: int) -> tuple:
@@ -271,7 +343,10 @@ class LayerPruner:
             elif self.save_dtype is not None and weight.dtype != self.save_dtype:
                 weight = weight.to(self.save_dtype).to(dense.dtype)  # propagate what will be saved
             error = _relative_error(dense, weight, group.sample, group.stats)
-            module.weight.data = weight
+            set_weight(module, weight)
+            expert = (
+                {"tokens": group.stats.tokens if group.stats else 0} if isinstance(module, ExpertProjection) else {}
+            )
             reports.append(
                 {
                     "name": f"{prefix}.{names[position]}",
@@ -280,6 +355,7 @@ class LayerPruner:
                     "zeros": int(weight.numel() - weight.count_nonzero()),
                     "error": error,
                     "seconds": round(seconds, 4),
+                    **expert,
                     **result.info,
                 }
             )
@@ -297,6 +373,28 @@ class LayerPruner:
         group.stats = None
         group.sample = None
         trim_heap()  # the solves' small buffers would otherwise stay in the heap through the next forward
+
+    def _uncovered(self, targets: dict[str, Target], names: list[str], prefix: str, reports: list[dict]) -> None:
+        """An expert without calibration tokens has no statistics: left dense, or pruned by magnitude with
+        --uncovered-experts magnitude; reported either way."""
+        for name in names:
+            module = targets[name]
+            if self.uncovered == "magnitude":
+                set_weight(module, Magnitude().prune(module.weight, None, self.pattern).weight)
+            weight = module.weight
+            zeros = int(weight.numel() - weight.count_nonzero())
+            reports.append(
+                {
+                    "name": f"{prefix}.{name}",
+                    "shape": list(weight.shape),
+                    "sparsity": zeros / weight.numel() if self.uncovered == "magnitude" else 0.0,
+                    "zeros": zeros,
+                    "error": None,
+                    "seconds": 0.0,
+                    "tokens": 0,
+                    "uncovered": self.uncovered,
+                }
+            )
 
 
 def _relative_error(

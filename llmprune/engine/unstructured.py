@@ -29,6 +29,7 @@ from llmprune.export.writer import OutputFolder
 from llmprune.methods.base import PruningMethod
 from llmprune.methods.quantize import quantizing
 from llmprune.models.compressed import quantization_config
+from llmprune.models.moe import ExpertProjection
 from llmprune.pattern import Pattern
 from llmprune.scheme import SCHEMES, quant_scheme
 from llmprune.settings import Settings, parse_budget_text
@@ -87,6 +88,14 @@ class UnstructuredBody(Body):
         if ctx.device.type == "cpu" and self.fdtype == torch.bfloat16 and not cpu_has_native_bf16():
             log.info("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
         self.targets = self._check_targets(ctx)
+        self.moe = any(isinstance(m, ExpertProjection) for targets in self.targets for m in targets.values())
+        if self.moe and self.scheme is not None:
+            raise LLMPruneError(
+                f"--quantize {self.scheme.name}: llmprune does not quantize mixture-of-experts models yet (prune them "
+                "without --quantize)"
+            )
+        if self.moe and self.settings.unstructured.order == "sequential":
+            raise LLMPruneError("--order sequential: expert weights are pruned in the parallel order only")
         if self.scheme is not None:
             self.scheme = self.scheme.for_widths({m.in_features for t in self.targets for m in t.values()})
             if self.scheme.group_size != SCHEMES[self.scheme.name].group_size:
@@ -124,6 +133,7 @@ class UnstructuredBody(Body):
             eval_windows=ctx.eval_windows.count if ctx.eval_windows else 0,
             chunk=settings.common.batch_size or default_chunk(calib.count, calib.seqlen, ctx.device),
             order=settings.unstructured.order,
+            parallel_only=self.moe,
             park=settings.unstructured.park,
             method=self.method_class,
             inverse_dtype=inverse_request(self.method_class, dict(settings.method_options)),
@@ -192,6 +202,7 @@ class UnstructuredBody(Body):
             save_dtype=ctx.save_dtype,
             parking=Parking(choice.park),
             devices=self.solvers,
+            uncovered=self.settings.unstructured.uncovered_experts,
         )
         prune_layers(
             ctx.skeleton,
@@ -222,6 +233,16 @@ class UnstructuredBody(Body):
             "ignore": self.ignored,
         }
 
+    def experts_section(self, layers: list[dict]) -> dict:
+        """The report's record of the MoE experts: which received no calibration token, and what was done."""
+        experts = [m for layer in layers for m in layer["modules"] if "tokens" in m]
+        return {
+            "projections": len(experts),
+            "uncovered": sorted({m["name"].rpartition(".")[0] for m in experts if m.get("uncovered")}),
+            "uncovered_policy": self.settings.unstructured.uncovered_experts,
+            "fewest_tokens": min((m["tokens"] for m in experts), default=0),
+        }
+
     def report(self, ctx: RunContext, state: RunState) -> BodyReport:
         assert self.plan_result is not None
         plan, layers = self.plan_result, state.layers
@@ -241,6 +262,7 @@ class UnstructuredBody(Body):
                 "forward_dtype": str(self.fdtype).removeprefix("torch."),
                 "solver_devices": [str(d) for d in self.solvers],
                 **({"quantization": self.quantization_section(ctx)} if self.scheme else {}),
+                **({"experts": self.experts_section(layers)} if self.moe else {}),
             },
             layers=layers,
             timings={"prune_seconds": round(state.prune_seconds, 2)},

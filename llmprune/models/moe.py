@@ -12,6 +12,7 @@ from torch import nn
 
 from llmprune.errors import LLMPruneError
 
+FUSED_NAMES = ("gate_up_proj", "down_proj")  # the experts module's parameters, [E, 2I, D] and [E, D, I]
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config names of the routed experts
 
 
@@ -35,6 +36,12 @@ class MoeBlock:
         """The experts' 3-D parameters by name (relative to the experts module)."""
         return {name: p for name, p in self.experts.named_parameters(recurse=False) if p.dim() == 3}
 
+    def expert_hidden(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """The input of expert `expert`'s down projection for tokens x: act(x Wg^T) * (x Wu^T), as the fused
+        experts module computes it (its gate_up_proj holds the gate rows, then the up rows)."""
+        gate, up = nn.functional.linear(x, self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return self.experts.act_fn(gate) * up
+
     def expert_output(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert `expert` on tokens x [T, D], unweighted: the experts module itself, every token routed to it."""
         index = torch.full((x.shape[0], 1), expert, dtype=torch.long, device=x.device)
@@ -49,10 +56,10 @@ def moe_blocks(layer: nn.Module) -> dict[str, MoeBlock]:
         if not isinstance(router, nn.Module) or not isinstance(experts, nn.Module):
             continue
         weight = getattr(router, "weight", None)
-        fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
-        if weight is None or weight.dim() != 2 or not hasattr(router, "top_k") or not fused:
+        fused = [getattr(experts, name, None) for name in FUSED_NAMES]
+        if weight is None or weight.dim() != 2 or not hasattr(router, "top_k") or not hasattr(experts, "act_fn"):
             continue
-        if any(p.shape[0] != weight.shape[0] for p in fused):
+        if any(not isinstance(p, nn.Parameter) or p.dim() != 3 or p.shape[0] != weight.shape[0] for p in fused):
             continue
         blocks[name] = MoeBlock(name, router, experts)
     return blocks
@@ -89,3 +96,42 @@ def keep_experts(block: MoeBlock, kept: list[int]) -> None:
     for module in (block.router, block.experts):
         if hasattr(module, "num_experts"):
             module.num_experts = len(kept)
+
+
+@dataclass(eq=False)
+class ExpertProjection:
+    """One expert's projection inside a fused parameter, pruned like a Linear: `weight` is the [out, in] slice
+    (a view), `assign` writes a new value into it."""
+
+    experts: nn.Module
+    param: str
+    expert: int
+    rows: slice
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.experts, self.param).data[self.expert, self.rows]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def assign(self, value: torch.Tensor) -> None:
+        getattr(self.experts, self.param).data[self.expert, self.rows] = value
+
+
+def expert_projections(block: MoeBlock) -> dict[str, ExpertProjection]:
+    """Every expert's gate, up and down projections, named `BLOCK.experts.J.gate_proj` (up_proj, down_proj)
+    relative to the layer, as the per-expert checkpoint tensors of the Qwen-style families are."""
+    half = block.experts.gate_up_proj.shape[1] // 2
+    out = {}
+    for expert in range(block.num_experts):
+        base = f"{block.name}.experts.{expert}"
+        out[f"{base}.gate_proj"] = ExpertProjection(block.experts, "gate_up_proj", expert, slice(0, half))
+        out[f"{base}.up_proj"] = ExpertProjection(block.experts, "gate_up_proj", expert, slice(half, 2 * half))
+        out[f"{base}.down_proj"] = ExpertProjection(block.experts, "down_proj", expert, slice(None))
+    return out
