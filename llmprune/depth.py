@@ -316,10 +316,14 @@ class DepthBody(RemovalBody):
         skeleton = ctx.skeleton
         for new, old in enumerate(self.kept):
             source, target = f"{skeleton.layers_prefix}.{old}.", f"{skeleton.layers_prefix}.{new}."
-            tensors = {  # the repaired down projection, if any, replaces the layer's own
-                **skeleton.read(skeleton.layer_keys(old)),
-                **{k: v for k, v in repaired.items() if k.startswith(source)},
-            }
+            tensors = skeleton.stored(  # the repaired down projection, if any, replaces the layer's own
+                {
+                    **skeleton.read(skeleton.layer_keys(old)),
+                    **{k: v for k, v in repaired.items() if k.startswith(source)},
+                }
+            )
+            if any(not key.startswith(source) for key in tensors):  # renumbered by the prefix the model uses
+                raise LLMPruneError(f"{ctx.folder.name}: its checkpoint names layer {old}'s tensors unlike the model")
             writer.write_unit(
                 layer_unit(new),
                 {target + key[len(source) :]: cast_floating(value, ctx.save_dtype) for key, value in tensors.items()},

@@ -270,3 +270,22 @@ def test_the_memory_plan_counts_every_experts_weights_and_hessians(tiny_models, 
         LLMPruneError, match=r"adaptation \(activations spilled to disk, float32 Hessian inverse, chunks of 1 window\)"
     ):
         llmprune.prune(str(folder), method="sparsegpt", max_memory="1MB", **common)
+
+
+def test_depth_removal_on_an_moe_model_writes_the_checkpoints_per_expert_tensors(tiny_models, tmp_path):
+    folder = tiny_models("mixtral", layers=4)
+    _token_file(tmp_path / "tokens.safetensors")
+    out = tmp_path / "out"
+    report = llmprune.prune(str(folder), method="depth", remove=0.5, depth_repair=False, no_eval=True, quiet=True,
+                            calibration=str(tmp_path / "tokens.safetensors"), output=str(out))  # fmt: skip
+    source = read_output(folder)
+    kept = [i for i in range(4) if i not in report["depth"]["removed_layers"]]
+    renumbered = {name.replace(f"layers.{old}.", f"layers.{new}.") for new, old in enumerate(kept)
+                  for name in source if f"layers.{old}." in name}  # fmt: skip
+    assert set(read_output(out)) == renumbered | {name for name in source if ".layers." not in name}
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict().items():
+        if name.startswith("model.layers."):
+            old = kept[int(name.split(".")[2])]
+            name = name.replace(f"layers.{name.split('.')[2]}.", f"layers.{old}.", 1)
+        assert torch.equal(tensor, dense[name]), name
