@@ -187,6 +187,9 @@ def random_model(
         weight_map.update(dict.fromkeys(shard, file))
         total += sum(dtype.itemsize * torch.Size(size).numel() for size in shard.values())
     write_index(partial, weight_map, total)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]  # vLLM picks its model by this
     config.save_pretrained(partial)
     tok.save_pretrained(partial)
     partial.rename(folder)

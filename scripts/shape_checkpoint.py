@@ -54,14 +54,25 @@ SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float3
 
 def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     """The checkpoint's tensor names and shapes, from the model built on the meta device (a tied head is
-    not a tensor of its own, as `save_pretrained` writes it)."""
+    not a tensor of its own, and fused MoE experts are one tensor per expert and projection in the Qwen/OLMoE
+    naming, as `save_pretrained` writes them)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings(), init_empty_weights():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=True)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        base, _, leaf = name.rpartition(".")
+        if p.dim() == 3 and leaf in ("gate_up_proj", "down_proj"):  # fused experts: one tensor per expert
+            parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+            rows = p.shape[1] // len(parts)
+            shapes.update(
+                {f"{base}.{e}.{part}.weight": (rows, p.shape[2]) for e in range(p.shape[0]) for part in parts}
+            )
+        else:
+            shapes[name] = tuple(p.shape)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
     return shapes

@@ -1,7 +1,7 @@
 """Generation throughput of model folders: greedy tokens per second in transformers or in vLLM.
 
     python scripts/throughput.py FOLDER [FOLDER ...] [--engine transformers|vllm] [--prompts 16] [--new-tokens 64]
-        [--dtype DTYPE]
+        [--dtype DTYPE] [--memory-fraction 0.2]
 
 Prints one JSON line per folder. vLLM runs in a subprocess per folder (one engine each), in the
 checkpoint's dtype; transformers generates all prompts as one batch.
@@ -35,7 +35,9 @@ def transformers_rate(folder: str, prompts: int, new_tokens: int) -> float:
     return (out.shape[1] - ids["input_ids"].shape[1]) * prompts / seconds
 
 
-def vllm_rate(folder: str, prompts: int, new_tokens: int, dtype: str | None = None) -> float:
+def vllm_rate(
+    folder: str, prompts: int, new_tokens: int, dtype: str | None = None, memory_fraction: float = 0.2
+) -> float:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -46,7 +48,7 @@ def vllm_rate(folder: str, prompts: int, new_tokens: int, dtype: str | None = No
         dtype=dtype or config.get("dtype") or config.get("torch_dtype") or "auto",
         enforce_eager=True,
         max_model_len=512,
-        gpu_memory_utilization=0.2,
+        gpu_memory_utilization=memory_fraction,  # on the CPU backend: the share of host memory vLLM may take
         seed=0,
     )
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
@@ -64,12 +66,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", help="vLLM's dtype (default: the checkpoint's)")
+    parser.add_argument("--memory-fraction", type=float, default=0.2, help="vLLM's gpu_memory_utilization")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     for folder in args.folders:
         if args.engine == "vllm" and not args.child:
             child = [sys.executable, __file__, folder, "--engine", "vllm", "--child"]
-            child += flags(prompts=args.prompts, new_tokens=args.new_tokens)
+            child += flags(prompts=args.prompts, new_tokens=args.new_tokens, memory_fraction=args.memory_fraction)
             child += ["--dtype", args.dtype] if args.dtype else []
             measured = run_measured(child, env={**os.environ, "OMP_NUM_THREADS": "1"})
             line = [x for x in measured.stdout.splitlines() if x.startswith("{")]
@@ -78,7 +81,7 @@ def main() -> None:
             print(line[-1], flush=True)
             continue
         if args.engine == "vllm":
-            rate = vllm_rate(folder, args.prompts, args.new_tokens, args.dtype)
+            rate = vllm_rate(folder, args.prompts, args.new_tokens, args.dtype, args.memory_fraction)
         else:
             rate = transformers_rate(folder, args.prompts, args.new_tokens)
         print(json.dumps({"folder": folder, "engine": args.engine, "tokens_per_second": rate}), flush=True)
