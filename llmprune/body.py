@@ -138,9 +138,9 @@ class Body(ABC):
 
 
 class RemovalBody(Body):
-    """A body that removes a fraction of the decoder (settings section `removal`): structured and depth. It holds
-    the method's instance and the budget, names the output by the fraction removed and forwards in default
-    chunks."""
+    """A body that removes a fraction of the decoder (settings section `removal`): structured, depth and
+    experts. It holds the method's instance and the budget, names the output by the fraction removed and
+    forwards in default chunks."""
 
     def __init__(self, settings: Settings, method: type) -> None:
         super().__init__(settings, method)

@@ -138,10 +138,6 @@ class ExpertsBody(RemovalBody):
                 f"{(self.experts - self.top_k) / self.experts:.3g}"
             )
 
-    @property
-    def tag(self) -> str:
-        return f"{round((1 - self.keep) * 100)}"
-
     def describe(self, ctx: RunContext) -> str:
         score = self.method.values["expert_score"]
         per_layer = f"remove {self.remove} of {self.experts} experts per MoE layer"

@@ -207,7 +207,7 @@ def test_a_cut_of_layers_and_kv_groups_loads_with_explicit_head_dim(tmp_path, mo
         ({"target_speedup": 0.5}, "--target-speedup must be more than 1 (got 0.5)"),
         ({"target_speedup": 50.0}, "--target-speedup 50 is out of reach: the cost model measured on cpu predicts"),
         ({"target_speedup": 1.5, "method": "sparsegpt"}, "--target-speedup is for the speed methods"),
-        ({"target_speedup": 1.5, "remove": 0.2}, "--remove is for the structured and depth methods"),
+        ({"target_speedup": 1.5, "remove": 0.2}, "--remove is for the structured, depth and expert methods"),
         ({"target_speedup": 1.5, "keep_neurons": 64}, "--keep-heads, --keep-neurons and --heads-per-group fix"),
     ],
 )
