@@ -78,6 +78,8 @@ def test_streamed_saliencies_equal_the_whole_model_and_the_top_experts_are_kept_
     config = json.loads((out / "config.json").read_text())
     key = next(k for k in ("num_local_experts", "num_experts") if k in config)  # qwen3_moe saves the former
     assert config[key] == 4 and config["num_experts_per_tok"] == 2 and report["experts"]["kept_experts"] == 4
+    card = (out / "README.md").read_text()
+    assert "4 of its 8 experts per MoE layer removed" in card and "| routed experts per MoE layer | 8 | 4 |" in card
 
     dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     pruned_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -210,7 +212,7 @@ def test_sparsegpt_on_experts_equals_a_whole_model_solve_with_per_expert_hessian
     assert (
         sum(m["tokens"] for m in modules if m["name"].endswith("down_proj")) == 2 * ids.numel() * 2
     )  # 2 layers, top-2
-    assert report["experts"]["uncovered"] == [] and report["achieved_sparsity"] == pytest.approx(0.5)
+    assert report["moe"]["uncovered"] == [] and report["achieved_sparsity"] == pytest.approx(0.5)
     raw = read_output(out)  # the checkpoint keeps the source's per-expert tensors (what vLLM loads)
     assert set(raw) == set(read_output(folder))
 
@@ -225,7 +227,7 @@ def test_an_expert_no_token_reached_is_reported_and_left_dense_unless_magnitude(
                             output=str(out))  # fmt: skip
     experts = [m for layer in report["layers"] for m in layer["modules"] if "tokens" in m]
     starved = sorted({m["name"].rpartition(".")[0] for m in experts if m["tokens"] == 0})
-    assert starved and report["experts"]["uncovered"] == starved and report["experts"]["uncovered_policy"] == policy
+    assert starved and report["moe"]["uncovered"] == starved and report["moe"]["uncovered_policy"] == policy
     dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     for name in starved:  # model.layers.L.mlp.experts.J

@@ -262,7 +262,7 @@ class UnstructuredBody(Body):
                 "forward_dtype": str(self.fdtype).removeprefix("torch."),
                 "solver_devices": [str(d) for d in self.solvers],
                 **({"quantization": self.quantization_section(ctx)} if self.scheme else {}),
-                **({"experts": self.experts_section(layers)} if self.moe else {}),
+                **({"moe": self.experts_section(layers)} if self.moe else {}),
             },
             layers=layers,
             timings={"prune_seconds": round(state.prune_seconds, 2)},

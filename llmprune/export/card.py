@@ -25,6 +25,7 @@ METHOD_NAMES = {
     "flap": "FLAP-style fluctuation head/neuron removal",
     "l2-structured": "weight-norm head/neuron removal",
     "depth": "depth removal (whole decoder layers)",
+    "reap": "REAP expert removal (router-weighted expert activation, Lasby et al. 2026)",
     "speed": "speed-aware search (layers, heads and neurons for a target decode speedup)",
 }
 PROJECT_URL = "https://pypi.org/project/llmprune/"
@@ -80,7 +81,7 @@ def front_matter(report: dict) -> dict:
     if report.get("base_model"):
         meta["base_model"] = report["base_model"]
     pattern = report["pattern"]
-    if report.get("structured") or report.get("depth") or report.get("speed"):
+    if report.get("structured") or report.get("depth") or report.get("speed") or report.get("experts"):
         tags = ["pruned", "structured-pruning", "llmprune"]
     else:
         tags = ["pruned", "sparse", pattern if pattern != "unstructured" else "unstructured-sparsity", "llmprune"]
@@ -111,6 +112,8 @@ def render_card(report: dict) -> str:
         return _render_depth(report, name, method, source)
     if report.get("speed"):
         return _render_speed(report, name, method, source)
+    if report.get("experts"):
+        return _render_experts(report, name, method, source)
     quant = report.get("quantization")
     quantized_title = f" and quantized to {quant['scheme']}" if quant else ""
     parts = [
@@ -176,6 +179,28 @@ def _render_depth(report: dict, name: str, method: str, source: str) -> str:
     )
     title = f"{len(info['removed_layers'])} of its {info['dense_layers']} decoder layers removed"
     return _render_smaller(report, name, method, source, title, "whole decoder layers", structure, "fewer layers")
+
+
+def _render_experts(report: dict, name: str, method: str, source: str) -> str:
+    """The card of a mixture-of-experts model with whole experts removed."""
+    info = report["experts"]
+    params = info["parameters"]
+    structure = "\n".join(
+        [
+            "## Structure\n",
+            "| | dense | pruned |",
+            "|---|---:|---:|",
+            f"| routed experts per MoE layer | {info['dense_experts']} | {info['kept_experts']} |",
+            f"| experts per token | {info['experts_per_token']} | {info['experts_per_token']} |",
+            f"| parameters (all decoder layers) | {params['decoder_before']:,} | {params['decoder_after']:,} |\n",
+            "The kept experts of each layer (dense numbering) are in `llmprune.json` (`layers`); they are renumbered "
+            "from 0, the router keeps their rows, and shared experts are untouched.\n",
+        ]
+    )
+    removed = info["dense_experts"] - info["kept_experts"]
+    title = f"{removed} of its {info['dense_experts']} experts per MoE layer removed"
+    return _render_smaller(report, name, method, source, title, "whole routed experts", structure,
+                           "the smaller expert count")  # fmt: skip
 
 
 def _render_speed(report: dict, name: str, method: str, source: str) -> str:
