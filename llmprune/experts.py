@@ -167,8 +167,10 @@ class ExpertsBody(RemovalBody):
                     }
             stream.forward(index, layer, acts)
             prefix = f"{skeleton.layers_prefix}.{index}."
-            tensors = {
-                prefix + k: cast_floating(v.detach().to(cpu), ctx.save_dtype) for k, v in layer.state_dict().items()
+            tensors = {  # what the checkpoint holds of the layer (no buffer it lacks)
+                prefix + k: cast_floating(v.detach().to(cpu), ctx.save_dtype)
+                for k, v in layer.state_dict().items()
+                if prefix + k in skeleton.key_map
             }
             writer.write_unit(layer_unit(index), skeleton.stored(tensors))
             skeleton.unload_layer(index)

@@ -42,7 +42,7 @@ from benchlib import (
 OLMOE = dict(  # allenai/OLMoE-1B-7B-0924's sizes: 6.9B parameters, 1.3B active
     model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
     num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096, dtype="bfloat16",
-    tie_word_embeddings=False,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,  # SmolLM2's tokenizer's ids
 )  # fmt: skip
 SHAPES = {  # name -> (the MoE model, the dense model of about its parameter count)
     "tiny-moe": (
@@ -52,6 +52,12 @@ SHAPES = {  # name -> (the MoE model, the dense model of about its parameter cou
              tie_word_embeddings=False),
         dict(model_type="llama", hidden_size=256, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024, dtype="float32", tie_word_embeddings=False),
+    ),
+    "olmoe-layers-4": (  # OLMoE-1B-7B's layers, 4 of its 16: 1.9B parameters (a 2-core CPU prunes it in minutes)
+        dict(OLMOE, num_hidden_layers=4),
+        dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=25,
+             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, dtype="bfloat16",
+             tie_word_embeddings=False),
     ),
     "olmoe-1b-7b": (
         OLMOE,
