@@ -177,6 +177,18 @@ def format_summary(report: dict) -> str:
         lines.append("  perplexity       not evaluated (--no-eval)")
     if s["damping_retries"]:
         lines.append(f"  damping retries  {s['damping_retries']} (see llmprune.json)")
+    if report.get("experts"):
+        experts, params = report["experts"], report["experts"]["parameters"]
+        lines.append(
+            f"  experts          {experts['dense_experts']} -> {experts['kept_experts']} per MoE layer (decoder "
+            f"parameters {params['decoder_after'] / params['decoder_before']:.3f}x)"
+        )
+    uncovered = report.get("moe", {}).get("uncovered")
+    if uncovered:
+        policy = "left dense" if report["moe"]["uncovered_policy"] == "dense" else "pruned by magnitude"
+        lines.append(
+            f"  uncovered        {len(uncovered)} experts got no calibration token: {policy} (see llmprune.json)"
+        )
     lines.append(f"  time             {s['seconds']:.1f} s (pruning {s['prune_seconds']:.1f} s)")
     cuda = f", CUDA {s['peak_cuda_gib']:.2f} GiB" if s["peak_cuda_gib"] else ""
     lines.append(f"  peak memory      RSS {s['peak_rss_gib']:.2f} GiB{cuda}")

@@ -291,3 +291,15 @@ def test_depth_removal_on_an_moe_model_writes_the_checkpoints_per_expert_tensors
             old = kept[int(name.split(".")[2])]
             name = name.replace(f"layers.{name.split('.')[2]}.", f"layers.{old}.", 1)
         assert torch.equal(tensor, dense[name]), name
+
+
+def test_the_summary_names_the_expert_counts_and_the_uncovered_experts(tiny_models, tmp_path, capsys):
+    from llmprune.cli import main
+
+    _token_file(tmp_path / "tokens.safetensors", windows=1, seqlen=4)
+    folder, tokens = str(tiny_models("olmoe", layers=2)), str(tmp_path / "tokens.safetensors")
+    common = ["--calibration", tokens, "--no-eval"]  # not --quiet: that drops the summary
+    assert main([folder, "--method", "reap", "--remove", "0.5", "--output", str(tmp_path / "a"), *common]) == 0
+    assert "experts          8 -> 4 per MoE layer (decoder parameters 0." in capsys.readouterr().out
+    assert main([folder, "--method", "wanda", "--output", str(tmp_path / "b"), *common]) == 0
+    assert "experts got no calibration token: left dense (see llmprune.json)" in capsys.readouterr().out
