@@ -24,8 +24,7 @@ from llmprune.engine.resume import RunState
 from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
-from llmprune.models.moe import MoeBlock, expert_count_key, keep_experts, moe_blocks
-from llmprune.models.skeleton import cast_floating
+from llmprune.models.moe import MoeBlock, check_removable, expert_count_key, keep_experts, moe_blocks
 from llmprune.settings import Configurable, Option
 
 
@@ -123,13 +122,16 @@ class ExpertsBody(RemovalBody):
                 "--target-flops: removing experts keeps the FLOPs per token (each token still runs "
                 "num_experts_per_tok experts); give --remove, the fraction of routed experts to remove"
             )
-        counts = {b.num_experts for layer in ctx.skeleton.layers for b in moe_blocks(layer).values()}
-        if not counts:
+        blocks = [block for layer in ctx.skeleton.layers for block in moe_blocks(layer).values()]
+        if not blocks:
             raise LLMPruneError(f"--method {self.settings.method}: {ctx.folder.name} has no mixture-of-experts layer")
+        counts = {block.num_experts for block in blocks}
         if len(counts) > 1:
             raise LLMPruneError(f"{ctx.folder.name}: MoE layers with different expert counts {sorted(counts)}")
+        for block in blocks:
+            check_removable(block)
         self.experts = counts.pop()
-        self.top_k = max(b.top_k for layer in ctx.skeleton.layers for b in moe_blocks(layer).values())
+        self.top_k = max(block.top_k for block in blocks)
         self.remove = round((1 - self.keep) * self.experts)
         if self.experts - self.remove < self.top_k:
             raise LLMPruneError(
@@ -166,13 +168,7 @@ class ExpertsBody(RemovalBody):
                         "removed": [j for j in range(self.experts) if j not in kept],
                     }
             stream.forward(index, layer, acts)
-            prefix = f"{skeleton.layers_prefix}.{index}."
-            tensors = {  # what the checkpoint holds of the layer (no buffer it lacks)
-                prefix + k: cast_floating(v.detach().to(cpu), ctx.save_dtype)
-                for k, v in layer.state_dict().items()
-                if prefix + k in skeleton.key_map
-            }
-            writer.write_unit(layer_unit(index), skeleton.stored(tensors))
+            writer.write_unit(layer_unit(index), skeleton.stored(skeleton.layer_tensors(index, layer, ctx.save_dtype)))
             skeleton.unload_layer(index)
             self.layers.append(record)
         stream.close()

@@ -76,16 +76,7 @@ def prune_layers(
         layer = skeleton.load_layer(index, device, compute_dtype)
         modules = pruner.prune(stream, index, layer, acts)
         trim_heap()
-        prefix = f"{skeleton.layers_prefix}.{index}."
-        tensors = skeleton.stored(
-            pruner.stored_tensors(
-                {
-                    prefix + k: v.detach().to("cpu", save_dtype) if v.is_floating_point() else v.cpu()
-                    for k, v in layer.state_dict().items()
-                    if prefix + k in skeleton.key_map
-                }
-            )
-        )
+        tensors = skeleton.stored(pruner.stored_tensors(skeleton.layer_tensors(index, layer, save_dtype)))
         writer.write_unit(layer_unit(index), tensors)
         del tensors
         skeleton.unload_layer(index)

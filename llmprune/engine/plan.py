@@ -351,9 +351,8 @@ def make_plan(
         steps.append(
             ("two-pass (parallel) order: no barrier state", lambda ch: dataclasses.replace(ch, order="parallel"))
         )
-    elif (
-        req.method.statistics and not req.parallel_only
-    ):  # few tokens: one group's statistics at a time beats every group's
+    # few tokens: one group's statistics at a time beats every group's (not for MoE experts: parallel only)
+    elif req.method.statistics and not req.parallel_only:
         parked = park_to if req.park == "auto" else req.park
         steps.append(
             (

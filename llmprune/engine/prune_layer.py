@@ -32,7 +32,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.methods.base import PruningMethod
 from llmprune.methods.magnitude import Magnitude
 from llmprune.methods.statistics import InputStats
-from llmprune.models.moe import ExpertProjection, MoeBlock, expert_projections, moe_blocks
+from llmprune.models.moe import ExpertProjection, MoeBlock, expert_projections, moe_blocks, projection_names
 from llmprune.pattern import Pattern
 from llmprune.settings import ORDERS
 
@@ -137,9 +137,8 @@ class _ExpertFeed:
     def of(cls, block: MoeBlock, targets: dict) -> _ExpertFeed:
         experts = {}
         for expert in range(block.num_experts):
-            base = f"{block.name}.experts.{expert}"
-            first = [name for name in (f"{base}.gate_proj", f"{base}.up_proj") if name in targets]
-            down = f"{base}.down_proj"
+            gate, up, down = projection_names(block, expert)
+            first = [name for name in (gate, up) if name in targets]
             experts[expert] = (_Group(first) if first else None, _Group([down]) if down in targets else None)
         return cls(block, experts)
 

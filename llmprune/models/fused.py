@@ -36,19 +36,15 @@ class FusedTensor:
         return [EXPERT_INDEX.sub(f".experts.{e}.", first, count=1) for e in range(experts)]
 
 
-def fused_operations(converter) -> int | None:
-    """The concatenation dim of a converter that stacks per-expert tensors (MergeModulelist(0), then optionally
-    Concatenate(1)); None for any other conversion (not streamable here)."""
+def stacks_experts(converter) -> bool:
+    """Whether a transformers converter stacks per-expert tensors into a fused parameter: MergeModulelist(0),
+    then optionally Concatenate(1), the two operations FusedView reads and splits (any other conversion is not
+    streamable here)."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
     ops = list(converter.operations)
-    if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0:
-        return None
-    if len(ops) == 1:
-        return 1
-    if len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1:
-        return 1
-    return None
+    stacked = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+    return stacked and (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1))
 
 
 def collect_fused(
@@ -60,11 +56,10 @@ def collect_fused(
     for target, by_pattern in sources.items():
         parts = []
         for pattern in order[target]:
-            names = by_pattern.get(pattern, [])
-            indices = sorted(int(EXPERT_INDEX.search(n).group(1)) for n in names)  # type: ignore[union-attr]
-            if not names or indices != list(range(len(names))):
+            by_index = {int(EXPERT_INDEX.search(n).group(1)): n for n in by_pattern.get(pattern, [])}  # type: ignore[union-attr]
+            if not by_index or sorted(by_index) != list(range(len(by_index))):
                 raise LLMPruneError(f"checkpoint {checkpoint.folder}: the experts of {target} are not 0 .. n-1")
-            parts.append(sorted(names, key=lambda n: int(EXPERT_INDEX.search(n).group(1))))  # type: ignore[union-attr]
+            parts.append([by_index[e] for e in range(len(by_index))])
         if len({len(p) for p in parts}) != 1:
             raise LLMPruneError(f"checkpoint {checkpoint.folder}: the projections of {target} have unequal experts")
         fused[target] = FusedTensor(parts, [checkpoint.metadata(p[0])[1][0] for p in parts])

@@ -34,7 +34,7 @@ class MoeBlock:
 
     def fused(self) -> dict[str, nn.Parameter]:
         """The experts' 3-D parameters by name (relative to the experts module)."""
-        return {name: p for name, p in self.experts.named_parameters(recurse=False) if p.dim() == 3}
+        return {name: getattr(self.experts, name) for name in FUSED_NAMES}
 
     def expert_hidden(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """The input of expert `expert`'s down projection for tokens x: act(x Wg^T) * (x Wu^T), as the fused
@@ -78,16 +78,22 @@ def expert_count_key(config: dict) -> str:
     return key
 
 
-def keep_experts(block: MoeBlock, kept: list[int]) -> None:
-    """Shrink the block in place to the experts `kept` (in that order, renumbered 0 ..): the router's rows and
-    the experts' slices; the counts the modules hold are updated so their forward routes over the kept ones."""
-    index = torch.tensor(kept, dtype=torch.long)
+def check_removable(block: MoeBlock) -> None:
+    """Refuse a router that holds more than its weight (a per-expert bias, DeepSeek-V3's score correction):
+    keep_experts would leave it the removed experts' entries. Reads shapes only (a meta block will do)."""
     extra = [name for name, _ in block.router.named_parameters(recurse=False) if name != "weight"]
     extra += [name for name, _ in block.router.named_buffers(recurse=False)]
     if extra:
         raise LLMPruneError(
             f"{block.name}: the router holds {extra[0]}; llmprune removes experts of routers with a weight only"
         )
+
+
+def keep_experts(block: MoeBlock, kept: list[int]) -> None:
+    """Shrink the block in place to the experts `kept` (in that order, renumbered 0 ..): the router's rows and
+    the experts' slices; the counts the modules hold are updated so their forward routes over the kept ones.
+    The router must have passed check_removable."""
+    index = torch.tensor(kept, dtype=torch.long)
     block.router.weight = nn.Parameter(
         block.router.weight.data[index.to(block.router.weight.device)], requires_grad=False
     )
@@ -124,14 +130,20 @@ class ExpertProjection:
         getattr(self.experts, self.param).data[self.expert, self.rows] = value
 
 
+def projection_names(block: MoeBlock, expert: int) -> tuple[str, str, str]:
+    """Expert `expert`'s gate, up and down projections' names relative to the layer (`BLOCK.experts.J.gate_proj`,
+    ...), as the per-expert checkpoint tensors of the Qwen-style families are named."""
+    base = f"{block.name}.experts.{expert}"
+    return f"{base}.gate_proj", f"{base}.up_proj", f"{base}.down_proj"
+
+
 def expert_projections(block: MoeBlock) -> dict[str, ExpertProjection]:
-    """Every expert's gate, up and down projections, named `BLOCK.experts.J.gate_proj` (up_proj, down_proj)
-    relative to the layer, as the per-expert checkpoint tensors of the Qwen-style families are."""
+    """Every expert's gate, up and down projections, by their projection_names."""
     half = block.experts.gate_up_proj.shape[1] // 2
     out = {}
     for expert in range(block.num_experts):
-        base = f"{block.name}.experts.{expert}"
-        out[f"{base}.gate_proj"] = ExpertProjection(block.experts, "gate_up_proj", expert, slice(0, half))
-        out[f"{base}.up_proj"] = ExpertProjection(block.experts, "gate_up_proj", expert, slice(half, 2 * half))
-        out[f"{base}.down_proj"] = ExpertProjection(block.experts, "down_proj", expert, slice(None))
+        gate, up, down = projection_names(block, expert)
+        out[gate] = ExpertProjection(block.experts, "gate_up_proj", expert, slice(0, half))
+        out[up] = ExpertProjection(block.experts, "gate_up_proj", expert, slice(half, 2 * half))
+        out[down] = ExpertProjection(block.experts, "down_proj", expert, slice(None))
     return out

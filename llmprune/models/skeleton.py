@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
 from llmprune.models.compressed import CompressedCheckpoint, open_checkpoint
-from llmprune.models.fused import FusedTensor, FusedView, collect_fused, fused_operations
+from llmprune.models.fused import FusedTensor, FusedView, collect_fused, stacks_experts
 
 
 @dataclass
@@ -45,6 +45,16 @@ class Skeleton:
         """State-dict names (model naming) of decoder layer `index`."""
         prefix = f"{self.layers_prefix}.{index}."
         return [k for k in self.key_map if k.startswith(prefix)]
+
+    def layer_tensors(self, index: int, layer: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Materialized layer `index`'s tensors that the checkpoint holds (no buffer it lacks), by model name, on
+        the CPU, the floating ones in `dtype`: what an output's layer unit is written from."""
+        prefix = f"{self.layers_prefix}.{index}."
+        return {
+            prefix + k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
+            for k, v in layer.state_dict().items()
+            if prefix + k in self.key_map
+        }
 
     def layer_parameters(self, index: int) -> int:
         """How many values decoder layer `index` stores, from the shard headers alone."""
@@ -221,7 +231,7 @@ def _key_map(model: PreTrainedModel, checkpoint: Checkpoint) -> tuple[dict[str, 
         renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
         if converted is not None:
             converter = next((c for c in converters if converted in c.source_patterns), None)
-            if converter is None or fused_operations(converter) is None or renamed not in meta:
+            if converter is None or not stacks_experts(converter) or renamed not in meta:
                 raise LLMPruneError(
                     f"checkpoint tensor {key} needs a many-to-one conversion; llmprune streams "
                     "checkpoints whose tensors map one to one onto the model (or per-expert tensors onto fused ones)"
