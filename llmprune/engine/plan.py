@@ -277,7 +277,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     forward = {**held, "chunk temporaries": temporaries, stats_name: statistics}
     if streamed:
         forward["activation chunks in flight"] = streamed
-    solve = {**held, stats_name: statistics, "SparseGPT workspace" if req.inverse else "method workspace": workspace}
+    solve = {**held, stats_name: statistics, req.method.workspace_label: workspace}
     write = {**held, "writing a layer": write_buffer if not on_gpu else saved}
     rest = geo.rest_params * c
     table = geo.table_rows * geo.table_width * c

@@ -39,6 +39,7 @@ class PruningMethod(Configurable, ABC):
     # the option holding the dtype of a matrix inverse the method factors ("auto", "float64", "float32"): the
     # memory plan may choose float32 for "auto" under a tight budget (None: the method inverts nothing)
     inverse_option: ClassVar[str | None] = None
+    workspace_label: ClassVar[str] = "method workspace"  # what the memory plan calls one solve's buffers
 
     @classmethod
     def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:

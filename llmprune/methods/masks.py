@@ -42,9 +42,10 @@ def lowest_global(scores: torch.Tensor, count: int) -> torch.Tensor:
     if count <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     threshold = flat.kthvalue(count).values
-    below = flat < threshold
-    ties = flat == threshold
-    mask = below | (ties & (ties.cumsum(0) <= count - below.sum()))
+    mask = flat < threshold
+    short = count - int(mask.sum())
+    if short:  # the first ties by position (their positions only: no numel-sized index or cumsum)
+        mask[(flat == threshold).nonzero().squeeze(1)[:short]] = True
     return mask.reshape(scores.shape)
 
 

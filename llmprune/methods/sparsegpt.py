@@ -23,6 +23,10 @@ from llmprune.pattern import Pattern
 from llmprune.settings import Option
 
 MAX_DAMPING_RETRIES = 6
+DAMPENING = Option(
+    "dampening", 0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT, ALPS; default 0.01)",
+    type=float, minimum=0.0,
+)  # fmt: skip
 UPDATE_ROWS = 1024  # rows of the weight per lazy-update product: a 1024 x n temporary, still GEMM-sized
 
 
@@ -76,9 +80,10 @@ class SparseGPT(PruningMethod):
     name = "sparsegpt"
     summary = "OBS pruning with weight reconstruction (Frantar & Alistarh 2023)"
     statistics = (Hessian,)
+    workspace_label = "SparseGPT workspace"
     inverse_option = "inverse_dtype"
     options = (
-        Option("dampening", 0.01, "SparseGPT dampening (default 0.01)", type=float, minimum=0.0),
+        DAMPENING,
         Option("blocksize", 128, "SparseGPT block size (default 128)", type=int, minimum=1),
         Option(
             "inverse_dtype",
