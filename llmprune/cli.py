@@ -175,6 +175,13 @@ def format_summary(report: dict) -> str:
         )
     else:
         lines.append("  perplexity       not evaluated (--no-eval)")
+    profile = report.get("sparsity_profile", {})
+    if profile.get("profile") == "owl":
+        layers = [layer["sparsity"] for layer in profile["layers"]]
+        lines.append(
+            f"  profile          owl: layer sparsities {min(layers):.3f} .. {max(layers):.3f} (lambda "
+            f"{profile['lambda']:g}, M {profile['m']:g}; outlier ratios in llmprune.json)"
+        )
     if s["damping_retries"]:
         lines.append(f"  damping retries  {s['damping_retries']} (see llmprune.json)")
     if report.get("experts"):

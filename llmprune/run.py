@@ -212,7 +212,7 @@ def prune(model: str, **options) -> dict:
         result = _run(ctx, body, writer, state, started)
         result["output"] = str(writer.commit())
     except BaseException:
-        if not body.resumable or (state.next_layer == 0 and not state.dense_perplexity):
+        if not body.resumable or (state.next_layer == 0 and not state.dense_perplexity and not state.profile):
             writer.discard()
         else:
             log.warning("the run stopped; the same command resumes it from %s", writer.partial)

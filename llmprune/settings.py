@@ -156,6 +156,19 @@ class Unstructured:
         type=fraction,
     )
     pattern: str = setting("unstructured", "'unstructured' or N:M, e.g. 2:4 (N kept of every M)")
+    sparsity_profile: str = setting(
+        "uniform",
+        "how --sparsity spreads over the decoder layers: uniform (default), or owl: layers with more outlier "
+        "weights keep more (Yin et al. 2024), each within --owl-lambda of --sparsity, the model-wide sparsity "
+        "unchanged; costs one more streamed pass",
+        choices=("uniform", "owl"),
+    )
+    owl_lambda: float = setting(
+        0.08, "owl: the largest change of a layer's sparsity from --sparsity (default 0.08)", type=float, minimum=0.0
+    )
+    owl_m: float = setting(
+        5.0, "owl: a score |W|x||X|| above M times its layer's mean is an outlier (default 5)", type=float, minimum=0.0
+    )
     quantize: str | None = setting(
         None,
         "also quantize the kept weights, in the same streamed pass, into a compressed-tensors checkpoint: w8a8 "
@@ -472,6 +485,28 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def check_profile(unstructured: Unstructured, pattern: Pattern) -> None:
+    """--sparsity-profile owl varies an unstructured sparsity, every layer's within [0, 1); its knobs are refused
+    without it (never silently ignored)."""
+    if unstructured.sparsity_profile != "owl":
+        for name in ("owl_lambda", "owl_m"):
+            if getattr(unstructured, name) != getattr(Unstructured, name):
+                flag = "--" + name.replace("_", "-")
+                raise LLMPruneError(f"{flag} is for --sparsity-profile owl (got {unstructured.sparsity_profile})")
+        return
+    lam = unstructured.owl_lambda
+    if pattern.is_nm:
+        raise LLMPruneError(
+            f"--sparsity-profile owl varies the sparsity per layer; --pattern {pattern} fixes it at "
+            f"{pattern.sparsity:g} in every group of {pattern.m} (use --pattern unstructured, or the uniform profile)"
+        )
+    if not (0 <= pattern.sparsity - lam and pattern.sparsity + lam < 1):
+        raise LLMPruneError(
+            f"--sparsity {pattern.sparsity:g} with --owl-lambda {lam:g} puts layers outside [0, 1): use an "
+            f"--owl-lambda below {min(pattern.sparsity, 1 - pattern.sparsity):g}"
+        )
+
+
 def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_options: Iterable[Option] = ()) -> None:
     """Every check of option values, before any work: a run of `kind`, which reads `sections` besides the shared
     ones, refuses the other sections' settings; each value is in range, and the combinations make sense."""
@@ -507,6 +542,7 @@ def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_op
         raise LLMPruneError(f"--target-speedup must be more than 1 (got {speedup})")
     if "unstructured" in sections:
         pattern = Pattern.parse(unstructured.pattern, unstructured.sparsity)
+        check_profile(unstructured, pattern)
         if publish.save_format == PACKED_FORMAT and str(pattern) != "2:4":
             raise LLMPruneError(f"--save-format {PACKED_FORMAT} needs --pattern 2:4 (got {pattern})")
         if publish.save_format == PACKED_FORMAT and unstructured.quantize:

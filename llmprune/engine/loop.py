@@ -21,6 +21,7 @@ from llmprune.engine.resume import RunState
 from llmprune.engine.stream import LayerStream
 from llmprune.export.writer import OutputFolder
 from llmprune.models.skeleton import Skeleton
+from llmprune.pattern import Pattern
 
 
 def layer_unit(index: int) -> str:
@@ -52,8 +53,10 @@ def prune_layers(
     label: str,
     quiet: bool,
     forward_dtype: torch.dtype | None = None,
+    patterns: list[Pattern] | None = None,
 ) -> None:
-    """Prune layers state.next_layer .. end, committing each one (state is updated in place)."""
+    """Prune layers state.next_layer .. end, committing each one (state is updated in place); with `patterns`,
+    layer i to patterns[i] (a non-uniform sparsity profile), else every layer to the pruner's pattern."""
     spilled = choice.activations == "disk"
     act_device = torch.device("cpu") if choice.activations != "device" else device
     stream = LayerStream(skeleton, device, compute_dtype, choice.chunk, act_device, choice.act_dtype, forward_dtype)
@@ -74,7 +77,7 @@ def prune_layers(
         acts.spill_to = side if spilled else None
         trim_heap()
         layer = skeleton.load_layer(index, device, compute_dtype)
-        modules = pruner.prune(stream, index, layer, acts)
+        modules = pruner.prune(stream, index, layer, acts, patterns[index] if patterns else None)
         trim_heap()
         tensors = skeleton.stored(pruner.stored_tensors(skeleton.layer_tensors(index, layer, save_dtype)))
         writer.write_unit(layer_unit(index), tensors)

@@ -187,28 +187,49 @@ class LayerPruner:
         self.saved = {}
         return tensors
 
-    def prune(self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations) -> list[dict]:
-        """Prune layer `index` in place; `acts` become the pruned layer's outputs. Returns module reports."""
+    def _groups(self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations, targets: dict) -> tuple:
+        """The layer's groups of Linears sharing an input, and its MoE blocks' expert feeds."""
+        linears = {name: module for name, module in targets.items() if isinstance(module, nn.Linear)}
+        groups = [_Group(names) for names in group_by_input(stream, index, layer, acts.first(), linears)]
+        feeds = [_ExpertFeed.of(block, targets) for block in moe_blocks(layer).values()]
+        return groups, [feed for feed in feeds if feed.groups()]
+
+    def prune(
+        self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations, pattern: Pattern | None = None
+    ) -> list[dict]:
+        """Prune layer `index` in place to `pattern` (default: the pruner's); `acts` become the pruned layer's
+        outputs. Returns module reports."""
         prefix = f"{stream.sk.layers_prefix}.{index}"
         targets = find_targets(layer, prefix, self.rule)
         reports: list[dict] = []
         if not targets:
             stream.forward(index, layer, acts)
             return reports
-        linears = {name: module for name, module in targets.items() if isinstance(module, nn.Linear)}
-        groups = [_Group(names) for names in group_by_input(stream, index, layer, acts.first(), linears)]
-        feeds = [_ExpertFeed.of(block, targets) for block in moe_blocks(layer).values()]
-        feeds = [feed for feed in feeds if feed.groups()]
+        pattern = pattern or self.pattern
+        groups, feeds = self._groups(stream, index, layer, acts, targets)
         if self.order == "sequential":
             if feeds:
                 raise LLMPruneError(f"layer {index}: expert weights are pruned in the parallel order only")
-            self._lockstep(stream, index, layer, acts, targets, groups, prefix, reports)
+            self._lockstep(stream, index, layer, acts, targets, groups, prefix, reports, pattern)
         else:
             self._collect_all(stream, index, layer, acts, targets, groups, feeds)
             for group in groups + [group for feed in feeds for group in feed.groups()]:
-                self._apply(targets, group, prefix, reports)
+                self._apply(targets, group, prefix, reports, pattern)
             stream.forward(index, layer, acts)
         return reports
+
+    def statistics(
+        self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations
+    ) -> dict[str, tuple[Target, InputStats | None]]:
+        """The method's statistics of every target of layer `index` from the dense layer's inputs `acts` (left
+        as they are), by relative name with its module; None for an expert no calibration token reached."""
+        targets = find_targets(layer, f"{stream.sk.layers_prefix}.{index}", self.rule)
+        if not targets:
+            return {}
+        groups, feeds = self._groups(stream, index, layer, acts, targets)
+        self._collect_all(stream, index, layer, acts, targets, groups, feeds)
+        every = groups + [group for feed in feeds for group in feed.groups()]
+        return {name: (targets[name], group.stats) for group in every for name in group.names}
 
     def _feed_experts(self, feed: _ExpertFeed, targets: dict, hidden: torch.Tensor, indices: torch.Tensor) -> None:
         """One chunk's tokens into each expert's statistics: the tokens routed to it (the router's top-k
@@ -230,7 +251,7 @@ class LayerPruner:
         if group.sample is None and not group.stats.exact_error:  # else a statistic gives the error exactly
             group.sample = x.reshape(-1, x.shape[-1])[: self.error_tokens].detach().clone()
 
-    def _lockstep(self, stream, index, layer, acts, targets, groups, prefix, reports) -> None:
+    def _lockstep(self, stream, index, layer, acts, targets, groups, prefix, reports, pattern) -> None:
         """One forward: every chunk waits at each group until all chunks have fed its statistics.
 
         While waiting, a chunk parks everything it holds: the layer input and every storage its
@@ -250,7 +271,7 @@ class LayerPruner:
                 with tracker.paused() if tracker else nullcontext(), full_precision(args[0].device):
                     self._observe(group, module, args[0])
                     park = [inputs[chunk], *tracker.alive()] if tracker else []
-                    step.barrier(lambda: self._apply(targets, group, prefix, reports), park=park)
+                    step.barrier(lambda: self._apply(targets, group, prefix, reports, pattern), park=park)
 
             return hook
 
@@ -309,7 +330,9 @@ class LayerPruner:
             for handle in handles:
                 handle.remove()
 
-    def _apply(self, targets: dict[str, Target], group: _Group, prefix: str, reports: list[dict]) -> None:
+    def _apply(
+        self, targets: dict[str, Target], group: _Group, prefix: str, reports: list[dict], pattern: Pattern
+    ) -> None:
         """Prune every member of a group with the group's shared statistics.
 
         With several solver devices (GPUs), the members' solves run concurrently, one per device,
@@ -317,9 +340,9 @@ class LayerPruner:
         """
         names = list(group.names)
         for name in names:
-            self.pattern.check_width(targets[name].in_features, f"{prefix}.{name}")
+            pattern.check_width(targets[name].in_features, f"{prefix}.{name}")
         if group.stats is None and self.method.statistics:  # an expert no calibration token was routed to
-            self._uncovered(targets, names, prefix, reports)
+            self._uncovered(targets, names, prefix, reports, pattern)
             return
         devices = self.devices or [None]
 
@@ -330,7 +353,7 @@ class LayerPruner:
             weight, stats = module.weight.data, group.stats
             if device is not None and device != weight.device:
                 weight, stats = weight.to(device), stats.to(device) if stats is not None else None
-            result = self.method.prune(weight, stats, self.pattern)
+            result = self.method.prune(weight, stats, pattern)
             return result, time.perf_counter() - started
 
         def record(position: int, result, seconds: float) -> None:
@@ -373,13 +396,15 @@ class LayerPruner:
         group.sample = None
         trim_heap()  # the solves' small buffers would otherwise stay in the heap through the next forward
 
-    def _uncovered(self, targets: dict[str, Target], names: list[str], prefix: str, reports: list[dict]) -> None:
+    def _uncovered(
+        self, targets: dict[str, Target], names: list[str], prefix: str, reports: list[dict], pattern: Pattern
+    ) -> None:
         """An expert without calibration tokens has no statistics: left dense, or pruned by magnitude with
         --uncovered-experts magnitude; reported either way."""
         for name in names:
             module = targets[name]
             if self.uncovered == "magnitude":
-                set_weight(module, Magnitude().prune(module.weight, None, self.pattern).weight)
+                set_weight(module, Magnitude().prune(module.weight, None, pattern).weight)
             weight = module.weight
             zeros = int(weight.numel() - weight.count_nonzero())
             reports.append(

@@ -40,6 +40,7 @@ class RunState:
     chunk_shapes: list[list[int]] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)
     dense_perplexity: dict | None = None
+    profile: dict | None = None  # a non-uniform sparsity profile's per-layer sparsities, found before layer 0
     prune_seconds: float = 0.0
 
     @staticmethod

@@ -4,6 +4,8 @@ killed run resumes."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from llmprune.engine.devices import (
     solver_devices,
 )
 from llmprune.engine.loop import prune_layers
+from llmprune.engine.owl import layer_outlier_ratios, owl_profile
 from llmprune.engine.parking import Parking
 from llmprune.engine.plan import Geometry, MemoryPlan, Request, choice_from_dict, choice_to_dict, make_plan
 from llmprune.engine.prune_layer import LayerPruner, TargetRule, find_targets
@@ -191,8 +194,39 @@ class UnstructuredBody(Body):
             f"from {calib.source}"
         )
 
+    def layer_patterns(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> list[Pattern] | None:
+        """Each layer's pattern under a non-uniform --sparsity-profile (None: uniform). OWL's outlier ratios take
+        a streamed pass of the dense model before layer 0; the profile is kept in the run state, so a resumed
+        run prunes to the same sparsities."""
+        options = self.settings.unstructured
+        if options.sparsity_profile == "uniform":
+            return None
+        assert self.plan_result is not None and ctx.calib is not None
+        if state.profile is None:
+            started = time.perf_counter()
+            ratios = layer_outlier_ratios(
+                ctx.skeleton,
+                ctx.calib.ids,
+                ctx.device,
+                self.cdtype,
+                self.plan_result.choice,
+                self.rule,
+                options.owl_m,
+                writer.work,
+                not ctx.progress,
+                forward_dtype=self.fdtype,
+            )
+            sizes = [sum(m.in_features * m.out_features for m in targets.values()) for targets in self.targets]
+            seconds = time.perf_counter() - started
+            state.profile = owl_profile(ratios, sizes, self.pattern, options.owl_lambda, options.owl_m, seconds)
+            state.save(writer.work)
+            sparsities = [layer["sparsity"] for layer in state.profile["layers"]]
+            log.info("OWL sparsities %.3f .. %.3f (%.0f s)", min(sparsities), max(sparsities), seconds)
+        return [Pattern(layer["sparsity"]) for layer in state.profile["layers"]]
+
     def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
         assert self.plan_result is not None and ctx.calib is not None
+        patterns = self.layer_patterns(ctx, writer, state)
         choice = self.plan_result.choice
         pruner = LayerPruner(
             self.method,
@@ -217,6 +251,7 @@ class UnstructuredBody(Body):
             f"{self.settings.method} {self.pattern}",
             not ctx.progress,
             forward_dtype=self.fdtype,
+            patterns=patterns,
         )
 
     def quantization_section(self, ctx: RunContext) -> dict:
@@ -263,6 +298,7 @@ class UnstructuredBody(Body):
                 "solver_devices": [str(d) for d in self.solvers],
                 **({"quantization": self.quantization_section(ctx)} if self.scheme else {}),
                 **({"moe": self.experts_section(layers)} if self.moe else {}),
+                "sparsity_profile": state.profile or {"profile": "uniform"},
             },
             layers=layers,
             timings={"prune_seconds": round(state.prune_seconds, 2)},

@@ -122,7 +122,7 @@ def render_card(report: dict) -> str:
         f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
         f"from {source}: method **{method}**, pattern {pattern_text}, achieved sparsity "
         f"**{report['achieved_sparsity']:.2%}** of the pruned Linear weights. Embeddings and the LM head are dense."
-        f"{_quantization_text(report)}\n",
+        f"{_profile_text(report)}{_quantization_text(report)}\n",
         _gate_section(report),
         _command_section(report),
         _sparsity_section(report),
@@ -130,6 +130,18 @@ def render_card(report: dict) -> str:
         _usage_section(report),
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _profile_text(report: dict) -> str:
+    """A sentence on a non-uniform sparsity profile (OWL), empty for the uniform one."""
+    profile = report.get("sparsity_profile", {})
+    if profile.get("profile") != "owl":
+        return ""
+    layers = [layer["sparsity"] for layer in profile["layers"]]
+    return (
+        f" The sparsity varies per decoder layer, from {min(layers):.2%} to {max(layers):.2%}, by each layer's share "
+        f"of outlier weights (OWL, Yin et al. 2024; lambda {profile['lambda']:g}, M {profile['m']:g})."
+    )
 
 
 def _render_structured(report: dict, name: str, method: str, source: str) -> str:
