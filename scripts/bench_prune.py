@@ -1,9 +1,16 @@
-"""Benchmark: every method x {50% unstructured, 2:4} on SmolLM2-135M, 128 x 512-token calibration windows.
+"""Benchmark: every method x {50% unstructured, 2:4} on SmolLM2-135M, 128 x 512-token calibration windows;
+with --study one-shot, SparseGPT against ALPS (50%, 60%, 2:4) and uniform against OWL sparsity (SparseGPT and
+Wanda at 50/60/70%) over several calibration seeds.
 
 Each configuration runs in a fresh process (so peak RSS is its own); prints a Markdown table of
 perplexity, wall time, peak RSS and achieved sparsity.
 
     python scripts/bench_prune.py [--samples 128] [--seqlen 512] [--eval-samples 32] [--out bench-out]
+    python scripts/bench_prune.py --study one-shot [--seeds 0 1 2] [--only alps:2:4 ...] [--out bench-out]
+
+The study keeps every finished run in OUT/one-shot.jsonl and skips it when run again, so a long study can be
+continued; its runs go in the order of STUDY (the targets' pairs first), seed by seed within each pair, so
+each pair's runs are interleaved on this noisy machine.
 """
 
 from __future__ import annotations
@@ -17,6 +24,103 @@ from pathlib import Path
 from benchlib import flags, machine, measure_llmprune, publish_table, script_parser
 
 CONFIGS = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("unstructured", "2:4")]
+# (method, pattern or sparsity, profile): each pair is a baseline and the run it is compared with
+STUDY = [
+    (("sparsegpt", "2:4", "uniform"), ("alps", "2:4", "uniform")),
+    (("sparsegpt", "0.5", "uniform"), ("alps", "0.5", "uniform")),
+    (("sparsegpt", "0.7", "uniform"), ("sparsegpt", "0.7", "owl")),
+    (("sparsegpt", "0.6", "uniform"), ("alps", "0.6", "uniform")),
+    (("sparsegpt", "0.6", "uniform"), ("sparsegpt", "0.6", "owl")),
+    (("sparsegpt", "0.5", "uniform"), ("sparsegpt", "0.5", "owl")),
+    (("wanda", "0.7", "uniform"), ("wanda", "0.7", "owl")),
+    (("wanda", "0.6", "uniform"), ("wanda", "0.6", "owl")),
+    (("wanda", "0.5", "uniform"), ("wanda", "0.5", "owl")),
+]
+
+
+def label(config: tuple) -> str:
+    method, amount, profile = config
+    return f"{method}:{amount}" + (":owl" if profile == "owl" else "")
+
+
+def study_flags(config: tuple) -> list[str]:
+    method, amount, profile = config
+    shape = flags(pattern=amount) if ":" in amount else flags(sparsity=amount)
+    return [*flags(method=method), *shape, *flags(sparsity_profile=profile)]
+
+
+def one_shot_study(args) -> None:
+    """The ALPS and OWL pairs, seed by seed; finished runs are kept in OUT/one-shot.jsonl and not run again."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "one-shot.jsonl"
+    rows = map(json.loads, store.read_text().splitlines()) if store.exists() else []
+    done = {(r["config"], r["seed"]): r for r in rows}
+    pairs = [pair for pair in STUDY if not args.only or any(label(c) in args.only for c in pair)]
+    sizes = flags(samples=args.samples, seqlen=args.seqlen, eval_samples=args.eval_samples)
+    for pair in pairs:
+        for seed in args.seeds:
+            for config in pair:
+                if (label(config), seed) in done or (args.only and label(config) not in args.only):
+                    continue
+                argv = [args.model, *study_flags(config), *flags(calibration=args.calibration, seed=seed), *sizes]
+                measured, report = measure_llmprune(argv, out / "run", evaluate=True, check=label(config))
+                summary = json.loads(measured.stdout)
+                plan = report["memory_plan"]
+                row = {
+                    "config": label(config),
+                    "seed": seed,
+                    "dense_ppl": summary["dense_perplexity"],
+                    "ppl": summary["pruned_perplexity"],
+                    "prune_s": summary["prune_seconds"],
+                    "process_s": measured.seconds,
+                    "peak_rss_gib": measured.peak_rss_bytes / 2**30,
+                    "plan_gib": (plan["peak_bytes"] + plan["overhead_bytes"]) / 2**30,
+                    "sparsity": summary["achieved_sparsity"],
+                    "layer_sparsities": [lay["sparsity"] for lay in report["layers"]],
+                }
+                done[(row["config"], seed)] = row
+                with store.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(
+                    f"{row['config']:18s} seed {seed}  ppl {row['ppl']:.2f}  prune {row['prune_s']:.0f} s  process "
+                    f"{row['process_s']:.0f} s  peak {row['peak_rss_gib']:.2f} GiB",
+                    flush=True,
+                )
+    publish_table(study_table(args, done), "bench_one_shot", write=args.write)
+
+
+def study_table(args, done: dict) -> str:
+    """One line per pair: perplexities per seed, their ratio to the baseline's on the same seed, and costs."""
+    lines = [
+        f"Measured {date.today()} on {machine()}. Command: `python scripts/bench_prune.py {' '.join(sys.argv[1:])}`.",
+        "",
+        f"SmolLM2-135M; calibration {args.samples} x {args.seqlen} tokens of `{args.calibration}`, drawn by each seed; "
+        f"perplexity on {args.eval_samples} held-out windows (the same for every seed). Ratio: the run's perplexity "
+        "over its baseline's on the same seed (min / max over the seeds). Prune s: the layer loop (OWL's statistics "
+        "pass included); process s: the whole run, dense and pruned perplexity included; peak RSS: the process's.",
+        "",
+        "| run | baseline | seeds | ppl per seed | baseline ppl | ratio min / max | prune s (x baseline) | "
+        "process s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for base, run in STUDY:
+        seeds = [s for s in args.seeds if (label(run), s) in done and (label(base), s) in done]
+        if not seeds:
+            continue
+        ours = [done[(label(run), s)] for s in seeds]
+        theirs = [done[(label(base), s)] for s in seeds]
+        ratios = [a["ppl"] / b["ppl"] for a, b in zip(ours, theirs, strict=True)]
+        time_ratio = sum(a["prune_s"] for a in ours) / sum(b["prune_s"] for b in theirs)
+        mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        lines.append(
+            f"| {label(run)} | {label(base)} | {' '.join(map(str, seeds))} | "
+            f"{' / '.join(format(r['ppl'], '.2f') for r in ours)} | "
+            f"{' / '.join(format(r['ppl'], '.2f') for r in theirs)} | "
+            f"{min(ratios):.3f} / {max(ratios):.3f} | {mean(ours, 'prune_s'):.0f} ({time_ratio:.2f}x) | "
+            f"{mean(ours, 'process_s'):.0f} | {mean(ours, 'peak_rss_gib'):.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -29,8 +133,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--only", nargs="*", help="method:pattern filters, e.g. sparsegpt:2:4")
     parser.add_argument("--write", help="update this Markdown file's bench_prune section (e.g. BENCHMARKS.md)")
+    parser.add_argument("--study", choices=("methods", "one-shot"), default="methods")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds (one-shot study)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
     args = parser.parse_args()
+    if args.study == "one-shot":
+        one_shot_study(args)
+        return
     rows = []
     for method, pattern in CONFIGS:
         if args.only and f"{method}:{pattern}" not in args.only:
