@@ -164,10 +164,18 @@ class Unstructured:
         choices=("uniform", "owl"),
     )
     owl_lambda: float = setting(
-        0.08, "owl: the largest change of a layer's sparsity from --sparsity (default 0.08)", type=float, minimum=0.0
+        0.08,
+        "owl: the largest change of a layer's sparsity from --sparsity (default 0.08)",
+        type=float,
+        minimum=0.0,
+        metavar="F",
     )
     owl_m: float = setting(
-        5.0, "owl: a score |W|x||X|| above M times its layer's mean is an outlier (default 5)", type=float, minimum=0.0
+        5.0,
+        "owl: a score |W|x||X|| above M times its layer's mean is an outlier (default 5)",
+        type=float,
+        minimum=0.0,
+        metavar="M",
     )
     quantize: str | None = setting(
         None,

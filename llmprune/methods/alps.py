@@ -93,12 +93,23 @@ class ALPS(PruningMethod):
     inverse_option = "alps_dtype"
     options = (
         DAMPENING,
-        Option("alps_iterations", 300, "most ADMM steps per Linear (default 300)", type=int, minimum=1),
-        Option("alps_rho", 0.1, "initial ADMM penalty rho (default 0.1)", type=float, minimum=1e-12),
-        Option("alps_update_every", 3, "ADMM steps between penalty updates (default 3)", type=int, minimum=1),
-        Option("alps_switch", 30, "steps before a nearly still support ends ADMM (default 30)", type=int, minimum=0),
-        Option("alps_pcg_steps", 10, "conjugate-gradient refit steps (default 10)", type=int, minimum=0),
-        Option("alps_pcg_tolerance", 1e-4, "refit stops below this relative residual", type=float, minimum=0.0),
+        Option("alps_iterations", 300, "most ADMM steps per Linear (default 300)", type=int, minimum=1, metavar="N"),
+        Option("alps_rho", 0.1, "initial ADMM penalty rho (default 0.1)", type=float, minimum=1e-12, metavar="F"),
+        Option(
+            "alps_update_every", 3, "ADMM steps between penalty updates (default 3)", type=int, minimum=1, metavar="N"
+        ),
+        Option(
+            "alps_switch",
+            30,
+            "steps before a nearly still support ends ADMM (default 30)",
+            type=int,
+            minimum=0,
+            metavar="N",
+        ),
+        Option("alps_pcg_steps", 10, "conjugate-gradient refit steps (default 10)", type=int, minimum=0, metavar="N"),
+        Option(
+            "alps_pcg_tolerance", 1e-4, "refit stops below this relative residual", type=float, minimum=0.0, metavar="F"
+        ),
         Option(
             "alps_dtype",
             "float32",
