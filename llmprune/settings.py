@@ -510,8 +510,8 @@ def check_profile(unstructured: Unstructured, pattern: Pattern) -> None:
         )
     if not (0 <= pattern.sparsity - lam and pattern.sparsity + lam < 1):
         raise LLMPruneError(
-            f"--sparsity {pattern.sparsity:g} with --owl-lambda {lam:g} puts layers outside [0, 1): use an "
-            f"--owl-lambda below {min(pattern.sparsity, 1 - pattern.sparsity):g}"
+            f"--sparsity {pattern.sparsity:g} with --owl-lambda {lam:g} puts layers outside [0, 1): --owl-lambda "
+            f"must be at most the sparsity and below 1 minus it"
         )
 
 

@@ -34,7 +34,14 @@ def test_sparsities_stay_within_lambda_and_average_to_the_target(ratios, sizes, 
     assert weighted == pytest.approx(target, abs=1e-12)
     by_ratio = sorted(range(len(ratios)), key=lambda i: ratios[i])
     assert [sparsities[i] for i in by_ratio] == sorted(sparsities, reverse=True)  # more outliers, fewer pruned
-    assert max(abs(s - target) for s in sparsities) == pytest.approx(lam, rel=1e-9) or len(set(sizes)) > 1
+    if len(set(sizes)) == 1:  # the plain mean: the published formula's extremes are at or past λ, and end at it
+        assert max(abs(s - target) for s in sparsities) == pytest.approx(lam, rel=1e-9)
+
+
+def test_a_layer_without_targets_takes_no_part():
+    """Its ratio (none: 0) does not stretch the others' scaling, and it keeps the target it is never pruned to."""
+    alone = owl_sparsities([0.02, 0.05, 0.03], [1, 1, 1], 0.5, 0.08)
+    assert owl_sparsities([0.0, 0.02, 0.05, 0.03], [0, 1, 1, 1], 0.5, 0.08) == pytest.approx([0.5, *alone])
 
 
 def test_the_reference_formula_is_kept_when_it_stays_within_lambda():
@@ -45,9 +52,14 @@ def test_the_reference_formula_is_kept_when_it_stays_within_lambda():
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_mean():
-    scores = [torch.tensor([[0.0, 0, 0, 0, 0, 24]]), torch.tensor([[0.0, 0, 0, 0, 0, 1.5]])]  # mean 2.125
-    assert outlier_ratio(scores, 5.0) == pytest.approx(1 / 12)  # above 10.625: 24
-    assert outlier_ratio(scores, 0.5) == pytest.approx(2 / 12)  # above 1.0625: 24 and 1.5
+    """Scores |W_ij| x norm_j of two Linears together: mean 2.125 over 12 scores; a block of rows at a time."""
+    parts = [
+        (torch.tensor([[0.0, 0, 0], [0, 0, -12]]), torch.tensor([1.0, 1.0, 2.0])),  # one score of 24
+        (torch.tensor([[0.0, 0, 0, 0, 0, 3]]), torch.full((6,), 0.5)),  # one of 1.5
+    ]
+    for rows in (1, 4096):
+        assert outlier_ratio(parts, 5.0, rows) == pytest.approx(1 / 12)  # above 10.625: 24
+        assert outlier_ratio(parts, 0.5, rows) == pytest.approx(2 / 12)  # above 1.0625: 24 and 1.5
 
 
 def _whole_model_ratios(folder, ids, m: float) -> list[float]:
@@ -71,8 +83,10 @@ def _whole_model_ratios(folder, ids, m: float) -> list[float]:
     ratios = []
     for index, layer in enumerate(model.model.layers):
         linears = [(n, m_) for n, m_ in layer.named_modules() if isinstance(m_, torch.nn.Linear)]
-        scores = [mod.weight.detach().abs().double() * norms[f"{index}.{n}"].sqrt() for n, mod in linears]
-        ratios.append(outlier_ratio(scores, m))
+        scores = torch.cat(
+            [(mod.weight.detach().abs().double() * norms[f"{index}.{n}"].sqrt()).flatten() for n, mod in linears]
+        )
+        ratios.append(float((scores > m * scores.mean()).double().mean()))
     return ratios
 
 
@@ -82,8 +96,13 @@ def _token_file(path, windows=6, seqlen=32, seed=0):
     return ids
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_streamed_ratios_equal_the_whole_model_and_each_layer_gets_its_sparsity(tiny_models, tmp_path, method):
+@pytest.mark.parametrize(
+    "method,activations,order",
+    [("wanda", "memory", "parallel"), ("sparsegpt", "disk", "parallel"), ("sparsegpt", "memory", "sequential")],
+)
+def test_streamed_ratios_equal_the_whole_model_and_each_layer_gets_its_sparsity(
+    tiny_models, tmp_path, method, activations, order
+):
     folder = tiny_models("llama", layers=4, seed=3)
     ids = _token_file(tmp_path / "calib.safetensors")
     out = tmp_path / "out"
@@ -93,6 +112,8 @@ def test_streamed_ratios_equal_the_whole_model_and_each_layer_gets_its_sparsity(
         sparsity=0.6,
         sparsity_profile="owl",
         owl_m=3.0,
+        activations=activations,
+        order=order,
         calibration=str(tmp_path / "calib.safetensors"),
         output=str(out),
         no_eval=True,
@@ -119,6 +140,22 @@ def test_streamed_ratios_equal_the_whole_model_and_each_layer_gets_its_sparsity(
     assert zeros / total == pytest.approx(0.6, abs=len(report["layers"]) * 7 / total)
 
 
+def test_experts_are_pruned_to_their_layer_sparsity(tiny_models, tmp_path):
+    """On an MoE model the experts' projections are targets like any Linear: scored with the tokens routed to them,
+    and pruned to their layer's sparsity."""
+    folder = tiny_models("olmoe", layers=3, seed=1)
+    _token_file(tmp_path / "calib.safetensors", windows=8)
+    report = llmprune.prune(
+        str(folder), method="wanda", sparsity=0.6, sparsity_profile="owl", no_eval=True, quiet=True,
+        calibration=str(tmp_path / "calib.safetensors"), output=str(tmp_path / "out"),
+    )  # fmt: skip
+    profile = report["sparsity_profile"]["layers"]
+    assert max(abs(layer["sparsity"] - 0.6) for layer in profile) == pytest.approx(0.08)
+    for layer, wanted in zip(report["layers"], profile, strict=True):
+        experts = [m for m in layer["modules"] if ".experts." in m["name"] and m["tokens"]]
+        assert experts and all(m["sparsity"] == pytest.approx(wanted["sparsity"], abs=1e-3) for m in experts)
+
+
 def test_uniform_is_the_default_and_recorded(model, corpus_file, tmp_path):
     report = llmprune.prune(
         str(model), method="wanda", calibration=str(corpus_file), samples=2, seqlen=32, output=str(tmp_path / "o"),
@@ -128,8 +165,10 @@ def test_uniform_is_the_default_and_recorded(model, corpus_file, tmp_path):
     assert {layer["sparsity"] for layer in report["layers"]} == {0.5}
 
 
-def test_a_resumed_owl_run_keeps_its_profile(tiny_models, tmp_path, monkeypatch):
-    """Killed after its first layer, the run resumes without a second statistics pass and ends as an unbroken run."""
+@pytest.mark.parametrize("killed_after", [0, 1])
+def test_a_resumed_owl_run_keeps_its_profile(tiny_models, tmp_path, monkeypatch, killed_after):
+    """Killed after the statistics pass or after its first layer, the run resumes without a second pass and ends as
+    an unbroken run."""
     from llmprune.engine import owl, unstructured
 
     folder = tiny_models("llama", layers=3, seed=5)
@@ -148,10 +187,12 @@ def test_a_resumed_owl_run_keeps_its_profile(tiny_models, tmp_path, monkeypatch)
     def one_layer_then_die(*args, **kwargs):
         state = args[7]
         real_save = state.save
+        if killed_after == 0:
+            raise Killed
 
         def save(work):
             real_save(work)
-            if state.next_layer == 1:
+            if state.next_layer == killed_after:
                 raise Killed
 
         state.save = save

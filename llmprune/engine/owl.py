@@ -9,11 +9,14 @@ scaled down, all by the same factor (the order, and the mean, are kept).
 
 The ratios need each layer's inputs: as in the reference code they come from the dense model, here by one
 streamed statistics-only pass (each layer loaded, its inputs' squared norms accumulated, its dense outputs
-computed, freed) before the pruning pass; it costs about one more forward through the model.
+computed, freed) before the pruning pass; it costs about one more forward through the model. An input's norm is
+its mean over the tokens the Linear saw (the reference's running mean): the same factor for every Linear of a
+dense layer, but an MoE expert sees only the tokens routed to it.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,25 +31,34 @@ from llmprune.models.skeleton import Skeleton
 from llmprune.pattern import Pattern
 
 
-def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
-    """The share of all `scores` (a layer's Linears together) above m times their mean."""
-    total = sum(s.numel() for s in scores)
-    mean = sum(float(s.double().sum()) for s in scores) / total
-    return sum(int((s > m * mean).sum()) for s in scores) / total
+def outlier_ratio(parts: list[tuple[torch.Tensor, torch.Tensor]], m: float, rows: int = 4096) -> float:
+    """The share of a layer's Wanda scores |W_ij|·‖X_j‖ above m times their mean; `parts` holds each Linear's weight
+    and its inputs' norms. The mean comes from Σ_j ‖X_j‖ Σ_i |W_ij|, the count from `rows` rows at a time, so no
+    more than a block of scores is ever held."""
+    total = sum(weight.numel() for weight, _ in parts)
+    mean = sum(float(weight.abs().sum(0, dtype=torch.float64) @ norm.double()) for weight, norm in parts) / total
+    count = 0
+    for weight, norm in parts:
+        column = norm.float().unsqueeze(0)
+        for start in range(0, weight.shape[0], rows):
+            count += int((weight[start : start + rows].abs().float() * column > m * mean).sum())
+    return count / total
 
 
 def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: float) -> list[float]:
     """Per-layer sparsities: target minus the centred, scaled outlier ratios, within ±λ of the target; their
-    mean weighted by `sizes` (each layer's target weights) is the target."""
+    mean weighted by `sizes` (each layer's target weights) is the target. A layer without targets (size 0) takes
+    no part and gets the target."""
     r = torch.tensor(ratios, dtype=torch.float64)
     w = torch.tensor(sizes, dtype=torch.float64)
-    span = float(r.max() - r.min())
-    scaled = (r - r.min()) / span * 2 * lam if span > 0 else torch.zeros_like(r)
-    deviation = scaled - (scaled * w).sum() / w.sum()
+    part = w > 0
+    low, high = float(r[part].min()), float(r[part].max())
+    scaled = (r - low) / (high - low) * 2 * lam if high > low else torch.zeros_like(r)
+    deviation = torch.where(part, scaled - (scaled * w).sum() / w.sum(), 0.0)
     largest = float(deviation.abs().max())
     if largest > lam:
         deviation *= lam / largest
-    return (target - deviation).tolist()
+    return (target - deviation).clamp(0.0, 1.0 - 1e-9).tolist()
 
 
 def layer_outlier_ratios(
@@ -67,26 +79,30 @@ def layer_outlier_ratios(
     act_device = torch.device("cpu") if choice.activations != "device" else device
     stream = LayerStream(skeleton, device, compute_dtype, choice.chunk, act_device, choice.act_dtype, forward_dtype)
     sides = [work / "owl-a", work / "owl-b"]
-    if spilled:
-        for side in sides:
-            side.mkdir(parents=True, exist_ok=True)
-    acts = stream.begin(ids, spill_to=sides[1] if spilled else None)
-    stream.prepare({int(chunk.shape[0]) for chunk in acts.chunks} | {1})
-    collector = LayerPruner(Wanda(), Pattern(0.0), rule)
-    ratios = []
-    for index in tqdm(range(skeleton.num_layers), desc="OWL outlier ratios", unit="layer", disable=quiet):
-        layer = skeleton.load_layer(index, device, compute_dtype)
-        scores = [
-            module.weight.detach().abs().float() * stats[SquaredNorm].value.sqrt().unsqueeze(0)
-            for module, stats in collector.statistics(stream, index, layer, acts).values()
-            if stats is not None  # an expert no calibration token reached has no score
-        ]
-        ratios.append(outlier_ratio(scores, m) if scores else 0.0)
-        del scores
-        acts.spill_to = sides[index % 2] if spilled else None
-        stream.forward(index, layer, acts)
-        skeleton.unload_layer(index)
-    stream.close()
+    try:
+        if spilled:
+            for side in sides:
+                side.mkdir(parents=True, exist_ok=True)
+        acts = stream.begin(ids, spill_to=sides[1] if spilled else None)
+        stream.prepare({int(chunk.shape[0]) for chunk in acts.chunks} | {1})
+        collector = LayerPruner(Wanda(), Pattern(0.0), rule, error_tokens=0)
+        ratios = []
+        for index in tqdm(range(skeleton.num_layers), desc="OWL outlier ratios", unit="layer", disable=quiet):
+            layer = skeleton.load_layer(index, device, compute_dtype)
+            parts = [  # per-token mean norms: an expert's inputs are the tokens routed to it, not all of them
+                (module.weight.detach(), (stats[SquaredNorm].value / stats.tokens).sqrt())
+                for module, stats in collector.statistics(stream, index, layer, acts).values()
+                if stats is not None  # an expert no calibration token reached has no score
+            ]
+            ratios.append(outlier_ratio(parts, m) if parts else 0.0)
+            del parts
+            acts.spill_to = sides[index % 2] if spilled else None
+            stream.forward(index, layer, acts)
+            skeleton.unload_layer(index)
+    finally:
+        stream.close()
+        for side in sides:  # the pruning pass has activations of its own to keep on disk
+            shutil.rmtree(side, ignore_errors=True)
     return ratios
 
 

@@ -187,7 +187,9 @@ class LayerPruner:
         self.saved = {}
         return tensors
 
-    def _groups(self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations, targets: dict) -> tuple:
+    def _groups(
+        self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations, targets: dict
+    ) -> tuple[list[_Group], list[_ExpertFeed]]:
         """The layer's groups of Linears sharing an input, and its MoE blocks' expert feeds."""
         linears = {name: module for name, module in targets.items() if isinstance(module, nn.Linear)}
         groups = [_Group(names) for names in group_by_input(stream, index, layer, acts.first(), linears)]
@@ -205,7 +207,7 @@ class LayerPruner:
         if not targets:
             stream.forward(index, layer, acts)
             return reports
-        pattern = pattern or self.pattern
+        pattern = self.pattern if pattern is None else pattern
         groups, feeds = self._groups(stream, index, layer, acts, targets)
         if self.order == "sequential":
             if feeds:

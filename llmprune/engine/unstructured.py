@@ -219,6 +219,7 @@ class UnstructuredBody(Body):
             sizes = [sum(m.in_features * m.out_features for m in targets.values()) for targets in self.targets]
             seconds = time.perf_counter() - started
             state.profile = owl_profile(ratios, sizes, self.pattern, options.owl_lambda, options.owl_m, seconds)
+            state.prune_seconds += seconds  # the statistics pass is part of the pruning's cost
             state.save(writer.work)
             sparsities = [layer["sparsity"] for layer in state.profile["layers"]]
             log.info("OWL sparsities %.3f .. %.3f (%.0f s)", min(sparsities), max(sparsities), seconds)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from llmprune.errors import LLMPruneError
 from llmprune.methods import masks
 from llmprune.methods.base import Pruned, PruningMethod
 from llmprune.methods.sparsegpt import DAMPENING
@@ -42,17 +43,23 @@ def project(b: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return masks.n_m(scores, pattern) if pattern.is_nm else masks.unstructured_global(scores, pattern.sparsity)
 
 
-def normalized_hessian(hessian: torch.Tensor, dampening: float, dtype: torch.dtype) -> tuple:
-    """(H', scale, λ, Q): H damped (dead inputs' diagonal set to 1 first) and scaled to a unit diagonal,
-    H' = diag(1/scale) (H + δI) diag(1/scale), and its eigendecomposition H' = Q diag(λ) Qᵀ."""
-    h = hessian.to(dtype).clone()
+def normalized_hessian(
+    hessian: torch.Tensor, dampening: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H', scale, λ, Q) in `dtype`: H damped (dead inputs' diagonal set to 1 first) and scaled to a unit diagonal,
+    H' = diag(1/scale) (H + δI) diag(1/scale), and its eigendecomposition H' = Q diag(λ) Qᵀ, computed in float64
+    whatever `dtype` is (as the reference code does: ADMM divides by λ + ρ, and ρ can get small)."""
+    h = hessian.to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     torch.diagonal(h).masked_fill_(dead, 1.0)
     torch.diagonal(h).add_(dampening * float(torch.diagonal(h).mean()))
     scale = torch.diagonal(h).sqrt()
     h.div_(scale.unsqueeze(0)).div_(scale.unsqueeze(1))
-    eigenvalues, q = torch.linalg.eigh(h)
-    return h, scale, eigenvalues, q
+    try:
+        eigenvalues, q = torch.linalg.eigh(h)
+    except torch.linalg.LinAlgError as exc:
+        raise LLMPruneError(f"ALPS: the Hessian's eigendecomposition failed ({exc}); raise --dampening") from exc
+    return h.to(dtype), scale.to(dtype), eigenvalues.to(dtype), q.to(dtype)
 
 
 def refit(
@@ -131,14 +138,15 @@ class ALPS(PruningMethod):
 
     @classmethod
     def workspace_bytes(cls, rows: int, n: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
-        """Peak bytes of one solve beyond the Hessian and the layer: the group's normalized Hessian and eigenvectors
-        (n x n each), then the larger of eigh's own workspace (about 2n²) and the ADMM's weight-sized matrices: B₀,
-        C, B, D, V, the restart copy and a step's three temporaries in the solve dtype, with the projection's
-        selection (kthvalue's copy and int64 indices, the squares, the masks: 20 bytes an element); and the result
-        in the weight's dtype. Measured at n = 1024 (tests/test_alps.py): 106-196 MiB against 128-208 MiB."""
+        """Peak bytes of one solve beyond the Hessian and the layer, the larger of two phases, plus the result in the
+        weight's dtype. The eigendecomposition: H' and its eigenvectors in float64 with LAPACK's workspace (about
+        2n²), then both cast to the solve dtype. The ADMM: those two n x n matrices, B₀, C, B, D, V, the restart copy
+        and a step's three temporaries in the solve dtype, and the projection's selection (kthvalue's copy and int64
+        indices, the squares, the masks: 20 bytes an element). Measured by tests/test_alps.py."""
         s = inverse_dtype.itemsize
         e = rows * n
-        return 2 * n * n * s + max(2 * n * n * s, e * (9 * s + 20)) + e * weight_dtype.itemsize
+        eigh = 4 * n * n * 8 + 2 * n * n * s
+        return max(eigh, 2 * n * n * s + e * (9 * s + 20)) + e * weight_dtype.itemsize
 
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
         assert stats is not None
@@ -148,20 +156,24 @@ class ALPS(PruningMethod):
         b0 = weight.to(self.dtype) * scale.unsqueeze(0)
         b0[:, torch.diagonal(hessian) == 0] = 0.0
         b, mask, info = self.admm(b0, h, eigenvalues, q, pattern)
+        if not mask.any() or mask.all():  # nothing pruned, or nothing kept: nothing to refit
+            return Pruned(weight.masked_fill(mask, 0.0), mask, info)
         b, steps, residual = refit(h, b0 @ h, b, ~mask, self.pcg_steps, self.pcg_tolerance)
         info.update(pcg_steps=steps, pcg_residual=residual)
         w = (b / scale.unsqueeze(0)).masked_fill_(mask, 0.0)
         return Pruned(w.to(weight.dtype), mask, info)
 
-    def admm(self, b0: torch.Tensor, h: torch.Tensor, eigenvalues: torch.Tensor, q: torch.Tensor, pattern: Pattern):
+    def admm(
+        self, b0: torch.Tensor, h: torch.Tensor, eigenvalues: torch.Tensor, q: torch.Tensor, pattern: Pattern
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The ADMM loop from B₀; returns Π(B) (the final iterate on its support), its pruned mask and the loop's
         record: steps, final ρ, and the primal residual ‖B − D‖ / ‖D‖."""
-        kept = b0.numel() - int(project(b0, pattern).sum())
-        if kept == b0.numel():
-            return b0.clone(), torch.zeros_like(b0, dtype=torch.bool), {"admm_iterations": 0, "primal_residual": 0.0}
+        start = project(b0, pattern)
+        kept = b0.numel() - int(start.sum())
+        if kept in (0, b0.numel()):  # the pattern leaves no choice
+            return b0.masked_fill(start, 0.0), start, {"admm_iterations": 0, "primal_residual": 0.0}
         c = b0 @ h
         rho, grown = self.rho, False
-        start = project(b0, pattern)
         d0 = b0.masked_fill(start, 0.0)
         b, d, v = b0.clone(), d0.clone(), torch.zeros_like(b0)
         previous = start
@@ -191,7 +203,7 @@ class ALPS(PruningMethod):
             else:
                 rho /= 5
             rho = min(rho, MAX_RHO)
-            if step >= self.switch and moved < SWITCH_CHANGE:
+            if step > self.switch and moved < SWITCH_CHANGE:  # the reference's 0-based step >= switch
                 break
         residual = float((b - d).norm() / d.norm().clamp_min(torch.finfo(b.dtype).tiny))
         mask = project(b, pattern)
