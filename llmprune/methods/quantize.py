@@ -38,7 +38,8 @@ def quantizing(method: type[PruningMethod], scheme: QuantScheme, scale_dtype: to
         def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
             """The method's solve, then the sweep holding the method's result (joint: one sweep), then the exact
             float32 values and their codes (at most one byte each) beside the result."""
-            sweep = SparseGPT.workspace_bytes(rows, cols, weight_dtype, inverse_dtype)
+            # the GPTQ sweep after another method factors in float64 (its "auto"), whatever that method's dtype
+            sweep = SparseGPT.workspace_bytes(rows, cols, weight_dtype, inverse_dtype if joint else torch.float64)
             if not joint:
                 own = method.workspace_bytes(rows, cols, weight_dtype, inverse_dtype)
                 sweep = max(own, sweep + rows * cols * (weight_dtype.itemsize + 1))
