@@ -67,6 +67,9 @@ def main() -> None:
         "smollm2-sparsegpt": [str(smol), "--method", "sparsegpt", *common],
         "smollm2-sparsegpt-budget-900MB": [str(smol), "--method", "sparsegpt", *common, "--max-memory", "900MB"],
         "smollm2-wanda": [str(smol), "--method", "wanda", *common],
+        "smollm2-alps": [str(smol), "--method", "alps", *common],
+        "smollm2-alps-2of4": [str(smol), "--method", "alps", "--pattern", "2:4", *common],
+        "smollm2-sparsegpt-owl": [str(smol), "--method", "sparsegpt", "--sparsity-profile", "owl", *common],
     }
     if not args.skip_2b and (not args.only or any(label.startswith("llama-2b") for label in args.only)):
         big = random_model(out / "llama-2b-random", "llama-1.8b", smol, shard_bytes=10**9, **SMOLLM2_IDS)
