@@ -8,8 +8,9 @@ from the target when the ratios are lopsided; the paper bounds every layer to ±
 scaled down, all by the same factor (the order, and the mean, are kept).
 
 The ratios need each layer's inputs: as in the reference code they come from the dense model, here by one
-streamed statistics-only pass (each layer loaded, its inputs' squared norms accumulated, its dense outputs
-computed, freed) before the pruning pass; it costs about one more forward through the model. An input's norm is
+streamed statistics-only pass (each layer loaded, its inputs' squared norms accumulated by hooks during the
+one forward that computes its dense outputs, freed) before the pruning pass; it costs one more forward through
+the model (the pruning pass runs about two: one for the statistics, one through the pruned layer). An input's norm is
 its mean over the tokens the Linear saw (the reference's running mean): the same factor for every Linear of a
 dense layer, but an MoE expert sees only the tokens routed to it.
 """
@@ -89,6 +90,7 @@ def layer_outlier_ratios(
         ratios = []
         for index in tqdm(range(skeleton.num_layers), desc="OWL outlier ratios", unit="layer", disable=quiet):
             layer = skeleton.load_layer(index, device, compute_dtype)
+            acts.spill_to = sides[index % 2] if spilled else None  # the outputs go to the side not being read
             parts = [  # per-token mean norms: an expert's inputs are the tokens routed to it, not all of them
                 (module.weight.detach(), (stats[SquaredNorm].value / stats.tokens).sqrt())
                 for module, stats in collector.statistics(stream, index, layer, acts).values()
@@ -96,8 +98,6 @@ def layer_outlier_ratios(
             ]
             ratios.append(outlier_ratio(parts, m) if parts else 0.0)
             del parts
-            acts.spill_to = sides[index % 2] if spilled else None
-            stream.forward(index, layer, acts)
             skeleton.unload_layer(index)
     finally:
         stream.close()

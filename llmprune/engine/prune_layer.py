@@ -223,13 +223,15 @@ class LayerPruner:
     def statistics(
         self, stream: LayerStream, index: int, layer: nn.Module, acts: Activations
     ) -> dict[str, tuple[Target, InputStats | None]]:
-        """The method's statistics of every target of layer `index` from the dense layer's inputs `acts` (left
-        as they are), by relative name with its module; None for an expert no calibration token reached."""
+        """The method's statistics of every target of layer `index`, by relative name with its module (None for an
+        expert no calibration token reached), from one forward of the layer, unchanged, over `acts`, which become
+        its outputs (a statistics-only pass over the model: one forward per layer, not a forward and a pass)."""
         targets = find_targets(layer, f"{stream.sk.layers_prefix}.{index}", self.rule)
         if not targets:
+            stream.forward(index, layer, acts)
             return {}
         groups, feeds = self._groups(stream, index, layer, acts, targets)
-        self._collect_all(stream, index, layer, acts, targets, groups, feeds)
+        self._collect_all(stream, index, layer, acts, targets, groups, feeds, propagate=True)
         every = groups + [group for feed in feeds for group in feed.groups()]
         return {name: (targets[name], group.stats) for group in every for name in group.names}
 
@@ -294,10 +296,11 @@ class LayerPruner:
             for handle in handles:
                 handle.remove()
 
-    def _collect_all(self, stream, index, layer, acts, targets, groups, feeds) -> None:
+    def _collect_all(self, stream, index, layer, acts, targets, groups, feeds, propagate: bool = False) -> None:
         """The papers' order: statistics of every group from one pass of the dense layer. A chunk's
         pass stops as soon as it has fed every group (the last Linear and what follows it, such as
-        down_proj and the residual, would only compute outputs that are thrown away). An MoE block's
+        down_proj and the residual, would only compute outputs that are thrown away), unless the pass
+        `propagate`s: then it runs to the end and `acts` become the layer's outputs. An MoE block's
         experts are fed by one hook on its experts module, which sees the router's choices."""
         fed: set[int] = set()
         feeders = [
@@ -312,7 +315,7 @@ class LayerPruner:
                 with full_precision(args[0].device):
                     observe(args)
                 fed.add(position)
-                if len(fed) == len(feeders):
+                if len(fed) == len(feeders) and not propagate:
                     raise _EveryGroupFed
 
             return hook
@@ -321,6 +324,9 @@ class LayerPruner:
             module.register_forward_pre_hook(hook_for(i, observe)) for i, (module, observe) in enumerate(feeders)
         ]
         try:
+            if propagate:
+                stream.forward(index, layer, acts)
+                return
             with torch.no_grad():
                 for chunk in acts:
                     fed.clear()
