@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from llmprune.engine.plan import Choice
 from llmprune.engine.prune_layer import LayerPruner, TargetRule
-from llmprune.engine.stream import LayerStream
+from llmprune.engine.stream import open_stream
 from llmprune.methods.statistics import SquaredNorm
 from llmprune.methods.wanda import Wanda
 from llmprune.models.skeleton import Skeleton
@@ -78,14 +78,16 @@ def layer_outlier_ratios(
     windows (activations spilled to `work` when the plan keeps them on disk)."""
     spilled = choice.activations == "disk"
     act_device = torch.device("cpu") if choice.activations != "device" else device
-    stream = LayerStream(skeleton, device, compute_dtype, choice.chunk, act_device, choice.act_dtype, forward_dtype)
     sides = [work / "owl-a", work / "owl-b"]
+    stream = None
     try:
         if spilled:
             for side in sides:
                 side.mkdir(parents=True, exist_ok=True)
-        acts = stream.begin(ids, spill_to=sides[1] if spilled else None)
-        stream.prepare({int(chunk.shape[0]) for chunk in acts.chunks} | {1})
+        stream, acts = open_stream(
+            skeleton, ids, device, choice.chunk, act_device, sides[1] if spilled else None,
+            compute_dtype, choice.act_dtype, forward_dtype,
+        )  # fmt: skip
         collector = LayerPruner(Wanda(), Pattern(0.0), rule, error_tokens=0)
         ratios = []
         for index in tqdm(range(skeleton.num_layers), desc="OWL outlier ratios", unit="layer", disable=quiet):
@@ -100,7 +102,8 @@ def layer_outlier_ratios(
             del parts
             skeleton.unload_layer(index)
     finally:
-        stream.close()
+        if stream is not None:
+            stream.close()
         for side in sides:  # the pruning pass has activations of its own to keep on disk
             shutil.rmtree(side, ignore_errors=True)
     return ratios

@@ -220,12 +220,16 @@ def open_stream(
     chunk: int,
     act_device: torch.device | None = None,
     spill_to: Path | None = None,
+    dtype: torch.dtype | None = None,
+    act_dtype: torch.dtype | None = None,
+    forward_dtype: torch.dtype | None = None,
 ) -> tuple[LayerStream, Activations]:
-    """A stream over `ids` in the compute dtype for `device`, with the layer-0 inputs and every layer's
-    arguments caught (then the embeddings and head are freed until a loss needs them)."""
+    """A stream over `ids` in `dtype` (default: the compute dtype for `device`), with the layer-0 inputs and every
+    layer's arguments caught (then the embeddings and head are freed until a loss needs them)."""
     from llmprune.engine.devices import compute_dtype
 
-    stream = LayerStream(skeleton, device, compute_dtype(device, skeleton.dtype), chunk, act_device)
+    dtype = dtype or compute_dtype(device, skeleton.dtype)
+    stream = LayerStream(skeleton, device, dtype, chunk, act_device, act_dtype, forward_dtype)
     acts = stream.begin(ids, spill_to=spill_to)
     stream.prepare({int(c.shape[0]) for c in acts.chunks} | {1})
     return stream, acts
