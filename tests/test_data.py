@@ -149,3 +149,33 @@ def test_bad_token_file(tiny_models, tmp_path):
     with pytest.raises(LLMPruneError, match="outside the vocabulary"):
         llmprune.prune(str(tiny_models("llama")), calibration=str(bad), no_eval=True, output=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def _metaspace_tokenizer(text: str):
+    """A SentencePiece-style tokenizer (Metaspace, BOS and EOS added) trained on `text`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_long_texts_tokenize_in_pieces_to_the_same_ids(plays, tokenizer, smollm2):
+    """A corpus is tokenized in overlapping pieces (bounded memory) with exactly the ids of one call."""
+    from transformers import AutoTokenizer
+
+    from llmprune.data.windows import encode_pieces
+
+    text = "\n\n".join(resolve_source(str(plays)).documents)[:120_000] + " naïve café — ✓ 東京\n\n  end"
+    for tok in (tokenizer, AutoTokenizer.from_pretrained(smollm2), _metaspace_tokenizer(text[:50_000])):
+        whole = tok(text, return_tensors="pt")["input_ids"][0]
+        for piece_chars in (4_000, 9_973):
+            pieces = encode_pieces(tok, text, piece_chars)
+            assert pieces is not None and torch.equal(pieces, whole)
+    assert whole[0] == tok.bos_token_id and whole[-1] == tok.eos_token_id  # the special tokens are stitched on

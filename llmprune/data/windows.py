@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from llmprune.data.sources import Corpus
 from llmprune.errors import LLMPruneError
 
 HELD_OUT_FRACTION = 0.1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,16 +67,78 @@ class TokenizedCorpus:
         return int(len(self.tokens) * (1 - HELD_OUT_FRACTION))
 
 
-def _encode(tokenizer, text: str) -> torch.Tensor:
+# One tokenizer call holds ~160 bytes per character (1.3 GiB for Shakespeare's plays at once); pieces bound it.
+ENCODE_PIECE_CHARS = 1 << 18
+
+
+def _encode(tokenizer, text: str, piece_chars: int = ENCODE_PIECE_CHARS) -> torch.Tensor:
+    """The token ids of `text` with the tokenizer's special tokens, in bounded memory.
+
+    A long text is tokenized in overlapping pieces and stitched at a character where both pieces
+    start a token, far from either piece's edge, so the ids equal those of one call on the whole
+    text (tests/test_data.py checks this) while the tokenizer's working memory stays that of a piece.
+    """
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "sequence longer than model max length"
     try:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+        ids = encode_pieces(tokenizer, text, piece_chars) if len(text) > 2 * piece_chars else None
+        if ids is None:
+            if len(text) > 2 * piece_chars:
+                log.info("tokenizing %d characters in one call (no stitchable pieces with this tokenizer)", len(text))
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
     finally:
         hf_logging.set_verbosity(verbosity)
     return ids.to(torch.int64)
+
+
+def encode_pieces(tokenizer, text: str, piece_chars: int) -> torch.Tensor | None:
+    """Piecewise ids (see `_encode`); None where the tokenizer gives no offsets or no shared boundary is found."""
+    overlap = piece_chars // 8
+    prefix, suffix = _special_tokens(tokenizer)
+    kept: list[torch.Tensor] = [torch.tensor(prefix, dtype=torch.int64)]
+    cut, piece = 0, None  # the first character whose tokens are still to be kept; the previous piece's tokens
+    for start in range(0, len(text), piece_chars - overlap):
+        try:
+            enc = tokenizer(text[start : start + piece_chars], add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow tokenizer has no offsets
+            return None
+        current = (enc["input_ids"], [a + start for a, _ in enc["offset_mapping"]], _boundaries(enc, start))
+        if piece is not None:  # stitch the previous piece to this one in the middle of their overlap
+            middle = [c for c in piece[2] & current[2] if start + overlap // 4 <= c <= start + 3 * overlap // 4]
+            if not middle:
+                return None
+            boundary = min(middle, key=lambda c: abs(c - start - overlap // 2))
+            kept.append(torch.tensor([i for i, a in zip(*piece[:2]) if cut <= a < boundary], dtype=torch.int64))
+            cut = boundary
+        piece = current
+        if start + piece_chars >= len(text):
+            break
+    kept.append(torch.tensor([i for i, a in zip(*piece[:2]) if a >= cut], dtype=torch.int64))
+    kept.append(torch.tensor(suffix, dtype=torch.int64))
+    return torch.cat(kept)
+
+
+def _boundaries(encoding, start: int) -> set[int]:
+    """Characters (of the whole text) where a token starts and no earlier token reaches past it."""
+    found, reach = set(), -1
+    for a, b in encoding["offset_mapping"]:
+        if a >= reach:
+            found.add(a + start)
+        reach = max(reach, b)
+    return found
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (BOS, EOS...), found on a probe text."""
+    probe = "Hello world"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for at in range(len(full) - len(plain) + 1):
+        if full[at : at + len(plain)] == plain:
+            return full[:at], full[at + len(plain) :]
+    raise LLMPruneError("the tokenizer's special tokens could not be told apart from the text's")
 
 
 def is_token_file(spec: str) -> bool:
