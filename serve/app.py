@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
@@ -20,18 +20,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from llmprune.version import __version__
 from llmprune_serve.auth import APIKeyMiddleware
-from llmprune_serve.engines.base import Sampling
 from llmprune_serve.errors import APIError, error_body
 from llmprune_serve.generation import ChoiceEvent
 from llmprune_serve.metrics import MetricsMiddleware
 from llmprune_serve.responses import Formatter, sse, usage
-from llmprune_serve.schemas import ChatRequest, CompletionRequest, PerplexityRequest, SamplingFields
+from llmprune_serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    PerplexityRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from llmprune_serve.service import Service
 
 log = logging.getLogger("llmprune.serve")
 ROUTES = {
     "/health",
+    "/version",
+    "/tokenize",
+    "/detokenize",
     "/ready",
     "/metrics",
     "/v1/models",
@@ -57,14 +67,23 @@ class SlotStreamingResponse(StreamingResponse):
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """One readable line (and the offending parameter) from pydantic's errors."""
+    """One readable line (and the offending parameter) from pydantic's errors; a field this engine does not
+    know or honour is named ("top_k is not supported ..."), never dropped."""
     parts, param = [], None
     for error in exc.errors()[:3]:
         loc = [str(x) for x in error.get("loc", ()) if x != "body"]
-        if error.get("type") == "json_invalid":
+        kind, message = error.get("type"), str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if kind == "json_invalid":
             return "request body is not valid JSON", None
+        if kind == "extra_forbidden":
+            param = param or (loc[0] if len(loc) > 1 else loc[-1])
+            parts.append(f"{loc[-1]} is not supported by the transformers engine (use --engine vllm)")
+            continue
+        if not loc and ": " in message:  # a check across fields names the field it refuses first
+            field, message = message.split(": ", 1)
+            loc = [field]
         param = param or (loc[0] if loc else None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+        parts.append(f"{'.'.join(loc) or 'body'}: {message}")
     return "invalid request: " + "; ".join(parts), param
 
 
@@ -96,6 +115,42 @@ async def stream_events(
     yield sse("[DONE]")
 
 
+async def api_error_response(request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+def llmprune_router(service: Service, metrics_route: bool) -> APIRouter:
+    """The routes llmprune adds to either app: /ready, /v1/perplexity, and /metrics where the app has none."""
+    router = APIRouter()
+    config = service.config
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        body = {"ready": service.ready, "model": config.name, "engine": service.engine.name}
+        body["engine_alive"] = service.engine_up and service.engine.alive
+        return JSONResponse({**body, "check": service.check.as_dict()}, status_code=200 if service.ready else 503)
+
+    if metrics_route:
+
+        @router.get("/metrics")
+        async def metrics() -> Response:
+            service.metrics.ready.set(1 if service.ready else 0)
+            return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @router.post("/v1/perplexity")
+    async def perplexity(body: PerplexityRequest) -> dict:
+        service.require_model(body.model)
+        service.require_engine()
+        deadline = time.monotonic() + config.request_timeout
+        taken = await service.limiter.acquire(deadline)
+        try:
+            return await service.perplexity(body.texts(), body.seqlen, deadline)
+        finally:
+            service.limiter.release(taken)
+
+    return router
+
+
 def create_app(service: Service) -> FastAPI:
     """The ASGI app for `service`; its lifespan loads the engine and runs the check in the background."""
     config = service.config
@@ -111,9 +166,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="llmprune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    app.add_exception_handler(APIError, api_error_response)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -130,19 +183,25 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(error_body(500, f"internal error: {exc}"), status_code=500)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        """200 while the engine is loading or alive; 503 once a started engine died (as vLLM's /health)."""
+        dead = service.engine_up and not service.engine.alive
+        return JSONResponse({"status": "dead" if dead else "ok"}, status_code=503 if dead else 200)
 
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        body = {"ready": service.ready, "model": config.name, "engine": service.engine.name}
-        body["engine_alive"] = service.engine_up and service.engine.alive
-        return JSONResponse({**body, "check": service.check.as_dict()}, status_code=200 if service.ready else 503)
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__, "engine": service.engine.name}
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        service.metrics.ready.set(1 if service.ready else 0)
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        service.require_model(body.model)
+        ids = service.encode(body.prompt, special=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": service.context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        service.require_model(body.model)
+        return {"prompt": service.tokenizer.decode(service.checked_ids(body.tokens, "tokens"))}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -160,12 +219,8 @@ def create_app(service: Service) -> FastAPI:
         formatter: Formatter, body: SamplingFields, prompts: list[list[int]], max_tokens: int
     ) -> Response | dict:
         deadline = time.monotonic() + config.request_timeout
-        sampling = Sampling(
-            max_tokens,
-            1.0 if body.temperature is None else body.temperature,
-            1.0 if body.top_p is None else body.top_p,
-            body.seed,
-        )
+        wants_logprobs = isinstance(body, CompletionRequest) and body.wants_logprobs()
+        sampling = service.sampling(body, max_tokens, body.logprobs if wants_logprobs else None)
         taken = await service.limiter.acquire(deadline)
         prompt_tokens = sum(len(p) for p in prompts)
         choices = len(prompts) * body.n
@@ -175,16 +230,20 @@ def create_app(service: Service) -> FastAPI:
             content = stream_events(formatter, events, choices, prompt_tokens, include_usage)
             return SlotStreamingResponse(content, lambda: service.limiter.release(taken))
         texts, finishes, tokens = dict.fromkeys(range(choices), ""), {}, 0
+        scored: dict[int, list] = {index: [] for index in range(choices)}
         try:
             async with aclosing(events) as stream:
                 async for event in stream:
                     texts[event.index] += event.text
                     tokens += event.tokens
+                    if event.token is not None:
+                        scored[event.index].append((event.token, event.logprob, event.top))
                     if event.finish_reason:
                         finishes[event.index] = event.finish_reason
+            logprobs = await service.echo_and_logprobs(body, prompts, texts, scored) if wants_logprobs else None
         finally:
             service.limiter.release(taken)
-        return formatter.body(texts, finishes, usage(prompt_tokens, tokens))
+        return formatter.body(texts, finishes, usage(prompt_tokens, tokens), logprobs)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -203,17 +262,7 @@ def create_app(service: Service) -> FastAPI:
         max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, [prompt], param)
         return await generate(Formatter(chat=True, model=config.name), body, [prompt], max_tokens)
 
-    @app.post("/v1/perplexity")
-    async def perplexity(body: PerplexityRequest) -> dict:
-        service.require_model(body.model)
-        service.require_engine()
-        deadline = time.monotonic() + config.request_timeout
-        taken = await service.limiter.acquire(deadline)
-        try:
-            return await service.perplexity(body.texts(), body.seqlen, deadline)
-        finally:
-            service.limiter.release(taken)
-
-    app.add_middleware(APIKeyMiddleware, keys=config.api_keys)
+    app.include_router(llmprune_router(service, metrics_route=True))
+    app.add_middleware(APIKeyMiddleware, keys=config.api_keys, protect_metrics=config.protect_metrics)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics, routes=ROUTES)
     return app

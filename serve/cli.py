@@ -40,7 +40,10 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: no compilation (starts much faster)")
     parser.add_argument("--max-batch", type=int, default=8, metavar="N", help="transformers: rows per batch (8)")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="required bearer key")
-    parser.add_argument("--max-concurrency", type=int, default=16, metavar="N", help="requests run at once (16)")
+    parser.add_argument("--protect-metrics", action="store_true", help="/metrics and /ready need a key too")
+    parser.add_argument(
+        "--max-concurrency", type=int, default=None, metavar="N", help="transformers: requests run at once (16)"
+    )
     parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait (64)")
     parser.add_argument("--request-timeout", type=float, default=120.0, metavar="S", help="seconds (120)")
     parser.add_argument("--max-tokens", type=int, default=2048, metavar="N", help="largest max_tokens (2048)")
@@ -61,14 +64,17 @@ def build_config(args: argparse.Namespace, folder: Path) -> ServeConfig:
     from llmprune_serve.auth import api_keys
 
     positive = {
-        "--max-concurrency": args.max_concurrency,
         "--request-timeout": args.request_timeout,
         "--max-tokens": args.max_tokens,
         "--max-batch": args.max_batch,
         "--check-samples": args.check_samples,
         "--ppl-tolerance": args.ppl_tolerance,
     }
-    optional = {"--expect-ppl": args.expect_ppl, "--kv-cache-gib": args.kv_cache_gib}
+    optional = {
+        "--expect-ppl": args.expect_ppl,
+        "--kv-cache-gib": args.kv_cache_gib,
+        "--max-concurrency": args.max_concurrency,
+    }
     for flag, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
         if not value > 0:
             raise LLMPruneError(f"{flag} must be positive (got {value})")
@@ -87,7 +93,10 @@ def build_config(args: argparse.Namespace, folder: Path) -> ServeConfig:
 
 
 def main(argv: list[str]) -> int:
-    """Parse, validate, then serve until interrupted (an engine that fails to start is an error)."""
+    """Parse, validate, then serve until interrupted (an engine that fails to start is an error).
+
+    Flags llmprune does not know go to vLLM's own parser with `--engine vllm` (and are an error otherwise).
+    """
     import uvicorn
 
     from llmprune.engine.devices import parse_dtype
@@ -101,8 +110,12 @@ def main(argv: list[str]) -> int:
     from llmprune_serve.engines import EngineSettings, create_engine, pick_engine
     from llmprune_serve.service import Service
 
-    args = serve_parser().parse_args(argv)
+    args, engine_flags = serve_parser().parse_known_args(argv)
     kind = pick_engine(args.engine)
+    if engine_flags and kind != "vllm":
+        raise LLMPruneError(f"unknown flags for the {kind} engine: {' '.join(engine_flags)} (vLLM's flags need vLLM)")
+    if kind == "vllm" and args.max_concurrency is not None:
+        raise LLMPruneError("--max-concurrency is for the transformers engine; vLLM batches up to --max-num-seqs")
     parse_dtype(args.dtype)
     config = build_config(args, resolve_model(args.model))
     if is_packed(config.folder):
@@ -125,14 +138,14 @@ def main(argv: list[str]) -> int:
     if args.dtype == "auto" and kind == "vllm" and dtype == "float32" and weight_only(skeleton.checkpoint):
         log.info("weight-only quantized checkpoint: vLLM's kernels for it take no float32 inputs, serving in bfloat16")
         dtype = "bfloat16"
+    if kind == "vllm":
+        return _serve_vllm(config, dtype, engine_flags, tokenizer, context, report, mode)
     settings = EngineSettings(
         folder=config.folder,
         dtype=dtype,
         device=config.device,
         max_model_len=context,
         max_batch=config.max_batch,
-        kv_cache_gib=config.kv_cache_gib,
-        enforce_eager=config.enforce_eager,
         served_model_name=config.name,
     )
     service = Service(config, create_engine(kind, settings, tokenizer), tokenizer, context, report, mode)
@@ -144,4 +157,19 @@ def main(argv: list[str]) -> int:
     asyncio.run(server.serve())
     if service.fatal is not None:
         raise LLMPruneError(f"engine {kind} failed to start: {service.fatal}")
+    return 0
+
+
+def _serve_vllm(config: ServeConfig, dtype: str, engine_flags: list[str], tokenizer, context, report, mode) -> int:
+    """vLLM's own OpenAI server with llmprune's layer (see vllm_server.py)."""
+    import uvloop
+
+    from llmprune_serve.service import Service
+    from llmprune_serve.vllm_server import serve_vllm, vllm_namespace
+
+    args = vllm_namespace(config, dtype, engine_flags)
+    try:
+        uvloop.run(serve_vllm(config, args, lambda scorer: Service(config, scorer, tokenizer, context, report, mode)))
+    except Exception as exc:  # vLLM's engine failed to build (bad model, no memory...)
+        raise LLMPruneError(f"engine vllm failed to start: {exc}") from exc
     return 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PORT = 8000
+DEFAULT_CONCURRENCY = 16
 
 
 @dataclass
@@ -25,7 +26,8 @@ class ServeConfig:
     enforce_eager: bool = False
     max_batch: int = 8
     api_keys: tuple[str, ...] = ()
-    max_concurrency: int = 16
+    protect_metrics: bool = False
+    max_concurrency: int | None = None  # transformers engine (DEFAULT_CONCURRENCY); vLLM batches to --max-num-seqs
     max_queue: int = 64
     request_timeout: float = 120.0
     max_tokens: int = 2048

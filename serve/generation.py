@@ -19,6 +19,9 @@ class ChoiceEvent:
     text: str
     tokens: int
     finish_reason: str | None = None
+    token: int | None = None  # the generated token, its logprob and alternatives (when logprobs were asked for)
+    logprob: float | None = None
+    top: dict[int, float] | None = None
 
 
 class StopScanner:
@@ -69,7 +72,9 @@ async def run_choices(
                     finish = "stop" if stopped else delta.finish_reason
                     if finish and not stopped:
                         text += scanner.flush()
-                    await queue.put(ChoiceEvent(index, text, delta.tokens, finish))
+                    await queue.put(
+                        ChoiceEvent(index, text, delta.tokens, finish, delta.token, delta.logprob, delta.top)
+                    )
                     if finish:
                         return
             await queue.put(ChoiceEvent(index, scanner.flush(), 0, "stop"))

@@ -49,13 +49,16 @@ class Formatter:
     def usage_chunk(self, counts: dict) -> dict:
         return {**self._envelope([], chunk=True), "usage": counts}
 
-    def body(self, texts: dict[int, str], finishes: dict[int, str], counts: dict) -> dict:
-        """The whole (non-streamed) response."""
+    def body(
+        self, texts: dict[int, str], finishes: dict[int, str], counts: dict, logprobs: dict[int, dict] | None = None
+    ) -> dict:
+        """The whole (non-streamed) response; `logprobs` by choice index (completions)."""
         choices = []
         for index in sorted(texts):
             if self.chat:
                 choice = {"index": index, "message": {"role": "assistant", "content": texts[index]}}
             else:
                 choice = {"index": index, "text": texts[index]}
-            choices.append({**choice, "logprobs": None, "finish_reason": finishes.get(index, "stop")})
+            scores = (logprobs or {}).get(index)
+            choices.append({**choice, "logprobs": scores, "finish_reason": finishes.get(index, "stop")})
         return {**self._envelope(choices, chunk=False), "usage": counts}

@@ -8,19 +8,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 8
 MAX_PROMPTS = 32
 MAX_STOPS = 4
 MAX_PERPLEXITY_TEXTS = 64
+MAX_LOGPROBS = 5  # as OpenAI's completions API
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
+    """A request body that refuses fields it does not know (a 400 naming the field), never drops them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Strict):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -53,7 +60,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -69,21 +76,32 @@ class CompletionRequest(SamplingFields):
                 raise ValueError("a token-id prompt must not be empty")
         return value
 
-    @field_validator("echo", "logprobs", "best_of", "suffix")
+    @field_validator("best_of", "suffix")
     @classmethod
     def _unsupported(cls, value, info):
-        supported = {"echo": (False,), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, "")}
-        if value not in supported[info.field_name]:
-            raise ValueError(f"{info.field_name} is not supported by this server")
+        if value not in {"best_of": (None, 1), "suffix": (None, "")}[info.field_name]:
+            raise ValueError(f"{info.field_name} is not supported by the transformers engine (vLLM's is)")
         return value
 
+    @model_validator(mode="after")
+    def _scored_whole(self):
+        """Logprobs and echo come with the whole response, of text not cut by stop sequences."""
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise ValueError("stream: echo and logprobs are not streamed by the transformers engine (vLLM's are)")
+        if self.stop and self.logprobs is not None:
+            raise ValueError("stop: logprobs with stop sequences are not supported by the transformers engine")
+        return self
 
-class ContentPart(BaseModel):
+    def wants_logprobs(self) -> bool:
+        return self.echo or self.logprobs is not None
+
+
+class ContentPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
 
@@ -105,11 +123,11 @@ class ChatRequest(SamplingFields):
     @classmethod
     def _no_logprobs(cls, value):
         if value:
-            raise ValueError("logprobs is not supported by this server")
+            raise ValueError("logprobs is not supported by the transformers engine for chat (vLLM's is)")
         return value
 
 
-class PerplexityRequest(BaseModel):
+class PerplexityRequest(Strict):
     """POST /v1/perplexity: perplexity of text(s) under the serving engine."""
 
     model: str | None = None
@@ -126,3 +144,18 @@ class PerplexityRequest(BaseModel):
 
     def texts(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+class TokenizeRequest(Strict):
+    """POST /tokenize: a text's token ids, as vLLM's route gives them."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(Strict):
+    """POST /detokenize: the text of token ids."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -9,8 +9,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from llmprune_serve.check import CheckResult, run_check
-from llmprune_serve.config import ServeConfig
-from llmprune_serve.engines.base import Engine, Sampling
+from llmprune_serve.config import DEFAULT_CONCURRENCY, ServeConfig
+from llmprune_serve.engines.base import Engine, Sampling, Scorer
 from llmprune_serve.errors import APIError
 from llmprune_serve.generation import ChoiceEvent, run_choices
 from llmprune_serve.limits import Limiter, before_deadline
@@ -21,13 +21,25 @@ log = logging.getLogger("llmprune.serve")
 MAX_PERPLEXITY_WINDOWS = 64
 
 
+def generation_defaults(folder) -> dict[str, float]:
+    """temperature and top_p from the model's generation_config.json (vLLM's defaults too); none if it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return {}
+    given = config.to_diff_dict()
+    return {key: float(given[key]) for key in ("temperature", "top_p") if given.get(key) is not None}
+
+
 class Service:
     """One model served by one engine; ready once the engine is up and the perplexity check passed."""
 
     def __init__(
         self,
         config: ServeConfig,
-        engine: Engine,
+        engine: Engine | Scorer,
         tokenizer,
         context: int,
         report: dict | None,
@@ -40,12 +52,13 @@ class Service:
         self.report = report
         self.check_mode = check_mode
         self.metrics = Metrics()
-        self.limiter = Limiter(config.max_concurrency, config.max_queue, self._track_slots)
+        self.limiter = Limiter(config.max_concurrency or DEFAULT_CONCURRENCY, config.max_queue, self._track_slots)
         self.check = CheckResult("pending", "loading the model")
         self.engine_up = False
         self.fatal: BaseException | None = None
         self.created = time.time()
         self.on_fatal: Callable[[], None] = lambda: None
+        self.defaults = generation_defaults(config.folder)
 
     @property
     def ready(self) -> bool:
@@ -87,10 +100,12 @@ class Service:
         if self.engine_up:
             await self.engine.close()
 
+    def not_ready_reason(self) -> str:
+        return self.check.reason if self.engine.alive or not self.engine_up else f"engine {self.engine.name} died"
+
     def require_ready(self) -> None:
         if not self.ready:
-            why = self.check.reason if self.engine.alive or not self.engine_up else f"engine {self.engine.name} died"
-            raise APIError(503, f"model not ready: {why}", code="not_ready")
+            raise APIError(503, f"model not ready: {self.not_ready_reason()}", code="not_ready")
 
     def require_engine(self) -> None:
         if not self.engine_up:
@@ -112,10 +127,55 @@ class Service:
         return [self.encode(p) if isinstance(p, str) else self._checked_ids(p) for p in prompt]
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
+        return self.checked_ids(ids, "prompt")
+
+    def checked_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = len(self.tokenizer)
         if any(i < 0 or i >= vocab for i in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            raise APIError(400, f"{param} token ids must be in [0, {vocab})", param)
         return list(ids)
+
+    def sampling(self, body, max_tokens: int, logprobs: int | None) -> Sampling:
+        """The request's sampling, with the model's generation_config.json defaults where it gives none."""
+        temperature = body.temperature if body.temperature is not None else self.defaults.get("temperature", 1.0)
+        top_p = body.top_p if body.top_p is not None else self.defaults.get("top_p", 1.0)
+        return Sampling(max_tokens, temperature, top_p, body.seed, logprobs)
+
+    async def echo_and_logprobs(
+        self, body, prompts: list[list[int]], texts: dict[int, str], scored: dict[int, list]
+    ) -> dict[int, dict] | None:
+        """Completions' `echo` (the prompt put before each choice's text, in place) and `logprobs` (OpenAI's
+        object: tokens, token_logprobs, top_logprobs, text_offset; the prompt's tokens first when echoed)."""
+        given = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+        n = len(texts) // len(prompts)
+        logprobs = {}
+        for p, prompt in enumerate(prompts):
+            entries: list[tuple[int, float | None, dict | None]] = []
+            if body.echo and body.logprobs is not None:
+                scores = await self.engine.prompt_logprobs(prompt, body.logprobs)
+                entries = [(token, *(score or (None, None))) for token, score in zip(prompt, scores)]
+            for index in range(p * n, (p + 1) * n):
+                if body.echo:
+                    echoed = given[p] if isinstance(given[p], str) else self.tokenizer.decode(prompt)
+                    texts[index] = echoed + texts[index]
+                if body.logprobs is not None:
+                    logprobs[index] = self._logprobs_object(entries + scored[index])
+        return logprobs if body.logprobs is not None else None
+
+    def _logprobs_object(self, entries: list[tuple[int, float | None, dict | None]]) -> dict:
+        def text(token: int) -> str:
+            return self.tokenizer.decode([token])
+
+        offsets, at = [], 0
+        for token, _, _ in entries:
+            offsets.append(at)
+            at += len(text(token))
+        return {
+            "tokens": [text(token) for token, _, _ in entries],
+            "token_logprobs": [logprob for _, logprob, _ in entries],
+            "top_logprobs": [None if top is None else {text(t): v for t, v in top.items()} for _, _, top in entries],
+            "text_offset": offsets,
+        }
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """Messages rendered with the model's chat template (or plain `role: content` lines without one)."""

@@ -29,6 +29,7 @@ from tests.helpers.serving import ROOT, Server
 FLAG_KEY = "flag-key"
 ENV_KEYS = "env-key-1, env-key-2"
 CONTEXT = 256  # max_position_embeddings of the tiny test models
+CHAT_TEMPLATE = ROOT / "tests" / "data" / "plain-chat.jinja"  # the transformers app's plain `role: content` lines
 
 
 @pytest.fixture(scope="session")
@@ -41,22 +42,43 @@ def pruned_tiny(tiny_models, corpus_file, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session", params=["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
-def server(request, pruned_tiny):
-    """One server per engine for the whole run: keys from the flag and the environment, small limits."""
-    flags = ["--engine", request.param, "--api-key", FLAG_KEY, "--max-concurrency", "2", "--max-queue", "1"]
-    flags += ["--max-tokens", "200"]
-    env = {"LLMPRUNE_API_KEYS": ENV_KEYS}
-    if request.param == "vllm":
-        flags += ["--enforce-eager", "--kv-cache-gib", "0.25"]
-        env["OMP_NUM_THREADS"] = "1"
-    srv = Server(pruned_tiny, *flags, key=FLAG_KEY, env=env)
-    try:
-        body = srv.wait_checked()
-        assert body["ready"], srv.log()[-3000:]
-        yield srv
-    finally:
+@pytest.fixture(scope="session")
+def servers(pruned_tiny):
+    """One server per engine for the whole run, started on first use: keys from the flag and the environment,
+    small limits (2 running, 1 queued)."""
+    started: dict[str, Server] = {}
+
+    def start(engine: str) -> Server:
+        if engine not in started:
+            flags = ["--engine", engine, "--api-key", FLAG_KEY, "--max-queue", "1", "--max-tokens", "200"]
+            env = {"LLMPRUNE_API_KEYS": ENV_KEYS}
+            if engine == "vllm":
+                flags += ["--max-num-seqs", "2", "--enforce-eager", "--kv-cache-gib", "0.25"]
+                flags += ["--chat-template", str(CHAT_TEMPLATE)]  # vLLM's flag: the tiny tokenizer has none
+                env["OMP_NUM_THREADS"] = "1"
+            else:
+                flags += ["--max-concurrency", "2"]
+            srv = Server(pruned_tiny, *flags, key=FLAG_KEY, env=env)
+            srv.engine = engine
+            started[engine] = srv
+            body = srv.wait_checked()
+            assert body["ready"], srv.log()[-3000:]
+        return started[engine]
+
+    yield start
+    for srv in started.values():
         srv.stop()
+
+
+@pytest.fixture(scope="session", params=["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
+def server(request, servers):
+    """The API suite runs against both engines: vLLM's own server and llmprune's transformers app."""
+    return servers(request.param)
+
+
+@pytest.fixture(scope="session")
+def hf_server(servers):
+    return servers("transformers")
 
 
 @pytest.fixture
@@ -77,7 +99,8 @@ def _metrics(server) -> dict[str, float]:
 
 
 def test_health_ready_and_models(server, client, pruned_tiny):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/version").json()["version"]
     ready = server.get("/ready")
     assert ready.status_code == 200
     check = ready.json()["check"]
@@ -151,45 +174,59 @@ def test_metrics(server, client):
     samples = _metrics(server)
     assert samples['llmprune_requests_total{"route": "/v1/completions", "status": "200"}'] >= 1
     assert samples['llmprune_request_seconds_count{"route": "/v1/completions"}'] >= 1
-    assert samples["llmprune_generated_tokens_total{}"] >= 4
+    if server.engine == "vllm":  # vLLM's own metrics, exported beside llmprune's
+        generated = [v for k, v in samples.items() if k.startswith("vllm:generation_tokens_total")]
+        assert sum(generated) >= 4
+    else:
+        assert samples["llmprune_generated_tokens_total{}"] >= 4
     assert samples["llmprune_ppl_check_state{}"] == 1
     assert samples["llmprune_ppl_check_perplexity{}"] > 1
     assert samples["llmprune_ready{}"] == 1
 
 
-@pytest.mark.parametrize("route", ["/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/perplexity"])
+@pytest.mark.parametrize("route", ["/v1/models", "/v1/completions", "/v1/perplexity"])
 def test_api_key_required(server, route):
-    call = server.get if route in ("/ready", "/metrics", "/v1/models") else server.post
+    """As in `vllm serve`: the /v1 routes need a key (any of --api-key and LLMPRUNE_API_KEYS); /health,
+    /version, /tokenize, and (without --protect-metrics) /ready and /metrics do not."""
+    call = server.get if route == "/v1/models" else server.post
     for headers in ({}, server.headers("wrong-key"), {"Authorization": FLAG_KEY}):
         answer = call(route, headers=headers)
         assert answer.status_code == 401
         assert answer.json()["error"]["type"] == "authentication_error"
     for key in (FLAG_KEY, "env-key-1", "env-key-2"):
         assert call(route, headers=server.headers(key)).status_code != 401
-    assert httpx.get(server.url + "/health").status_code == 200
+    for open_route in ("/health", "/version", "/ready", "/metrics"):
+        assert httpx.get(server.url + open_route).status_code == 200
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "Hark"}).status_code == 200
 
 
 LONG_PROMPT = "So " * 400
+# refused by both engines (vLLM's own validation, or llmprune's)
 INVALID = {
     "max_tokens zero": ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    "max_tokens above limit": ("/v1/completions", {"prompt": "hi", "max_tokens": 201}, "max_tokens"),
     "prompt longer than context": ("/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 1}, "prompt"),
-    "prompt plus max_tokens": ("/v1/completions", {"prompt": "So " * 100, "max_tokens": 200}, "max_tokens"),
-    "temperature": ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature"),
     "top_p zero": ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
     "top_p above one": (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5},
         "top_p",
     ),
-    "n zero": ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
-    "n too large": ("/v1/completions", {"prompt": "hi", "n": 100}, "n"),
     "no prompt": ("/v1/completions", {"max_tokens": 3}, "prompt"),
     "no messages": ("/v1/chat/completions", {"messages": []}, "messages"),
-    "bad role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     "token id out of vocab": ("/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
-    "logprobs": ("/v1/completions", {"prompt": "hi", "logprobs": 2}, "logprobs"),
     "perplexity of nothing": ("/v1/perplexity", {"text": "x"}, "text"),
+}
+# bounds of llmprune's transformers app (vLLM accepts these as `vllm serve` does; it shortens max_tokens)
+INVALID_TRANSFORMERS = {
+    "prompt plus max_tokens": ("/v1/completions", {"prompt": "So " * 100, "max_tokens": 200}, "max_tokens"),
+    "max_tokens above --max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 201}, "max_tokens"),
+    "temperature": ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature"),
+    "n zero": ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
+    "n too large": ("/v1/completions", {"prompt": "hi", "n": 100}, "n"),
+    "bad role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    "logprobs above 5": ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+    "echo streamed": ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, "stream"),
+    "logprobs with stop": ("/v1/completions", {"prompt": "hi", "logprobs": 1, "stop": ["x"]}, "stop"),
 }
 
 
@@ -199,8 +236,78 @@ def test_invalid_body_is_400(server, case):
     answer = server.post(route, body)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
+    if server.engine == "vllm" and route != "/v1/perplexity":
+        assert error["message"]  # vLLM's own error body, as `vllm serve` answers
+        return
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert param in error["message"] or "context" in error["message"] or "tokens" in error["message"]
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_TRANSFORMERS))
+def test_invalid_body_is_400_transformers(hf_server, case):
+    route, body, param = INVALID_TRANSFORMERS[case]
+    answer = hf_server.post(route, body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert param in error["message"] or "context length" in error["message"]
+
+
+# fields `vllm serve` takes beyond llmprune's transformers app: honoured by one, refused by name by the other
+VLLM_FIELDS = {
+    "top_k": 1,
+    "frequency_penalty": 0.5,
+    "presence_penalty": 0.5,
+    "repetition_penalty": 1.2,
+    "min_p": 0.1,
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "logit_bias": {"50": 100},
+}
+
+
+@pytest.mark.parametrize("field", sorted(VLLM_FIELDS))
+def test_vllm_sampling_fields_are_honoured_or_refused_by_name(server, field):
+    route = "/v1/chat/completions" if field in ("tools", "response_format") else "/v1/completions"
+    prompt = {"messages": [{"role": "user", "content": "Speak"}]} if "chat" in route else {"prompt": "Good morrow"}
+    body = {**prompt, "max_tokens": 4, field: VLLM_FIELDS[field]}
+    if field == "tools":
+        body["tool_choice"] = "none"  # "auto" needs a tool-call parser (--enable-auto-tool-choice)
+    answer = server.post(route, body)
+    if server.engine == "transformers":
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == field and f"{field} is not supported" in error["message"]
+        return
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    if field == "top_k":  # top_k 1 is greedy decoding, whatever the temperature
+        greedy = server.post(route, {**prompt, "max_tokens": 4, "temperature": 0}).json()["choices"][0]
+        assert choice["text"] == greedy["text"]
+    if field == "logit_bias":  # +100 on one token makes it the only choice
+        tokens = server.post("/tokenize", {"prompt": choice["text"], "add_special_tokens": False}).json()["tokens"]
+        assert set(tokens) == {50}
+
+
+def test_echo_and_logprobs_as_lm_eval_sends_them(server, pruned_tiny):
+    """lm-evaluation-harness's loglikelihood request (token ids, echo, logprobs 1, max_tokens 1): the prompt's
+    logprobs equal transformers' float32 log-softmax on both engines."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(pruned_tiny)
+    ids = tokenizer("Good morrow, sweet lady, what news?")["input_ids"]
+    body = {"prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+    answer = server.post("/v1/completions", body)
+    assert answer.status_code == 200, answer.text
+    logprobs = answer.json()["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
+    model = AutoModelForCausalLM.from_pretrained(pruned_tiny, dtype=torch.float32)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    expected = reference.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-3)
+    for token_logprob, top in zip(logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:]):
+        assert max(top.values()) >= token_logprob - 1e-6 and token_logprob in top.values()
 
 
 def test_malformed_json_is_400(server):
@@ -213,20 +320,22 @@ def test_malformed_json_is_400(server):
 
 
 def test_overload_is_429_with_retry_after_then_serves_again(server, client):
-    """Two long streams hold both slots and a third request waits in the one-place queue: the next is
-    refused with 429 and Retry-After; once the streams are dropped the server answers again."""
+    """Two long streams run (the transformers app's 2 slots, vLLM's --max-num-seqs 2) and a third request
+    takes the one queue place: the next is refused with 429 and Retry-After; once the streams are dropped
+    the server answers again."""
     model = _model(client)
     heavy = {"model": model, "prompt": ["Now"] * 32, "n": 8, "max_tokens": 200, "stream": True}
     queued: dict = {}
     with ExitStack() as stack:
-        for _ in range(2):
+        for _ in range(3 if server.engine == "vllm" else 2):  # vLLM batches the third; the app queues it
             http = stack.enter_context(httpx.Client(timeout=120, headers=server.headers()))
             stream = stack.enter_context(http.stream("POST", server.url + "/v1/completions", json=heavy))
             assert stream.status_code == 200
         waiter = threading.Thread(
             target=lambda: queued.update(answer=server.post("/v1/completions", {"prompt": "Soft", "max_tokens": 2}))
         )
-        waiter.start()
+        if server.engine == "transformers":
+            waiter.start()
         deadline = time.monotonic() + 60
         while _metrics(server)["llmprune_requests_queued{}"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -237,8 +346,9 @@ def test_overload_is_429_with_retry_after_then_serves_again(server, client):
         assert refused.json()["error"]["type"] == "rate_limit_error"
         with pytest.raises(RateLimitError):
             client.completions.create(model=model, prompt="Soft", max_tokens=2)
-    waiter.join(timeout=120)
-    assert queued["answer"].status_code == 200
+    if server.engine == "transformers":
+        waiter.join(timeout=120)
+        assert queued["answer"].status_code == 200
     again = client.completions.create(model=model, prompt="Soft you now", max_tokens=3)
     assert again.usage.completion_tokens >= 1
     deadline = time.monotonic() + 60
@@ -339,7 +449,12 @@ def test_bad_serve_arguments_one_line_error(tiny_models, pruned_tiny, corpus_fil
     cases = {
         "plain model needs --check-text": ([plain], "no llmprune.json"),
         "engine": ([pruned_tiny, "--engine", "tgi"], "--engine must be one of"),
-        "concurrency": ([pruned_tiny, "--max-concurrency", "0"], "--max-concurrency must be positive"),
+        "concurrency": ([pruned_tiny, "--engine", "transformers", "--max-concurrency", "0"], "must be positive"),
+        "concurrency on vllm": ([pruned_tiny, "--engine", "vllm", "--max-concurrency", "4"], "--max-num-seqs"),
+        "vllm flag on transformers": (
+            [pruned_tiny, "--engine", "transformers", "--tensor-parallel-size", "2"],
+            "unknown flags for the transformers engine: --tensor-parallel-size 2",
+        ),
         "queue": ([pruned_tiny, "--max-queue", "-1"], "--max-queue must be 0 or more"),
         "port": ([pruned_tiny, "--port", "70000"], "--port must be in"),
         "check text": ([pruned_tiny, "--check-text", tmp_path / "nope.txt"], "no such file"),
@@ -355,3 +470,35 @@ def test_bad_serve_arguments_one_line_error(tiny_models, pruned_tiny, corpus_fil
         err = capsys.readouterr().err
         assert code == 2, case
         assert err.startswith("llmprune: error: ") and message in err and err.count("\n") == 1, (case, err)
+    # flags vLLM's own parser refuses (its import may log first: the error is the last line)
+    code = main(["serve", str(pruned_tiny), "--engine", "vllm", "--skip-ppl-check", "--tensor-parallel-size", "x"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("llmprune: error: vLLM rejects the engine flags --tensor-parallel-size x")
+
+
+@pytest.mark.slow
+def test_health_turns_503_when_the_vllm_engine_dies(pruned_tiny):
+    """vLLM's engine-core process killed: the server stays up and says so (/health and /ready 503, generation
+    refused with 503 not ready) instead of the port going dark."""
+    import psutil
+
+    flags = ["--engine", "vllm", "--enforce-eager", "--kv-cache-gib", "0.25", "--skip-ppl-check"]
+    srv = Server(pruned_tiny, *flags, env={"OMP_NUM_THREADS": "1"})
+    try:
+        assert srv.wait_checked()["ready"]
+        assert httpx.get(srv.url + "/health").status_code == 200
+        children = psutil.Process(srv.process.pid).children(recursive=True)
+        engine = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+        assert engine, [p.name() for p in children]
+        for process in engine:
+            process.kill()
+        deadline = time.monotonic() + 60
+        while httpx.get(srv.url + "/health").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert httpx.get(srv.url + "/health").status_code == 503
+        ready = srv.get("/ready")
+        assert ready.status_code == 503 and ready.json()["engine_alive"] is False
+        refused = srv.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and "died" in refused.json()["error"]["message"]
+    finally:
+        srv.stop()

@@ -81,3 +81,24 @@ def test_quality_gate_flag_overrides_the_recorded_block():
     assert quality_gate({"perplexity": perplexity}, 0.3)[0] is False
     assert quality_gate({"perplexity": {"dense": None, "pruned": None}}, None) is None
     assert quality_gate(None, None) is None
+
+
+def test_api_keys_guard_the_api_routes_and_monitoring_only_when_asked():
+    """The key rule of both engines: vLLM's guarded prefixes always; /metrics and /ready with --protect-metrics."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from llmprune_serve.auth import APIKeyMiddleware, api_keys
+
+    paths = ["/health", "/version", "/tokenize", "/metrics", "/ready", "/v1/models", "/v2/x", "/inference/v1/generate"]
+    routes = [Route(path, lambda request: PlainTextResponse("ok"), methods=["GET"]) for path in paths]
+    for protect in (False, True):
+        app = APIKeyMiddleware(Starlette(routes=routes), keys=("k",), protect_metrics=protect)
+        with TestClient(app) as client:
+            refused = {path for path in paths if client.get(path).status_code == 401}
+            assert all(client.get(p, headers={"Authorization": "Bearer k"}).status_code == 200 for p in paths)
+        guarded = {"/v1/models", "/v2/x", "/inference/v1/generate"} | ({"/metrics", "/ready"} if protect else set())
+        assert refused == guarded
+    assert api_keys(["a"], {"LLMPRUNE_API_KEYS": "b, c", "VLLM_API_KEY": "d"}) == ("a", "b", "c", "d")

@@ -1,4 +1,5 @@
-"""Serving engines: `vllm` (vLLM's async engine) and `transformers` (simple batched generation)."""
+"""Serving engines: `vllm` (vLLM's own OpenAI server, see vllm_server.py) and `transformers` (llmprune's app
+with simple batched generation)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,9 @@ def pick_engine(kind: str) -> str:
 
 
 def create_engine(kind: str, settings: EngineSettings, tokenizer) -> Engine:
-    """An engine of `kind` (vllm or transformers) for `settings`, not yet started."""
-    if kind == "vllm":
-        from llmprune_serve.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(settings)
+    """The transformers engine for `settings`, not yet started (vLLM brings its own server and engine)."""
+    if kind != "transformers":
+        raise LLMPruneError(f"llmprune's own app runs the transformers engine only (got {kind})")
     from llmprune_serve.engines.hf_engine import TransformersEngine
 
     return TransformersEngine(settings, tokenizer)

@@ -20,6 +20,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None  # with each token, its logprob and the `logprobs` most likely tokens'
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Delta:
     text: str
     tokens: int
     finish_reason: str | None = None
+    token: int | None = None
+    logprob: float | None = None  # of `token` under the model (log-softmax of its logits)
+    top: dict[int, float] | None = None  # the most likely tokens' logprobs, when asked for
 
 
 @dataclass(frozen=True)
@@ -40,18 +44,13 @@ class EngineSettings:
     device: str = "auto"
     max_model_len: int = 2048
     max_batch: int = 8
-    kv_cache_gib: float | None = None
-    enforce_eager: bool = False
     served_model_name: str | None = None
 
 
-class Engine(ABC):
-    """A loaded model that generates and scores; `start()` loads it, `close()` frees it."""
+class Scorer(ABC):
+    """A loaded model that scores token windows (the perplexity check and /v1/perplexity)."""
 
     name: str = "engine"
-
-    def __init__(self, settings: EngineSettings) -> None:
-        self.settings = settings
 
     @property
     @abstractmethod
@@ -68,10 +67,6 @@ class Engine(ABC):
         """Load the model (may take a while: the service answers /health meanwhile)."""
 
     @abstractmethod
-    def generate(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[Delta]:
-        """Stream the completion of `prompt`; closing the iterator early aborts the generation."""
-
-    @abstractmethod
     async def score(self, windows: list[list[int]]) -> tuple[float, int]:
         """Summed next-token NLL over the windows and the count of predicted tokens (each window's
         first token is not predicted), as in llmprune's streamed perplexity."""
@@ -79,3 +74,18 @@ class Engine(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Free the model and any engine processes."""
+
+
+class Engine(Scorer):
+    """A scorer that also generates: the transformers engine behind llmprune's own app."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    async def prompt_logprobs(self, prompt: list[int], top: int) -> list[tuple[float, dict[int, float]] | None]:
+        """Each prompt token's logprob and the `top` most likely tokens' at its position (None for the first)."""
+
+    @abstractmethod
+    def generate(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[Delta]:
+        """Stream the completion of `prompt`; closing the iterator early aborts the generation."""

