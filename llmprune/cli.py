@@ -199,6 +199,9 @@ def format_summary(report: dict) -> str:
     lines.append(f"  time             {s['seconds']:.1f} s (pruning {s['prune_seconds']:.1f} s)")
     cuda = f", CUDA {s['peak_cuda_gib']:.2f} GiB" if s["peak_cuda_gib"] else ""
     lines.append(f"  peak memory      RSS {s['peak_rss_gib']:.2f} GiB{cuda}")
+    for name, task in (report.get("tasks") or {}).get("results", {}).items():
+        change = task["pruned"] - task["dense"]
+        lines.append(f"  {name[:16]:16s} {task['metric']} {task['dense']:.4f} -> {task['pruned']:.4f} ({change:+.4f})")
     if report.get("quality_gate"):
         lines.append(f"  quality gate     {report['quality_gate']['status'].replace('_', ' ')}")
     if report.get("hub"):
@@ -213,7 +216,8 @@ def run_eval(argv: list[str]) -> int:
 
     parser = Parser(
         prog="llmprune eval",
-        description="Streamed perplexity of a model or pruned folder.",
+        description="Streamed perplexity of a model or pruned folder, or with --tasks its accuracy on "
+        "lm-evaluation-harness tasks.",
         argument_default=argparse.SUPPRESS,  # a flag not given leaves evaluate()'s default in force
     )
     parser.add_argument("model", metavar="DIR_OR_MODEL")
@@ -221,12 +225,26 @@ def run_eval(argv: list[str]) -> int:
     parser.add_argument("--seqlen", type=int, help="tokens per window (default 2048, capped at the model context)")
     parser.add_argument("--samples", type=int, help="evaluate at most N windows")
     parser.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    parser.add_argument("--batch-size", type=int, help="windows per forward (default auto)")
+    parser.add_argument("--batch-size", type=int, help="windows (or lm-eval requests) per forward (default auto)")
+    tasks = parser.add_argument_group("task accuracy (lm-evaluation-harness, pip install 'llmprune[eval]')")
+    tasks.add_argument("--tasks", metavar="T1,T2", help="lm-eval tasks, or `paper` for the Wanda paper's seven")
+    tasks.add_argument("--include-path", metavar="DIR", help="folder of extra task YAMLs")
+    tasks.add_argument("--limit", type=int, metavar="N", help="at most N documents per task")
+    tasks.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
+    tasks.add_argument("--base-url", metavar="URL", help="score a running llmprune/vLLM server instead")
+    tasks.add_argument("--api-key", metavar="KEY", help="the server's key (--base-url)")
+    tasks.add_argument("--offload-folder", metavar="DIR", help="stream what does not fit from disk (accelerate)")
     parser.add_argument("--quiet", action="store_true", default=False)
     parser.add_argument("--json", action="store_true", default=False)
     args = parser.parse_args(argv)
     setup_logging(args.quiet)
-    options = {k: v for k, v in vars(args).items() if k not in ("model", "json")}
+    options = vars(args)
+    if "tasks" in options:
+        return _eval_tasks(options)
+    task_only = sorted(set(options) & {"include_path", "limit", "num_fewshot", "base_url", "api_key", "offload_folder"})
+    if task_only:
+        raise LLMPruneError(f"--{task_only[0].replace('_', '-')} is for task accuracy: add --tasks T1,T2")
+    options = {k: v for k, v in options.items() if k not in ("model", "json")}
     result = evaluate(args.model, **options)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -235,6 +253,34 @@ def run_eval(argv: list[str]) -> int:
             f"perplexity {result['perplexity']:.4f} on {result['windows']} x {result['seqlen']} tokens "
             f"of {result['eval']['source']} ({result['seconds']:.1f} s)"
         )
+    return 0
+
+
+def _eval_tasks(options: dict) -> int:
+    """`llmprune eval --tasks`: lm-eval's accuracy per task, printed (and as JSON with --json)."""
+    from llmprune.eval.tasks import task_accuracy
+    from llmprune.models.resolve import resolve_model
+    from llmprune.settings import parse_tasks
+
+    perplexity_only = sorted(set(options) & {"dataset", "seqlen", "samples"})
+    if perplexity_only:
+        raise LLMPruneError(f"--{perplexity_only[0]} is for perplexity, not --tasks")
+    for flag in ("limit", "num_fewshot", "batch_size"):
+        if options.get(flag) is not None and options[flag] < (0 if flag == "num_fewshot" else 1):
+            raise LLMPruneError(f"--{flag.replace('_', '-')} must be positive (got {options[flag]})")
+    if options.get("base_url") and options.get("offload_folder"):
+        raise LLMPruneError("--offload-folder is for a local model, not --base-url")
+    folder = resolve_model(options["model"], quiet=options["quiet"])
+    names = parse_tasks(options["tasks"])
+    keys = ("include_path", "limit", "num_fewshot", "base_url", "api_key", "device", "batch_size", "offload_folder")
+    result = {"model": options["model"], "folder": str(folder)}
+    result.update(task_accuracy(folder, names, **{k: options[k] for k in keys if k in options}))
+    if options["json"]:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name, score in result["tasks"].items():
+        stderr = f" ± {score['stderr']:.4f}" if score["stderr"] is not None else ""
+        print(f"{name:24s} {score['metric']:10s} {score['accuracy']:.4f}{stderr}  ({score['samples']} documents)")
     return 0
 
 

@@ -79,6 +79,7 @@ class Report:
     save_format: str
     quality_gate: dict
     damping_retries: int | None = None  # methods that damp a factorization (SparseGPT) count their retries
+    tasks: dict | None = None  # --eval-tasks: lm-eval accuracy of dense and pruned
     packed: dict | None = None
     versions: dict = field(default_factory=lambda: versions())
 
@@ -106,6 +107,7 @@ class Report:
                 "versions": self.versions,
                 "timings": self.timings,
                 "perplexity": self.perplexity.as_dict() if self.perplexity else None,
+                **({"tasks": self.tasks} if self.tasks is not None else {}),
                 "peak_memory": self.peak_memory.as_dict(),
                 "command": self.command,
                 "base_model": self.base_model,

@@ -54,7 +54,7 @@ from llmprune.models.resolve import resolve_model
 from llmprune.models.skeleton import Skeleton, build_skeleton, cast_floating
 from llmprune.models.text import context_length, load_tokenizer
 from llmprune.report import PeakMemory, PerplexitySection, Report, write_report
-from llmprune.settings import DEFAULT_EVAL, Option, Settings, parse_size, validate
+from llmprune.settings import DEFAULT_EVAL, Option, Publish, Settings, parse_size, validate
 from llmprune.speed import SPEED, SpeedBody
 from llmprune.structured.body import StructuredBody
 from llmprune.structured.methods import STRUCTURED
@@ -243,6 +243,7 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
         pruned = perplexity(
             writer.partial, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="pruned ppl"
         )
+    tasks = task_results(ctx.folder, writer.partial, settings.publish, device) if settings.publish.eval_tasks else None
     part = body.report(ctx, state)
     ppl = None
     if eval_windows is not None:
@@ -269,7 +270,10 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
         command=settings.common.command or api_call(settings),
         base_model=base_model_of(settings.common.model, ctx.folder),
         save_format=publish.save_format,
-        quality_gate=quality_gate(ppl.as_dict() if ppl else None, publish.max_ppl_increase),
+        quality_gate=quality_gate(
+            ppl.as_dict() if ppl else None, publish.max_ppl_increase, tasks, publish.max_acc_drop
+        ),
+        tasks=tasks,
     )
     if publish.save_format == FORMAT:
         report.packed = pack_shards(writer.partial, writer.partial)
@@ -277,6 +281,29 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
     write_card(writer.partial, data)
     write_report(writer.partial, data)
     return data
+
+
+def task_results(dense: Path, pruned: Path, publish: Publish, device: torch.device) -> dict:
+    """--eval-tasks: lm-eval's accuracy of the dense source and of the pruned folder, task by task."""
+    from llmprune.eval.tasks import task_accuracy
+    from llmprune.settings import parse_tasks
+
+    names = parse_tasks(publish.eval_tasks)
+    options = dict(include_path=publish.eval_tasks_path, limit=publish.eval_tasks_limit, device=str(device))
+    log.info("task accuracy (lm-eval) of dense and pruned on %s", ", ".join(names))
+    scores = {which: task_accuracy(path, names, **options) for which, path in (("dense", dense), ("pruned", pruned))}
+    results = {
+        name: {
+            "metric": scores["pruned"]["tasks"][name]["metric"],
+            "dense": scores["dense"]["tasks"][name]["accuracy"],
+            "pruned": scores["pruned"]["tasks"][name]["accuracy"],
+            "stderr": scores["pruned"]["tasks"][name]["stderr"],
+            "samples": scores["pruned"]["tasks"][name]["samples"],
+        }
+        for name in names
+    }
+    version = scores["pruned"]["lm_eval_version"]
+    return {"results": results, "limit": publish.eval_tasks_limit, "lm_eval_version": version}
 
 
 def fingerprint_of(ctx: RunContext, body: Body) -> dict:

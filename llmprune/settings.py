@@ -9,10 +9,12 @@ the report all come from these declarations. `validate` is the one place option 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from llmprune.argparsing import fraction
@@ -328,6 +330,26 @@ class Publish:
         metavar="F",
         affects_result=False,
     )
+    eval_tasks: str | None = setting(
+        None,
+        "lm-evaluation-harness tasks to score dense and pruned (`paper`: the Wanda paper's seven; needs "
+        "llmprune[eval])",
+        metavar="T1,T2",
+        affects_result=False,
+    )
+    eval_tasks_path: str | None = setting(
+        None, "folder of extra lm-eval task YAMLs for --eval-tasks", metavar="DIR", affects_result=False
+    )
+    eval_tasks_limit: int | None = setting(
+        None, "at most N documents per --eval-tasks task", type=int, metavar="N", minimum=1, affects_result=False
+    )
+    max_acc_drop: float | None = setting(
+        None,
+        "quality gate: fail the run (exit 3) if any --eval-tasks accuracy drops more than F (absolute)",
+        type=fraction,
+        metavar="F",
+        affects_result=False,
+    )
     push_to_hub: str | None = setting(
         None, "push the folder if the gate passes", metavar="ORG/NAME", affects_result=False
     )
@@ -479,6 +501,40 @@ def parse_budget_text(text: str | None) -> dict[str, int]:
     return values
 
 
+# lm-evaluation-harness: the zero-shot tasks of the Wanda and SparseGPT papers
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """`T1,T2` (or `paper` for the seven zero-shot tasks of the Wanda paper) as a list of task names."""
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if tasks == ["paper"]:
+        return list(PAPER_TASKS)
+    if not tasks:
+        raise LLMPruneError("--tasks needs at least one task name (e.g. --tasks arc_easy,boolq, or paper)")
+    return tasks
+
+
+def require_lm_eval() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LLMPruneError("task accuracy needs lm-evaluation-harness: pip install 'llmprune[eval]'")
+
+
+def check_eval_tasks(publish: Publish) -> None:
+    """Task flags only with --eval-tasks; lm-eval installed; a drop limit in [0, 1]."""
+    if publish.eval_tasks is None:
+        given = [f for f in ("eval_tasks_path", "eval_tasks_limit", "max_acc_drop") if getattr(publish, f) is not None]
+        if given:
+            raise LLMPruneError(f"--{given[0].replace('_', '-')} needs --eval-tasks T1,T2")
+        return
+    parse_tasks(publish.eval_tasks)
+    require_lm_eval()
+    if publish.max_acc_drop is not None and not 0 <= publish.max_acc_drop <= 1:
+        raise LLMPruneError(f"--max-acc-drop must be in [0, 1] (got {publish.max_acc_drop})")
+    if publish.eval_tasks_path is not None and not Path(publish.eval_tasks_path).is_dir():
+        raise LLMPruneError(f"--eval-tasks-path {publish.eval_tasks_path}: no such folder")
+
+
 def check_max_ppl_increase(value: float) -> float:
     """--max-ppl-increase: a fraction >= 0 (inf turns the gate off)."""
     if math.isnan(value) or value < 0:
@@ -561,6 +617,7 @@ def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_op
     elif publish.save_format != "dense":
         raise LLMPruneError(f"--save-format {publish.save_format} is for 2:4-sparse models, not {kind} ones")
     check_max_ppl_increase(publish.max_ppl_increase)
+    check_eval_tasks(publish)
     if publish.push_to_hub:
         check_repo_id(publish.push_to_hub)
         if common.no_eval:

@@ -382,10 +382,14 @@ def _corrupt(folder, target):
     return target
 
 
-def test_corrupted_weights_fail_the_check(pruned_tiny, tmp_path):
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_corrupted_weights_fail_the_check(pruned_tiny, tmp_path, engine):
     """Weights changed after pruning: the engine's perplexity is far from the recorded one, so the service
     stays not ready (503 on /ready and on generation) and logs why, while /v1/perplexity still answers."""
-    srv = Server(_corrupt(pruned_tiny, tmp_path / "corrupt"), "--engine", "transformers")
+    vllm_flags = ["--enforce-eager", "--kv-cache-gib", "0.25", "--chat-template", str(CHAT_TEMPLATE)]
+    flags = vllm_flags if engine == "vllm" else []
+    env = {"OMP_NUM_THREADS": "1"} if engine == "vllm" else None
+    srv = Server(_corrupt(pruned_tiny, tmp_path / "corrupt"), "--engine", engine, *flags, env=env)
     try:
         body = srv.wait_checked()
         assert body["ready"] is False and body["check"]["status"] == "failed"

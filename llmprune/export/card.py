@@ -91,7 +91,28 @@ def front_matter(report: dict) -> dict:
     if report.get("quantization"):
         tags += ["quantized", report["quantization"]["scheme"], "compressed-tensors"]
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags})
+    results = _eval_results(report)
+    if results:  # the Hub's model-index, written by huggingface_hub from its EvalResult records
+        from huggingface_hub import ModelCardData
+
+        name = (report.get("base_model") or report["model"]).split("/")[-1] + f"-{report['method']}"
+        meta.update(ModelCardData(model_name=name, eval_results=results).to_dict())
     return meta
+
+
+def _eval_results(report: dict) -> list:
+    """The pruned model's perplexity and --eval-tasks accuracies as huggingface_hub EvalResults."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    ppl = report.get("perplexity") or {}
+    if ppl.get("pruned") is not None:
+        source = ppl["eval"]["source"]
+        name = f"{Path(source).name} ({ppl['eval']['count']} x {ppl['eval']['seqlen']} tokens)"
+        results.append(EvalResult("text-generation", Path(source).name, name, "perplexity", ppl["pruned"]))
+    for task, r in ((report.get("tasks") or {}).get("results") or {}).items():
+        results.append(EvalResult("text-generation", task, task, r["metric"], r["pruned"]))
+    return results
 
 
 def render_card(report: dict) -> str:
@@ -127,6 +148,7 @@ def render_card(report: dict) -> str:
         _command_section(report),
         _sparsity_section(report),
         _perplexity_section(report),
+        _tasks_section(report),
         _usage_section(report),
     ]
     return "\n".join(p for p in parts if p)
@@ -259,6 +281,7 @@ def _render_smaller(
         _command_section(report),
         structure,
         _perplexity_section(report),
+        _tasks_section(report),
         _usage_section(report)
         .replace(
             "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
@@ -327,6 +350,21 @@ def _perplexity_section(report: dict) -> str:
             f"Quality gate: **{gate['status'].replace('_', ' ')}** (largest allowed increase {limit_text}).\n",
         ]
     )
+
+
+def _tasks_section(report: dict) -> str:
+    """Dense and pruned accuracy on the --eval-tasks (lm-evaluation-harness); empty when none were run."""
+    tasks = report.get("tasks")
+    if not tasks:
+        return ""
+    lines = ["## Task accuracy\n", "| task | metric | dense | pruned | change |", "|---|---|---:|---:|---:|"]
+    for name, r in tasks["results"].items():
+        change = r["pruned"] - r["dense"]
+        lines.append(f"| {name} | {r['metric']} | {r['dense']:.4f} | {r['pruned']:.4f} | {change:+.4f} |")
+    limit = f"at most {tasks['limit']} documents per task" if tasks.get("limit") else "every document"
+    version = tasks["lm_eval_version"]
+    lines.append(f"\nlm-evaluation-harness {version}, the tasks' own few-shot settings, {limit}.\n")
+    return "\n".join(lines)
 
 
 def _quantization_text(report: dict) -> str:

@@ -1,0 +1,128 @@
+"""Task accuracy through lm-evaluation-harness (the `lm_eval` package, `pip install 'llmprune[eval]'`).
+
+A folder is scored in process by lm-eval's own Hugging Face model (float32 on a CPU, as llmprune's
+perplexity); a model that does not fit runs with accelerate's offload (`offload_folder`: the layers are
+streamed from disk); a running `llmprune serve` (or `vllm serve`) is scored through lm-eval's
+`local-completions` client, which sends `echo` and `logprobs` as any OpenAI-compatible server takes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from llmprune.errors import LLMPruneError
+from llmprune.settings import require_lm_eval
+
+log = logging.getLogger(__name__)
+METRICS = ("acc", "acc_norm", "exact_match")  # the first a task reports is its accuracy
+
+
+def task_accuracy(
+    folder: Path,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    offload_folder: str | None = None,
+    model_name: str | None = None,
+) -> dict:
+    """Accuracy of each task on the model in `folder` (or served at `base_url`, tokenized with the folder's
+    tokenizer), with lm-eval's standard error: {"tasks": {name: {"metric", "accuracy", "stderr", "samples"}}}."""
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" (nor in {include_path})" if include_path else " (a local task needs --include-path DIR)"
+        raise LLMPruneError(f"unknown lm-eval task(s): {', '.join(unknown)}{where}")
+    lm = (
+        _server_model(folder, base_url, api_key, model_name)
+        if base_url
+        else _local_model(folder, device, batch_size, offload_folder)
+    )
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
+    except Exception as exc:  # a dataset that cannot be fetched offline, a server that refuses...
+        raise LLMPruneError(f"lm-evaluation-harness failed on {', '.join(tasks)}: {exc}") from exc
+    results = {}
+    for task in tasks:
+        scores = output["results"].get(task, {})
+        metric = next((m for m in METRICS if f"{m},none" in scores), None)
+        if metric is None:
+            raise LLMPruneError(f"lm-eval task {task} reports none of {', '.join(METRICS)}: {sorted(scores)}")
+        results[task] = {
+            "metric": metric,
+            "accuracy": float(scores[f"{metric},none"]),
+            "stderr": _number(scores.get(f"{metric}_stderr,none")),
+            "samples": int(output.get("n-samples", {}).get(task, {}).get("effective", 0)) or None,
+        }
+    return {
+        "tasks": results,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "backend": "server" if base_url else "transformers",
+        "lm_eval_version": lm_eval.__version__,
+    }
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # lm-eval writes "N/A" where it has no stderr
+        return None
+
+
+def _local_model(folder: Path, device: str, batch_size: int | None, offload_folder: str | None):
+    from lm_eval.models.huggingface import HFLM
+
+    from llmprune.engine.devices import compute_dtype, resolve_device
+    from llmprune.models.skeleton import build_skeleton
+
+    dev = resolve_device(device)
+    dtype = str(compute_dtype(dev, build_skeleton(folder).dtype)).removeprefix("torch.")
+    options = {"pretrained": str(folder), "dtype": dtype, "batch_size": batch_size or 8}
+    if offload_folder:  # accelerate places what fits and streams the rest from disk
+        options.update(parallelize=True, device_map_option="auto", offload_folder=offload_folder)
+    else:
+        options["device"] = str(dev)
+    return HFLM(**options)
+
+
+def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: str | None):
+    import httpx
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    root = base_url.rstrip("/").removesuffix("/v1/completions").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if model_name is None:
+        try:
+            model_name = httpx.get(f"{root}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            raise LLMPruneError(f"no model listed at {root}/v1/models: {exc}") from exc
+    return LocalCompletionsAPI(
+        header=headers or None,
+        base_url=f"{root}/v1/completions",
+        model=model_name,
+        tokenizer=str(folder),
+        tokenizer_backend="huggingface",
+        num_concurrent=1,
+        max_retries=2,
+    )

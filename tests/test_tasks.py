@@ -1,0 +1,134 @@
+"""Task accuracy through lm-evaluation-harness: `llmprune eval --tasks` on a folder and through a running
+server (lm-eval's `local-completions` client), and `--eval-tasks` / `--max-acc-drop` in a prune run.
+Offline: the task is tests/data/tasks/shakespeare_cloze (YAML + JSONL)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import llmprune
+from llmprune.cli import main
+from llmprune.export.card import read_front_matter
+from llmprune.export.gate import quality_gate
+from tests.helpers.serving import ROOT, Server
+
+TASKS = ROOT / "tests" / "data" / "tasks"
+TASK = "shakespeare_cloze"
+
+
+def _eval_json(capsys, *argv: str) -> dict:
+    assert main(["eval", *argv, "--tasks", TASK, "--include-path", str(TASKS), "--quiet", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_models, corpus_file, tmp_path_factory):
+    """Magnitude 50% on a tiny Llama with --eval-tasks (20 documents) and a generous accuracy gate."""
+    model = tiny_models("llama", layers=2, hidden=128, inter=256)
+    out = tmp_path_factory.mktemp("tasks") / "tiny"
+    common = dict(calibration=str(corpus_file), samples=4, seqlen=64, eval_samples=4, quiet=True)
+    report = llmprune.prune(
+        str(model),
+        method="magnitude",
+        sparsity=0.5,
+        output=str(out),
+        eval_tasks=TASK,
+        eval_tasks_path=str(TASKS),
+        eval_tasks_limit=20,
+        max_acc_drop=1.0,
+        **common,
+    )
+    return model, out, report
+
+
+def test_prune_scores_dense_and_pruned_tasks(tiny_run, capsys):
+    """--eval-tasks records both models' accuracy, equal to `llmprune eval --tasks` on each folder; the card
+    has the table and the Hub model-index (perplexity and accuracy, from huggingface_hub's EvalResult)."""
+    model, out, report = tiny_run
+    result = report["tasks"]["results"][TASK]
+    assert result["metric"] == "acc" and result["samples"] == 20 and report["tasks"]["limit"] == 20
+    for folder, which in ((model, "dense"), (out, "pruned")):
+        alone = _eval_json(capsys, str(folder), "--limit", "20")["tasks"][TASK]
+        assert alone["accuracy"] == pytest.approx(result[which], abs=1e-9)
+    assert report["quality_gate"]["passed"] and "every task within an accuracy drop" in report["quality_gate"]["reason"]
+    card = (out / "README.md").read_text()
+    assert "## Task accuracy" in card and f"| {TASK} | acc |" in card
+    metrics = {
+        m["type"]: m["value"]
+        for entry in read_front_matter(card)["model-index"][0]["results"]
+        for m in entry["metrics"]
+    }
+    assert metrics["acc"] == pytest.approx(result["pruned"])
+    assert metrics["perplexity"] == pytest.approx(report["perplexity"]["pruned"])
+
+
+def test_accuracy_gate_fails_on_a_drop_above_the_limit(tiny_run):
+    _, _, report = tiny_run
+    tasks = {"results": {"a": {"dense": 0.60, "pruned": 0.50}, "b": {"dense": 0.4, "pruned": 0.41}}}
+    ppl = report["perplexity"]
+    failed = quality_gate(ppl, float("inf"), tasks, max_acc_drop=0.05)
+    assert failed["passed"] is False and "accuracy drops above 0.050: a +0.100" in failed["reason"]
+    passed = quality_gate(ppl, float("inf"), tasks, max_acc_drop=0.1)
+    assert passed["passed"] is True and passed["max_acc_drop"] == 0.1
+    assert quality_gate(ppl, float("inf"), tasks)["passed"] is True  # no --max-acc-drop: perplexity alone
+
+
+def test_bad_task_flags_are_one_line(tiny_run, capsys, tmp_path):
+    model, _, _ = tiny_run
+    cases = {
+        "unknown task": (["eval", str(model), "--tasks", "no_such_task"], "unknown lm-eval task(s): no_such_task"),
+        "limit without tasks": (["eval", str(model), "--limit", "3"], "--limit is for task accuracy"),
+        "perplexity flag with tasks": (
+            ["eval", str(model), "--tasks", TASK, "--include-path", str(TASKS), "--seqlen", "64"],
+            "--seqlen is for perplexity",
+        ),
+        "gate without tasks": ([str(model), "--max-acc-drop", "0.1", "--no-eval"], "--max-acc-drop needs --eval-tasks"),
+        "task path missing": (
+            [str(model), "--eval-tasks", TASK, "--eval-tasks-path", str(tmp_path / "nope"), "--no-eval"],
+            "no such folder",
+        ),
+    }
+    for case, (argv, message) in cases.items():
+        assert main(argv) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("llmprune: error: ") and message in err and err.count("\n") == 1, (case, err)
+
+
+@pytest.fixture(scope="module")
+def pruned_smollm2(smollm2, tmp_path_factory):
+    """Wanda 50% SmolLM2-135M (16 x 128 tokens of Shakespeare), perplexity on 4 held-out windows."""
+    out = tmp_path_factory.mktemp("tasks-smol") / "smollm2-wanda-50"
+    common = dict(calibration="shakespeare", samples=16, seqlen=128, eval_samples=4, quiet=True)
+    llmprune.prune("smollm2-135m-gguf", method="wanda", sparsity=0.5, output=str(out), max_ppl_increase=10, **common)
+    return out
+
+
+@pytest.mark.slow
+def test_lm_eval_through_vllm_server_agrees_with_the_folder(pruned_smollm2, capsys):
+    """lm-eval's local-completions against `llmprune serve` (vLLM's own server) scores the local task like
+    `llmprune eval --tasks` on the same folder (within 0.02 accuracy)."""
+    local = _eval_json(capsys, str(pruned_smollm2))["tasks"][TASK]
+    flags = ["--engine", "vllm", "--enforce-eager", "--kv-cache-gib", "0.5", "--api-key", "k"]
+    srv = Server(pruned_smollm2, *flags, key="k", env={"OMP_NUM_THREADS": "1"})
+    try:
+        assert srv.wait_checked()["ready"], srv.log()[-3000:]
+        served = _eval_json(capsys, str(pruned_smollm2), "--base-url", srv.url, "--api-key", "k")
+    finally:
+        srv.stop()
+    assert served["backend"] == "server" and served["tasks"][TASK]["samples"] == local["samples"] == 60
+    assert served["tasks"][TASK]["accuracy"] == pytest.approx(local["accuracy"], abs=0.02)
+    assert local["accuracy"] > 0.25  # a real model beats chance (4 choices) on lines of Shakespeare
+
+
+def test_lm_eval_through_the_transformers_server(tiny_run, capsys):
+    """The same client against llmprune's own app (echo and logprobs on the transformers engine)."""
+    _, out, report = tiny_run
+    srv = Server(out, "--engine", "transformers")
+    try:
+        assert srv.wait_checked()["ready"], srv.log()[-3000:]
+        served = _eval_json(capsys, str(out), "--base-url", srv.url, "--limit", "20")
+    finally:
+        srv.stop()
+    assert served["tasks"][TASK]["accuracy"] == pytest.approx(report["tasks"]["results"][TASK]["pruned"], abs=0.02)
