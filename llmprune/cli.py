@@ -118,7 +118,7 @@ def run_prune(argv: list[str]) -> int:
     args = prune_parser().parse_args(argv)
     setup_logging(args.quiet)
     options = {k: v for k, v in vars(args).items() if k not in ("model", "json")}
-    options["command"] = shlex.join(["llmprune", *argv])
+    options["command"] = shlex.join(["llmprune", *redacted(argv)])
     report = prune(args.model, **options)
     if args.plan_only:
         print(json.dumps(report["memory_plan"], indent=2, default=str) if args.json else report["plan"], flush=True)
@@ -208,6 +208,15 @@ def format_summary(report: dict) -> str:
         hub = report["hub"]
         lines.append(f"  hub              {hub['commit_url'] if hub['pushed'] else 'not pushed: ' + hub['reason']}")
     return "\n".join(lines)
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """argv with the value of --token hidden, for the command recorded in llmprune.json and the card."""
+    out, hide = [], False
+    for arg in argv:
+        out.append("***" if hide else "--token=***" if arg.startswith("--token=") else arg)
+        hide = arg == "--token"
+    return out
 
 
 @subcommand("eval")

@@ -80,6 +80,7 @@ class Report:
     quality_gate: dict
     damping_retries: int | None = None  # methods that damp a factorization (SparseGPT) count their retries
     tasks: dict | None = None  # --eval-tasks: lm-eval accuracy of dense and pruned
+    license: dict | None = None  # the source model's licence (license, license_name, license_link), carried over
     packed: dict | None = None
     versions: dict = field(default_factory=lambda: versions())
 
@@ -111,6 +112,7 @@ class Report:
                 "peak_memory": self.peak_memory.as_dict(),
                 "command": self.command,
                 "base_model": self.base_model,
+                **({"license": self.license} if self.license else {}),
                 "save_format": self.save_format,
                 "quality_gate": self.quality_gate,
             }

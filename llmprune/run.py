@@ -45,7 +45,7 @@ from llmprune.engine.unstructured import UnstructuredBody
 from llmprune.errors import LLMPruneError
 from llmprune.eval.perplexity import Perplexity, perplexity
 from llmprune.experts import EXPERTS, ExpertsBody
-from llmprune.export.card import base_model_of, write_card
+from llmprune.export.card import base_model_of, license_of, write_card
 from llmprune.export.gate import quality_gate
 from llmprune.export.packed import FORMAT, pack_shards
 from llmprune.export.writer import OutputFolder, check_output
@@ -143,7 +143,8 @@ def check_token_windows(windows: Windows, skeleton: Skeleton, limit: int | None)
 def api_call(settings: Settings) -> str:
     """The Python call equivalent to `settings`: llmprune.prune('MODEL', option=value, ...)."""
     defaults = {o.name: o.default for o in all_methods()[settings.method][1].options}
-    options = [f"{name}={value!r}" for name, value in settings.changed(defaults).items()]
+    changed = settings.changed(defaults)
+    options = [f"{name}={'***' if name == 'token' else repr(value)}" for name, value in changed.items()]
     return f"llmprune.prune({', '.join([repr(settings.common.model), *options])})"
 
 
@@ -171,7 +172,7 @@ def prune(model: str, **options) -> dict:
 
         require_token()
 
-    folder = resolve_model(model, quiet=common.quiet)
+    folder = resolve_model(model, quiet=common.quiet, revision=common.source_revision, token=common.token)
     skeleton = build_skeleton(folder)
     limit = context_length(skeleton)
     seqlen = min(common.seqlen, limit) if limit else common.seqlen
@@ -250,6 +251,7 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
         dense_block = Perplexity(**state.dense_perplexity).as_dict() if state.dense_perplexity else None
         ppl = PerplexitySection(eval_windows.describe(), dense_block, pruned.as_dict() if pruned else None)
     publish = settings.publish
+    base = base_model_of(settings.common.model, ctx.folder)
     report = Report(
         model=settings.common.model,
         source_folder=str(ctx.folder),
@@ -268,7 +270,8 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
         perplexity=ppl,
         peak_memory=PeakMemory(peak_rss(), peak_cuda(device), ctx.overhead),
         command=settings.common.command or api_call(settings),
-        base_model=base_model_of(settings.common.model, ctx.folder),
+        base_model=base,
+        license=license_of(base, ctx.folder),
         save_format=publish.save_format,
         quality_gate=quality_gate(
             ppl.as_dict() if ppl else None, publish.max_ppl_increase, tasks, publish.max_acc_drop

@@ -118,6 +118,15 @@ class Common:
     title: ClassVar[str] = "common"  # its --help group
 
     model: str = setting("", "local folder, .gguf file, Hub id, or alias such as opt-125m", flag="MODEL")
+    source_revision: str | None = setting(
+        None, "Hub revision of MODEL: branch, tag or commit (--revision is the push branch)", metavar="REV"
+    )
+    token: str | None = setting(
+        None,
+        "Hugging Face token for a gated or private MODEL (default HF_TOKEN or the saved login; never recorded)",
+        metavar="TOKEN",
+        affects_result=False,
+    )
     method: str = setting("sparsegpt", "the pruning method")
     calibration: str = setting(
         "c4", "c4, wikitext2, a Hub dataset id, a .txt/.md/.jsonl file or a folder (default c4)", metavar="SRC"

@@ -17,6 +17,10 @@ from llmprune.models.resolve import ALIASES
 CARD_NAME = "README.md"
 # Embedded assets -> the Hub model they were converted from.
 EMBEDDED_BASES = {"smollm2-135m-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+EMBEDDED_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": {"license": "apache-2.0"}}
+LICENSE_KEYS = ("license", "license_name", "license_link")
+# calibration sources -> the Hub dataset they are
+HUB_DATASETS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext"}
 METHOD_NAMES = {
     "magnitude": "magnitude",
     "wanda": "Wanda",
@@ -45,9 +49,12 @@ def base_model_of(spec: str, source_folder: Path) -> str | None:
 
 
 def _card_base_model(card: Path) -> str | None:
-    meta = read_front_matter(card.read_text()) if card.is_file() else {}
-    value = meta.get("base_model")
+    value = _card_meta(card).get("base_model")
     return value if isinstance(value, str) else None
+
+
+def _card_meta(card: Path) -> dict:
+    return read_front_matter(card.read_text()) if card.is_file() else {}
 
 
 def read_front_matter(text: str) -> dict:
@@ -75,11 +82,26 @@ def module_sparsity(report: dict) -> list[dict]:
     return [{**row, "sparsity": row["pruned"] / row["weights"] if row["weights"] else 0.0} for row in rows.values()]
 
 
+def license_of(base_model: str | None, source_folder: Path) -> dict | None:
+    """The source model's licence (license, license_name, license_link) from its own card, carried over."""
+    meta = _card_meta(Path(source_folder) / CARD_NAME)
+    found = {key: meta[key] for key in LICENSE_KEYS if isinstance(meta.get(key), str)}
+    return found or EMBEDDED_LICENSES.get(base_model or "")
+
+
+def calibration_dataset(calibration: dict) -> str | None:
+    """The Hub dataset id of the calibration source (none for local files and the embedded corpus)."""
+    source = str(calibration.get("source", ""))
+    name = source.split(":")[0]
+    if name in HUB_DATASETS:
+        return HUB_DATASETS[name]
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(source).exists() else None
+
+
 def front_matter(report: dict) -> dict:
-    """The Hub metadata of the card."""
-    meta: dict = {}
-    if report.get("base_model"):
-        meta["base_model"] = report["base_model"]
+    """The Hub metadata of the card, through huggingface_hub's ModelCardData (model-index included)."""
+    from huggingface_hub import ModelCardData
+
     pattern = report["pattern"]
     if report.get("structured") or report.get("depth") or report.get("speed") or report.get("experts"):
         tags = ["pruned", "structured-pruning", "llmprune"]
@@ -90,13 +112,21 @@ def front_matter(report: dict) -> dict:
         tags.append("packed-2:4")
     if report.get("quantization"):
         tags += ["quantized", report["quantization"]["scheme"], "compressed-tensors"]
-    meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags})
+    dataset = calibration_dataset(report.get("calibration") or {})
     results = _eval_results(report)
-    if results:  # the Hub's model-index, written by huggingface_hub from its EvalResult records
-        from huggingface_hub import ModelCardData
-
-        name = (report.get("base_model") or report["model"]).split("/")[-1] + f"-{report['method']}"
-        meta.update(ModelCardData(model_name=name, eval_results=results).to_dict())
+    data = ModelCardData(
+        base_model=report.get("base_model"),
+        **(report.get("license") or {}),
+        datasets=[dataset] if dataset else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        model_name=(report.get("base_model") or report["model"]).split("/")[-1] + f"-{report['method']}",
+        eval_results=results or None,
+    )
+    meta = data.to_dict()
+    if not results:
+        meta.pop("model_name", None)
     return meta
 
 
@@ -138,7 +168,7 @@ def render_card(report: dict) -> str:
     quant = report.get("quantization")
     quantized_title = f" and quantized to {quant['scheme']}" if quant else ""
     parts = [
-        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
+        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False, allow_unicode=True) + "---\n",
         f"# {name}, pruned with {method} ({pattern}){quantized_title}\n",
         f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
         f"from {source}: method **{method}**, pattern {pattern_text}, achieved sparsity "
@@ -272,7 +302,7 @@ def _render_smaller(
     """The card of a physically smaller model: `removed` says what went, `structure` tabulates it, `config` says
     how its config.json differs from the base model's."""
     parts = [
-        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False) + "---\n",
+        "---\n" + yaml.safe_dump(front_matter(report), sort_keys=False, allow_unicode=True) + "---\n",
         f"# {name}, {title}\n",
         f"Pruned in one shot, without retraining, by [llmprune]({PROJECT_URL}) {report.get('llmprune_version', '')} "
         f"from {source}: method **{method}**, removing {removed}. The result is a smaller dense model that runs "

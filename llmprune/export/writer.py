@@ -20,6 +20,7 @@ from llmprune.models.tensorfile import read_header
 from llmprune.report import REPORT_NAME
 
 AUX_SUFFIXES = {".json", ".model", ".txt", ".jinja", ".tiktoken"}
+LEGAL_FILES = ("LICENSE", "LICENCE", "USE_POLICY", "NOTICE")
 SKIP_FILES = {"config.json", INDEX_NAME, REPORT_NAME}
 
 
@@ -111,10 +112,12 @@ class OutputFolder:
         fsync_write(self.partial / name, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
     def copy_aux(self, source: Path, config: dict) -> None:
-        """config.json (as given, minus loader-breaking metadata) and tokenizer/generation files."""
+        """config.json (as given, minus loader-breaking metadata), tokenizer/generation files, and the source's
+        LICENSE / USE_POLICY / NOTICE files."""
         self.write_json("config.json", config)
         for path in sorted(Path(source).iterdir()):
-            if path.is_file() and path.suffix in AUX_SUFFIXES and path.name not in SKIP_FILES:
+            legal = path.name.upper().startswith(LEGAL_FILES)  # the source's licence terms travel with its weights
+            if path.is_file() and (path.suffix in AUX_SUFFIXES or legal) and path.name not in SKIP_FILES:
                 shutil.copyfile(path, self.partial / path.name)
 
     def commit(self) -> Path:

@@ -35,8 +35,10 @@ ALIASES.update(
     }
 )
 
-# What a Hub download fetches: configs, tokenizer files and safetensors weights (never .bin/.pt copies).
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# What a Hub download fetches: configs, tokenizer files and safetensors weights (never .bin/.pt copies), and
+# the card and licence files whose terms the pruned model's card carries over.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+HUB_PATTERNS += ["LICENSE*", "LICENCE*", "USE_POLICY*", "NOTICE*"]
 
 
 def is_model_folder(path: Path) -> bool:
@@ -44,10 +46,14 @@ def is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def resolve_model(spec: str, *, quiet: bool = False) -> Path:
-    """Return a local folder for `spec`, or raise one LLMPruneError that lists everything tried."""
+def resolve_model(spec: str, *, quiet: bool = False, revision: str | None = None, token: str | None = None) -> Path:
+    """Return a local folder for `spec`, or raise one LLMPruneError that lists everything tried.
+
+    `revision` (a branch, tag or commit) and `token` are for a Hub model only."""
     tried: list[str] = []
     path = Path(spec).expanduser()
+    if revision is not None and (path.exists() or assets.embedded_model(spec) is not None):
+        raise LLMPruneError(f"--source-revision is for a Hub model; {spec!r} is local")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             from llmprune.models.gguf import gguf_to_folder
@@ -79,7 +85,7 @@ def resolve_model(spec: str, *, quiet: bool = False) -> Path:
     if repo_id != spec:
         tried.append(f"alias {spec!r} -> {repo_id!r}")
     if _looks_like_repo_id(repo_id):
-        folder, why = _download(repo_id, quiet=quiet)
+        folder, why = _download(repo_id, quiet=quiet, revision=revision, token=token)
         if folder is not None:
             return folder
         tried.append(f"Hugging Face Hub {repo_id!r} ({why})")
@@ -93,20 +99,25 @@ def _looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def _download(repo_id: str, *, quiet: bool) -> tuple[Path | None, str]:
+def _download(
+    repo_id: str, *, quiet: bool, revision: str | None = None, token: str | None = None
+) -> tuple[Path | None, str]:
     """Fetch a snapshot through huggingface_hub (honours HF_HOME, HF_TOKEN, HF_HUB_OFFLINE)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS))
     except GatedRepoError:
         return None, "gated: accept its licence on the Hub and set HF_TOKEN"
+    except RevisionNotFoundError:
+        return None, f"no revision {revision!r} in it"
     except RepositoryNotFoundError:
         return None, "no such repository, or it is private"
     except LocalEntryNotFoundError:
