@@ -10,6 +10,8 @@ generation_config.json included. llmprune adds, around it:
 - API keys (`--api-key`, LLMPRUNE_API_KEYS, VLLM_API_KEY) on vLLM's guarded prefixes, answered before
   anything else, and on `/metrics` and `/ready` with `--protect-metrics`;
 - load shedding: past `--max-num-seqs` running plus `--max-queue` waiting, a 429 with Retry-After;
+- a 400 naming any top-level field of a completions or chat request that vLLM's request model does not
+  define (vLLM itself would ignore it with a debug log: no field is silently dropped);
 - llmprune's metrics in the registry vLLM exports on `/metrics`, beside vLLM's own.
 
 Every other flag goes to vLLM's own argument parser (`--tensor-parallel-size`, `--gpu-memory-utilization`,
@@ -19,6 +21,7 @@ Every other flag goes to vLLM's own argument parser (`--tensor-parallel-size`, `
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from argparse import Namespace
@@ -70,6 +73,58 @@ def vllm_namespace(config: ServeConfig, dtype: str, engine_flags: list[str]) -> 
     except (TypeError, ValueError) as exc:  # vLLM's own check of the combination
         raise LLMPruneError(f"vLLM rejects the engine flags {' '.join(engine_flags) or '(none)'}: {exc}") from exc
     return args
+
+
+def request_fields() -> dict[str, frozenset[str]]:
+    """The top-level fields (and aliases) of vLLM's completions and chat request models, by route."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    def names(model) -> frozenset[str]:
+        found = set(model.model_fields)
+        found.update(f.alias for f in model.model_fields.values() if f.alias)
+        return frozenset(found)
+
+    return {"/v1/completions": names(CompletionRequest), "/v1/chat/completions": names(ChatCompletionRequest)}
+
+
+class UnknownFields:
+    """400 for a request field vLLM's request model does not define (vLLM would drop it silently)."""
+
+    def __init__(self, app: ASGIApp, fields: dict[str, frozenset[str]]) -> None:
+        self.app = app
+        self.fields = fields
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        known = self.fields.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if known is None:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except ValueError:  # vLLM answers malformed JSON itself
+            data = None
+        unknown = sorted(set(data) - known) if isinstance(data, dict) else []
+        if unknown:
+            message = f"unknown field(s) {', '.join(unknown)}: vLLM's request model does not define them"
+            await APIError(400, message, unknown[0]).response()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class GateAndShed:
@@ -154,6 +209,7 @@ async def serve_vllm(config: ServeConfig, args: Namespace, make_service) -> obje
         running = client.vllm_config.scheduler_config.max_num_seqs
         outermost_last = [
             Middleware(GateAndShed, service=service, running=running, queue=config.max_queue),
+            Middleware(UnknownFields, fields=request_fields()),
             Middleware(APIKeyMiddleware, keys=config.api_keys, protect_metrics=config.protect_metrics),
             Middleware(MetricsMiddleware, metrics=service.metrics, routes=ROUTES),
         ]

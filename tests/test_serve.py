@@ -506,3 +506,13 @@ def test_health_turns_503_when_the_vllm_engine_dies(pruned_tiny):
         assert refused.status_code == 503 and "died" in refused.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_unknown_fields_are_refused_by_name(server, route):
+    """No field is silently dropped: vLLM's own models would ignore an unknown field, llmprune refuses it."""
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
+    answer = server.post(route, {**prompt, "max_tokens": 2, "frobnicate": 1})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "frobnicate" and "frobnicate" in error["message"]

@@ -102,3 +102,21 @@ def test_api_keys_guard_the_api_routes_and_monitoring_only_when_asked():
         guarded = {"/v1/models", "/v2/x", "/inference/v1/generate"} | ({"/metrics", "/ready"} if protect else set())
         assert refused == guarded
     assert api_keys(["a"], {"LLMPRUNE_API_KEYS": "b, c", "VLLM_API_KEY": "d"}) == ("a", "b", "c", "d")
+
+
+def test_vllm_flags_go_to_vllms_own_parser(tmp_path):
+    """Flags llmprune does not define, a vLLM-style --config YAML included, reach vLLM's serve arguments."""
+    from pathlib import Path
+
+    from llmprune.errors import LLMPruneError
+    from llmprune_serve.config import ServeConfig
+    from llmprune_serve.vllm_server import vllm_namespace
+
+    config = ServeConfig(model="m", folder=Path(tmp_path), api_keys=("a", "b"), max_model_len=128)
+    (tmp_path / "serve.yaml").write_text("max-num-seqs: 3\ngpu-memory-utilization: 0.5\n")
+    args = vllm_namespace(config, "float32", ["--config", str(tmp_path / "serve.yaml"), "--trust-remote-code"])
+    assert args.max_num_seqs == 3 and args.gpu_memory_utilization == 0.5 and args.trust_remote_code
+    assert args.model == str(tmp_path) and args.max_model_len == 128 and args.api_key == ["a", "b"]
+    assert args.dtype == "float32" and args.served_model_name == [tmp_path.name]
+    with pytest.raises(LLMPruneError, match="vLLM rejects the engine flags --max-num-seqs x"):
+        vllm_namespace(config, "float32", ["--max-num-seqs", "x"])
