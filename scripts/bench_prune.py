@@ -98,11 +98,12 @@ def study_table(args, done: dict) -> str:
         f"SmolLM2-135M; calibration {args.samples} x {args.seqlen} tokens of `{args.calibration}`, drawn by each seed; "
         f"perplexity on {args.eval_samples} held-out windows (the same for every seed). Ratio: the run's perplexity "
         "over its baseline's on the same seed (min / max over the seeds). Prune s: the layer loop (OWL's statistics "
-        "pass included); process s: the whole run, dense and pruned perplexity included; peak RSS: the process's.",
+        "pass included), and per seed its ratio to the baseline's; process s: the whole run, dense and pruned "
+        "perplexity included; peak RSS: the process's, per seed; plan / peak: the memory plan over it.",
         "",
-        "| run | baseline | seeds | ppl per seed | baseline ppl | ratio min / max | prune s (x baseline) | "
-        "process s | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | baseline | seeds | ppl per seed | baseline ppl | ratio min / max | prune s | prune x baseline "
+        "per seed | process s | peak RSS GiB per seed | plan / peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for base, run in STUDY:
         seeds = [s for s in args.seeds if (label(run), s) in done and (label(base), s) in done]
@@ -111,14 +112,16 @@ def study_table(args, done: dict) -> str:
         ours = [done[(label(run), s)] for s in seeds]
         theirs = [done[(label(base), s)] for s in seeds]
         ratios = [a["ppl"] / b["ppl"] for a, b in zip(ours, theirs, strict=True)]
-        time_ratio = sum(a["prune_s"] for a in ours) / sum(b["prune_s"] for b in theirs)
+        times = [a["prune_s"] / b["prune_s"] for a, b in zip(ours, theirs, strict=True)]
+        plans = [r["plan_gib"] / r["peak_rss_gib"] for r in ours]
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         lines.append(
             f"| {label(run)} | {label(base)} | {' '.join(map(str, seeds))} | "
             f"{' / '.join(format(r['ppl'], '.2f') for r in ours)} | "
             f"{' / '.join(format(r['ppl'], '.2f') for r in theirs)} | "
-            f"{min(ratios):.3f} / {max(ratios):.3f} | {mean(ours, 'prune_s'):.0f} ({time_ratio:.2f}x) | "
-            f"{mean(ours, 'process_s'):.0f} | {mean(ours, 'peak_rss_gib'):.2f} |"
+            f"{min(ratios):.3f} / {max(ratios):.3f} | {mean(ours, 'prune_s'):.0f} | "
+            f"{' / '.join(format(t, '.2f') for t in times)} | {mean(ours, 'process_s'):.0f} | "
+            f"{' / '.join(format(r['peak_rss_gib'], '.2f') for r in ours)} | {min(plans):.2f}-{max(plans):.2f} |"
         )
     return "\n".join(lines)
 
