@@ -242,7 +242,6 @@ def run_eval(argv: list[str]) -> int:
     tasks.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
     tasks.add_argument("--base-url", metavar="URL", help="score a running llmprune/vLLM server instead")
     tasks.add_argument("--api-key", metavar="KEY", help="the server's key (--base-url)")
-    tasks.add_argument("--offload-folder", metavar="DIR", help="stream what does not fit from disk (accelerate)")
     parser.add_argument("--quiet", action="store_true", default=False)
     parser.add_argument("--json", action="store_true", default=False)
     args = parser.parse_args(argv)
@@ -250,7 +249,7 @@ def run_eval(argv: list[str]) -> int:
     options = vars(args)
     if "tasks" in options:
         return _eval_tasks(options)
-    task_only = sorted(set(options) & {"include_path", "limit", "num_fewshot", "base_url", "api_key", "offload_folder"})
+    task_only = sorted(set(options) & {"include_path", "limit", "num_fewshot", "base_url", "api_key"})
     if task_only:
         raise LLMPruneError(f"--{task_only[0].replace('_', '-')} is for task accuracy: add --tasks T1,T2")
     options = {k: v for k, v in options.items() if k not in ("model", "json")}
@@ -277,11 +276,9 @@ def _eval_tasks(options: dict) -> int:
     for flag in ("limit", "num_fewshot", "batch_size"):
         if options.get(flag) is not None and options[flag] < (0 if flag == "num_fewshot" else 1):
             raise LLMPruneError(f"--{flag.replace('_', '-')} must be positive (got {options[flag]})")
-    if options.get("base_url") and options.get("offload_folder"):
-        raise LLMPruneError("--offload-folder is for a local model, not --base-url")
     folder = resolve_model(options["model"], quiet=options["quiet"])
     names = parse_tasks(options["tasks"])
-    keys = ("include_path", "limit", "num_fewshot", "base_url", "api_key", "device", "batch_size", "offload_folder")
+    keys = ("include_path", "limit", "num_fewshot", "base_url", "api_key", "device", "batch_size")
     result = {"model": options["model"], "folder": str(folder)}
     result.update(task_accuracy(folder, names, **{k: options[k] for k in keys if k in options}))
     if options["json"]:

@@ -1,9 +1,9 @@
 """Task accuracy through lm-evaluation-harness (the `lm_eval` package, `pip install 'llmprune[eval]'`).
 
 A folder is scored in process by lm-eval's own Hugging Face model (float32 on a CPU, as llmprune's
-perplexity); a model that does not fit runs with accelerate's offload (`offload_folder`: the layers are
-streamed from disk); a running `llmprune serve` (or `vllm serve`) is scored through lm-eval's
-`local-completions` client, which sends `echo` and `logprobs` as any OpenAI-compatible server takes them.
+perplexity), which holds the whole model; a running `llmprune serve` (or `vllm serve`, tensor-parallel
+across GPUs if need be) is scored through lm-eval's `local-completions` client, which sends `echo` and
+`logprobs` as any OpenAI-compatible server takes them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ def task_accuracy(
     api_key: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
-    offload_folder: str | None = None,
     model_name: str | None = None,
 ) -> dict:
     """Accuracy of each task on the model in `folder` (or served at `base_url`, tokenized with the folder's
@@ -42,11 +41,7 @@ def task_accuracy(
     if unknown:
         where = f" (nor in {include_path})" if include_path else " (a local task needs --include-path DIR)"
         raise LLMPruneError(f"unknown lm-eval task(s): {', '.join(unknown)}{where}")
-    lm = (
-        _server_model(folder, base_url, api_key, model_name)
-        if base_url
-        else _local_model(folder, device, batch_size, offload_folder)
-    )
+    lm = _server_model(folder, base_url, api_key, model_name) if base_url else _local_model(folder, device, batch_size)
     try:
         output = lm_eval.simple_evaluate(
             model=lm,
@@ -90,7 +85,7 @@ def _number(value) -> float | None:
         return None
 
 
-def _local_model(folder: Path, device: str, batch_size: int | None, offload_folder: str | None):
+def _local_model(folder: Path, device: str, batch_size: int | None):
     from lm_eval.models.huggingface import HFLM
 
     from llmprune.engine.devices import compute_dtype, resolve_device
@@ -98,12 +93,7 @@ def _local_model(folder: Path, device: str, batch_size: int | None, offload_fold
 
     dev = resolve_device(device)
     dtype = str(compute_dtype(dev, build_skeleton(folder).dtype)).removeprefix("torch.")
-    options = {"pretrained": str(folder), "dtype": dtype, "batch_size": batch_size or 8}
-    if offload_folder:  # accelerate places what fits and streams the rest from disk
-        options.update(parallelize=True, device_map_option="auto", offload_folder=offload_folder)
-    else:
-        options["device"] = str(dev)
-    return HFLM(**options)
+    return HFLM(pretrained=str(folder), dtype=dtype, batch_size=batch_size or 8, device=str(dev))
 
 
 def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: str | None):
