@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +20,9 @@ from datetime import date
 import httpx
 from benchlib import machine, publish_table, script_parser
 
+from tests.helpers.serving import free_port
+
 KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def evaluate(folder: str, args, *extra: str) -> tuple[dict, float]:

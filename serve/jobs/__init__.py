@@ -1,0 +1,1 @@
+"""`llmprune service`: prune jobs over HTTP, persisted in SQLite, each run in its own worker process."""

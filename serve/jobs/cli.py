@@ -1,0 +1,62 @@
+"""`llmprune service --db jobs.sqlite`: the prune-job service (see docs/service.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from llmprune.argparsing import Parser
+from llmprune.errors import LLMPruneError
+
+log = logging.getLogger("llmprune.service")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def service_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="llmprune service", description="Run prune jobs submitted over HTTP, kept in SQLite.")
+    parser.add_argument("--db", type=Path, required=True, metavar="FILE", help="the SQLite job database")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8100, help="port (default 8100)")
+    parser.add_argument("--workdir", type=Path, default=None, metavar="DIR", help="job folders (default: beside --db)")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="accepted key (repeatable)")
+    parser.add_argument("--read-only-key", action="append", default=[], metavar="KEY", help="a key that may only read")
+    parser.add_argument("--workers-per-device", type=int, default=1, metavar="N", help="jobs run at once (1)")
+    parser.add_argument("--max-queued-per-key", type=int, default=16, metavar="N", help="queued jobs per key (16)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    import uvicorn
+
+    from llmprune_serve.auth import api_keys
+    from llmprune_serve.jobs.app import create_service_app
+    from llmprune_serve.jobs.runner import Runner
+    from llmprune_serve.jobs.store import JobStore
+
+    args = service_parser().parse_args(argv)
+    counts = {"--workers-per-device": args.workers_per_device, "--max-queued-per-key": args.max_queued_per_key}
+    for flag, value in counts.items():
+        if value < 1:
+            raise LLMPruneError(f"{flag} must be at least 1 (got {value})")
+    if not 0 < args.port < 65536:
+        raise LLMPruneError(f"--port must be in 1..65535 (got {args.port})")
+    if not args.db.parent.is_dir():
+        raise LLMPruneError(f"--db {args.db}: no folder {args.db.parent}")
+    workdir = args.workdir or args.db.parent / f"{args.db.stem}-jobs"
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    keys = api_keys(args.api_key)
+    if args.host not in LOOPBACK and not keys:
+        log.warning("listening on %s without an API key: anyone who can reach it may submit jobs", args.host)
+    store = JobStore(args.db)
+    app = create_service_app(
+        store,
+        Runner(store, workdir.resolve(), args.workers_per_device),
+        keys,
+        tuple(args.read_only_key),
+        args.max_queued_per_key,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

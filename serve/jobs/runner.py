@@ -1,0 +1,136 @@
+"""Starts, watches and stops the worker processes of the service's jobs (one per slot, first come first served).
+
+Everything the workers report (progress.json, result.json, their exit) is written to the store here, by the
+service process alone. After a restart, jobs the store says were running are continued from the engine's
+resume state; a worker left over from the previous service is killed first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmprune_serve.jobs.store import JobStore
+
+log = logging.getLogger("llmprune.service")
+
+
+@dataclass
+class Worker:
+    job_id: str
+    process: subprocess.Popen
+    jobdir: Path
+    cancelled: bool = False
+
+
+def partial_of(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+class Runner:
+    """At most `slots` workers at once."""
+
+    def __init__(self, store: JobStore, workdir: Path, slots: int) -> None:
+        self.store = store
+        self.workdir = workdir
+        self.slots = slots
+        self.workers: dict[str, Worker] = {}
+
+    def jobdir(self, job_id: str) -> Path:
+        return self.workdir / job_id
+
+    def recover(self) -> None:
+        """Jobs that were running when the service stopped: kill any leftover worker, run them again."""
+        for job in self.store.list("running"):
+            pid_file = self.jobdir(job["id"]) / "pid"
+            if pid_file.is_file():
+                kill_leftover(int(pid_file.read_text()))
+            self.launch(job)
+
+    def launch(self, job: dict) -> None:
+        jobdir = self.jobdir(job["id"])
+        jobdir.mkdir(parents=True, exist_ok=True)
+        (jobdir / "result.json").unlink(missing_ok=True)
+        options = dict(job["settings"])
+        model = options.pop("model")
+        output = Path(options["output"])
+        resume = (partial_of(output) / ".work" / "state.json").is_file()
+        (jobdir / "job.json").write_text(json.dumps({"model": model, "options": options, "resume": resume}))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmprune_serve.jobs.worker", str(jobdir)],
+            stdout=(jobdir / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        (jobdir / "pid").write_text(str(process.pid))
+        self.store.start(job["id"])
+        self.workers[job["id"]] = Worker(job["id"], process, jobdir)
+        log.info("job %s running (pid %d%s)", job["id"], process.pid, ", resumed" if resume else "")
+
+    def cancel(self, job_id: str) -> None:
+        worker = self.workers.get(job_id)
+        if worker is not None:
+            worker.cancelled = True
+            os.killpg(worker.process.pid, signal.SIGTERM)
+
+    def tick(self) -> None:
+        """Record progress and ends; start queued jobs on free slots."""
+        for job_id, worker in list(self.workers.items()):
+            self._progress(worker)
+            code = worker.process.poll()
+            if code is None:
+                continue
+            del self.workers[job_id]
+            self._ended(worker, code)
+        for job in self.store.list("queued"):
+            if len(self.workers) >= self.slots:
+                break
+            self.launch(job)
+
+    def _progress(self, worker: Worker) -> None:
+        try:
+            self.store.progress(worker.job_id, json.loads((worker.jobdir / "progress.json").read_text()))
+        except (OSError, ValueError):
+            pass
+
+    def _ended(self, worker: Worker, code: int) -> None:
+        job = self.store.get(worker.job_id)
+        output = Path(job["settings"]["output"])
+        if worker.cancelled:
+            shutil.rmtree(partial_of(output), ignore_errors=True)
+            self.store.finish(worker.job_id, "cancelled", "cancelled by request; partial output removed")
+            return
+        try:
+            result = json.loads((worker.jobdir / "result.json").read_text())
+        except (OSError, ValueError):
+            why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            tail = (worker.jobdir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            self.store.finish(worker.job_id, "failed", f"worker {why} before finishing {tail[0]}".strip())
+            return
+        if result["status"] == "succeeded" and job["progress"] and job["progress"].get("layers"):
+            layers = job["progress"]["layers"]
+            self.store.progress(worker.job_id, {**job["progress"], "layer": layers, "phase": "done", "eta_s": 0})
+        self.store.finish(worker.job_id, result["status"], result.get("error"), result.get("report"))
+        log.info("job %s %s", worker.job_id, result["status"])
+
+    def stop(self) -> None:
+        """The service is stopping: leave running jobs running in the store (the next start continues them)."""
+        for worker in self.workers.values():
+            os.killpg(worker.process.pid, signal.SIGKILL)
+
+
+def kill_leftover(pid: int) -> None:
+    """SIGKILL a worker of a previous service process, if that pid still is one."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if b"llmprune_serve.jobs.worker" in command:
+        os.kill(pid, signal.SIGKILL)

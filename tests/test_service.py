@@ -1,0 +1,176 @@
+"""`llmprune service`: prune jobs over HTTP on a real service process (127.0.0.1, real SQLite, real workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmprune.cli import main
+from tests.helpers.serving import ROOT, free_port
+
+KEY, READER = "svc-key", "reader-key"
+
+
+class Service:
+    """`python -m llmprune service --db DB` in its own process group, polled until /health answers."""
+
+    def __init__(self, db: Path, port: int | None = None) -> None:
+        self.db, self.port = db, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        command = [sys.executable, "-m", "llmprune", "service", "--db", str(db), "--port", str(self.port)]
+        command += ["--api-key", KEY, "--read-only-key", READER, "--log-level", "warning"]
+        self.log = db.parent / f"service-{self.port}.log"
+        self.process = subprocess.Popen(
+            command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(self.log.read_text()[-3000:])
+
+    def call(self, method: str, path: str, key: str = KEY, **kwargs) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=60, **kwargs)
+
+    def wait(self, job_id: str, done=lambda job: job["status"] in ("succeeded", "failed", "cancelled"), timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.call("GET", f"/v1/prune-jobs/{job_id}").json()
+            if done(job):
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} not done: {job}\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture
+def service(tmp_path):
+    srv = Service(tmp_path / "jobs.sqlite")
+    yield srv
+    if srv.process.poll() is None:
+        srv.kill()
+
+
+def _job(model, corpus, output=None, **extra) -> dict:
+    body = {"model": str(model), "method": "sparsegpt", "sparsity": 0.5, "calibration": str(corpus)}
+    body.update(samples=8, seqlen=64, eval_samples=2, **extra)
+    return {**body, "output": str(output)} if output else body
+
+
+def _cli_run(body: dict, output: Path) -> None:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in body.items() if k not in ("model", "output")]
+    assert main([body["model"], *flags, "--output", str(output), "--quiet"]) == 0
+
+
+def _shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_submit_watch_finish_and_report(service, tiny_models, corpus_file, tmp_path):
+    body = _job(tiny_models("llama", layers=2), corpus_file)
+    answer = httpx.post(
+        service.url + "/v1/prune-jobs", json=body, headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "a1"}
+    )
+    assert answer.status_code == 202 and answer.json()["status"] == "queued"
+    job_id = answer.json()["id"]
+    again = httpx.post(
+        service.url + "/v1/prune-jobs", json=body, headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "a1"}
+    )
+    assert again.status_code == 200 and again.json()["id"] == job_id
+    events = []
+    url, auth = f"{service.url}/v1/prune-jobs/{job_id}/events", {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("GET", url, headers=auth, timeout=300) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["status"] == "succeeded" and events[-1]["report"]["method"] == "sparsegpt"
+    assert events[-1]["progress"] == {**events[-1]["progress"], "layer": 2, "layers": 2, "phase": "done"}
+    job = service.call("GET", f"/v1/prune-jobs/{job_id}").json()
+    assert job["report"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3) and job["finished"] >= job["started"]
+    listed = service.call("GET", "/v1/prune-jobs", params={"status": "succeeded"}).json()["data"]
+    assert [j["id"] for j in listed] == [job_id]
+    assert service.call("POST", "/v1/prune-jobs", key=READER, json=body).status_code == 403
+    assert service.call("GET", f"/v1/prune-jobs/{job_id}", key=READER).status_code == 200
+    assert httpx.get(f"{service.url}/v1/prune-jobs/{job_id}").status_code == 401
+    cli = tmp_path / "cli"
+    _cli_run(body, cli)
+    assert _shards(Path(job["settings"]["output"])) == _shards(cli)
+
+
+def test_sigkill_of_the_service_mid_job_resumes_to_identical_bytes(tiny_models, corpus_file, tmp_path):
+    """The worker is frozen after its first committed layer, the service SIGKILLed; a new service on the same
+    DB kills the leftover worker and continues the job from the engine's resume state."""
+    body = _job(tiny_models("llama", layers=12), corpus_file, tmp_path / "out")
+    first = Service(tmp_path / "jobs.sqlite")
+    job_id = first.call("POST", "/v1/prune-jobs", json=body).json()["id"]
+    running = first.wait(job_id, lambda job: (job["progress"] or {}).get("layer", 0) >= 1 or job["finished"])
+    assert running["status"] == "running", running
+    worker = int((tmp_path / "jobs-jobs" / job_id / "pid").read_text())
+    os.kill(worker, signal.SIGSTOP)
+    first.kill()
+    second = Service(tmp_path / "jobs.sqlite")
+    try:
+        job = second.wait(job_id)
+        assert job["status"] == "succeeded", job
+    finally:
+        second.kill()
+    cli = tmp_path / "cli"
+    _cli_run({k: v for k, v in body.items() if k != "output"}, cli)
+    assert _shards(tmp_path / "out") == _shards(cli)
+    assert job["runs"] == 2 and json.loads((tmp_path / "jobs-jobs" / job_id / "job.json").read_text())["resume"]
+
+
+def test_a_killed_worker_fails_its_job_and_the_next_runs(service, tiny_models, corpus_file):
+    model = tiny_models("llama", layers=12)
+    doomed = service.call("POST", "/v1/prune-jobs", json=_job(model, corpus_file)).json()["id"]
+    nxt = service.call("POST", "/v1/prune-jobs", json=_job(tiny_models("llama", layers=2), corpus_file)).json()["id"]
+    service.wait(doomed, lambda job: job["status"] == "running")
+    pid = int((service.db.parent / "jobs-jobs" / doomed / "pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    failed = service.wait(doomed)
+    assert failed["status"] == "failed" and "killed by signal 9" in failed["error"]
+    assert service.wait(nxt)["status"] == "succeeded"
+
+
+def test_concurrent_bad_submissions_are_refused_and_nothing_is_queued(service, tiny_models):
+    model = str(tiny_models("llama", layers=2))
+    bodies = [b"", b"{not json", json.dumps({"model": model, "sparsity": 1.5}).encode()]
+    bodies += [json.dumps({"model": model, "method": "nope"}).encode(), json.dumps({"sparsity": 0.5}).encode()]
+    bodies += [json.dumps({"model": model, "resume": True}).encode(), b"[1, 2]"]
+
+    def post(content: bytes) -> httpx.Response:
+        return service.call("POST", "/v1/prune-jobs", content=content)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(post, [bodies[i % len(bodies)] for i in range(20)]))
+    assert all(400 <= a.status_code < 500 for a in answers), [a.text for a in answers]
+    assert "--sparsity must be in [0, 1) (got 1.5)" in post(bodies[2]).json()["error"]["message"]
+    assert service.call("GET", "/v1/prune-jobs").json()["data"] == []
+
+
+def test_cancel_a_queued_and_a_running_job(service, tiny_models, corpus_file, tmp_path):
+    running = service.call(
+        "POST", "/v1/prune-jobs", json=_job(tiny_models("llama", layers=12), corpus_file, tmp_path / "r")
+    ).json()["id"]
+    queued = service.call("POST", "/v1/prune-jobs", json=_job(tiny_models("llama", layers=2), corpus_file)).json()["id"]
+    service.wait(running, lambda job: job["status"] == "running")
+    assert service.call("DELETE", f"/v1/prune-jobs/{queued}").json()["status"] == "cancelled"
+    assert service.call("DELETE", f"/v1/prune-jobs/{running}").json()["cancel_requested"] is True
+    job = service.wait(running)
+    assert job["status"] == "cancelled" and not (tmp_path / ".r.partial").exists() and not (tmp_path / "r").exists()
