@@ -10,6 +10,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from llmprune.argparsing import Parser
 from llmprune.errors import LLMPruneError, QualityGateError
@@ -309,6 +310,31 @@ def _convert(argv: list[str], pack: bool) -> int:
         )
     else:
         print(f"unpacked -> {output}")
+    return 0
+
+
+@subcommand("report")
+def run_report(argv: list[str]) -> int:
+    """`llmprune report OUT`: per-layer plots beside the report, linked from the model card."""
+    from llmprune.export.card import refresh_card
+    from llmprune.export.plots import PLOTS_DIR, PNG_NAME, write_plots
+    from llmprune.report import write_report
+
+    parser = Parser(prog="llmprune report", description="Per-layer plots of a pruned folder (matplotlib).")
+    parser.add_argument("folder", metavar="OUT")
+    parser.add_argument("--format", choices=["png", "html"], default="png", help="png (default), or html too")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    report = read_report(folder)
+    if report is None:
+        raise LLMPruneError(f"{folder} has no {REPORT_NAME}: not a pruned folder")
+    written = write_plots(folder, report, ("png", "html") if args.format == "html" else ("png",))
+    updated = {**report, "plots": {"png": f"{PLOTS_DIR}/{PNG_NAME}"}}
+    if updated != report:
+        write_report(folder, updated)
+        refresh_card(folder, report, updated)
+    for path in written:
+        print(path)
     return 0
 
 

@@ -37,3 +37,32 @@ def test_report_records_layers_and_exact_sparsity(tiny_models, corpus_file, tmp_
     assert on_disk["perplexity"]["pruned"] == report["perplexity"]["pruned"]
     config = json.loads((out / "config.json").read_text())
     assert "sparsity_config" not in config and "quantization_config" not in config
+
+
+def test_report_plots_beside_the_report_and_linked_from_the_card(passed_run, tmp_path, capsys):
+    """`llmprune report OUT --format html`: the per-layer PNG (a real image of the report's layers) and an
+    HTML page embedding it; llmprune.json and the card then point at the PNG."""
+    import shutil
+
+    from PIL import Image
+
+    from llmprune.cli import main
+
+    folder = tmp_path / "run"
+    shutil.copytree(passed_run, folder)
+    assert main(["report", str(folder), "--format", "html"]) == 0
+    assert capsys.readouterr().out.split() == [
+        str(folder / "plots" / "layers.png"),
+        str(folder / "plots" / "layers.html"),
+    ]
+    with Image.open(folder / "plots" / "layers.png") as image:
+        assert image.format == "PNG" and image.size[1] > image.size[0]  # three stacked panels
+    assert "data:image/png;base64," in (folder / "plots" / "layers.html").read_text()
+    report = json.loads((folder / "llmprune.json").read_text())
+    assert report["plots"] == {"png": "plots/layers.png"}
+    assert (
+        "![achieved sparsity, reconstruction error and time per layer](plots/layers.png)"
+        in (folder / "README.md").read_text()
+    )
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "has no llmprune.json" in capsys.readouterr().err

@@ -179,6 +179,7 @@ def render_card(report: dict) -> str:
         _sparsity_section(report),
         _perplexity_section(report),
         _tasks_section(report),
+        _plots_section(report),
         _usage_section(report),
     ]
     return "\n".join(p for p in parts if p)
@@ -312,6 +313,7 @@ def _render_smaller(
         structure,
         _perplexity_section(report),
         _tasks_section(report),
+        _plots_section(report),
         _usage_section(report)
         .replace(
             "The weights are ordinary dense safetensors with exact zeros and `config.json` is the base model's,",
@@ -380,6 +382,14 @@ def _perplexity_section(report: dict) -> str:
             f"Quality gate: **{gate['status'].replace('_', ' ')}** (largest allowed increase {limit_text}).\n",
         ]
     )
+
+
+def _plots_section(report: dict) -> str:
+    """A link to the per-layer plots `llmprune report` drew (empty until it has)."""
+    plots = report.get("plots")
+    if not plots:
+        return ""
+    return f"## Per layer\n\n![achieved sparsity, reconstruction error and time per layer]({plots['png']})\n"
 
 
 def _tasks_section(report: dict) -> str:
