@@ -100,5 +100,7 @@ def test_the_wheel_installs_serve_as_llmprune_serve(tmp_path):
     tops = {name.split("/")[0] for name in names}
     assert tops == {"llmprune", "llmprune_serve", wheel.name.split("-py")[0] + ".dist-info"}
     assert "llmprune_serve/cli.py" in names and "llmprune_serve/engines/vllm_engine.py" in names
+    assert "llmprune_serve/jobs/dashboard.html" in names  # package data: the service's page
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "serve = llmprune_serve.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    entries = zipfile.ZipFile(wheel).read(entry).decode()
+    assert "serve = llmprune_serve.cli:main" in entries and "service = llmprune_serve.jobs.cli:main" in entries

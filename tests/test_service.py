@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,3 +176,38 @@ def test_cancel_a_queued_and_a_running_job(service, tiny_models, corpus_file, tm
     assert service.call("DELETE", f"/v1/prune-jobs/{running}").json()["cancel_requested"] is True
     job = service.wait(running)
     assert job["status"] == "cancelled" and not (tmp_path / ".r.partial").exists() and not (tmp_path / "r").exists()
+
+
+def _browser_dom(url: str) -> str:
+    """The page's DOM after its scripts ran, in a real headless Chromium (Debian's `chromium` package)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("the dashboard test needs a headless Chromium: apt-get install chromium")
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_dashboard_in_headless_chromium_shows_a_job_and_its_progress(service, tiny_models, corpus_file):
+    job_id = service.call("POST", "/v1/prune-jobs", json=_job(tiny_models("llama", layers=12), corpus_file)).json()[
+        "id"
+    ]
+    service.wait(job_id, lambda job: (job["progress"] or {}).get("layer", 0) >= 1 or job["finished"])
+    listing = _browser_dom(f"{service.url}/#key={KEY}").split("<script>")[0]
+    row = re.search(rf'<tr id="row-{job_id}">(.*?)</tr>', listing, re.DOTALL)
+    assert row is not None, listing[-3000:]
+    assert re.search(r'class="status (running|succeeded)"', row.group(1))
+    assert (
+        re.search(r"layer (\d+) / 12", row.group(1)) and int(re.search(r"layer (\d+) / 12", row.group(1)).group(1)) >= 1
+    )
+    job = service.wait(job_id)
+    page = _browser_dom(f"{service.url}/#job={job_id}&key={KEY}").split('<div id="job">')[1].split("<script>")[0]
+    ppl = job["report"]["perplexity"]
+    assert 'class="status succeeded">succeeded' in page
+    assert f"dense {ppl['dense']:.3f} → pruned {ppl['pruned']:.3f}" in page
+    for title in ("achieved sparsity", "reconstruction error per module", "seconds per layer"):
+        assert f'<svg width="520" height="150" role="img" aria-label="{title}">' in page
+    sparsity = re.search(r'aria-label="achieved sparsity"><polyline [^>]*points="([^"]+)"', page).group(1)
+    assert len(sparsity.split()) == 12  # one point per layer of the report
+    assert "layer 12 / 12" in page and 'id="cancel"' not in page

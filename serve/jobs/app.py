@@ -7,11 +7,12 @@ import json
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from llmprune.errors import LLMPruneError
 from llmprune_serve.auth import APIKeyMiddleware
 from llmprune_serve.errors import APIError
+from llmprune_serve.jobs.dashboard import dashboard_page
 from llmprune_serve.jobs.runner import Runner
 from llmprune_serve.jobs.store import STATUSES, TERMINAL, JobStore
 
@@ -79,6 +80,10 @@ def create_service_app(
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/")
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(dashboard_page())
 
     @app.post("/v1/prune-jobs", status_code=202)
     async def submit(request: Request) -> JSONResponse:
