@@ -63,12 +63,13 @@ class Runner:
         output = Path(options["output"])
         resume = (partial_of(output) / ".work" / "state.json").is_file()
         (jobdir / "job.json").write_text(json.dumps({"model": model, "options": options, "resume": resume}))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llmprune_serve.jobs.worker", str(jobdir)],
-            stdout=(jobdir / "worker.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (jobdir / "worker.log").open("ab") as log_file:  # the worker keeps its own copy of the handle
+            process = subprocess.Popen(
+                [sys.executable, "-m", "llmprune_serve.jobs.worker", str(jobdir)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         (jobdir / "pid").write_text(str(process.pid))
         self.store.start(job["id"])
         self.workers[job["id"]] = Worker(job["id"], process, jobdir)
