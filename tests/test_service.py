@@ -71,7 +71,7 @@ def service(tmp_path):
 
 def _job(model, corpus, output=None, **extra) -> dict:
     body = {"model": str(model), "method": "sparsegpt", "sparsity": 0.5, "calibration": str(corpus)}
-    body.update(samples=8, seqlen=64, eval_samples=2, **extra)
+    body.update({"samples": 8, "seqlen": 64, "eval_samples": 2, **extra})
     return {**body, "output": str(output)} if output else body
 
 
@@ -86,14 +86,11 @@ def _shards(folder: Path) -> dict[str, bytes]:
 
 def test_submit_watch_finish_and_report(service, tiny_models, corpus_file, tmp_path):
     body = _job(tiny_models("llama", layers=2), corpus_file)
-    answer = httpx.post(
-        service.url + "/v1/prune-jobs", json=body, headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "a1"}
-    )
+    headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "a1"}
+    answer = httpx.post(service.url + "/v1/prune-jobs", json=body, headers=headers, timeout=60)
     assert answer.status_code == 202 and answer.json()["status"] == "queued"
     job_id = answer.json()["id"]
-    again = httpx.post(
-        service.url + "/v1/prune-jobs", json=body, headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "a1"}
-    )
+    again = httpx.post(service.url + "/v1/prune-jobs", json=body, headers=headers, timeout=60)
     assert again.status_code == 200 and again.json()["id"] == job_id
     events = []
     url, auth = f"{service.url}/v1/prune-jobs/{job_id}/events", {"Authorization": f"Bearer {KEY}"}
@@ -118,7 +115,7 @@ def test_submit_watch_finish_and_report(service, tiny_models, corpus_file, tmp_p
 def test_sigkill_of_the_service_mid_job_resumes_to_identical_bytes(tiny_models, corpus_file, tmp_path):
     """The worker is frozen after its first committed layer, the service SIGKILLed; a new service on the same
     DB kills the leftover worker and continues the job from the engine's resume state."""
-    body = _job(tiny_models("llama", layers=12), corpus_file, tmp_path / "out")
+    body = _job(tiny_models("llama", layers=12), corpus_file, tmp_path / "out", samples=64, seqlen=128)
     first = Service(tmp_path / "jobs.sqlite")
     job_id = first.call("POST", "/v1/prune-jobs", json=body).json()["id"]
     running = first.wait(job_id, lambda job: (job["progress"] or {}).get("layer", 0) >= 1 or job["finished"])

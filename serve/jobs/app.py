@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from llmprune.errors import LLMPruneError
+from llmprune.run import make_settings  # imported at start-up (torch...), so that a first submit is quick
 from llmprune_serve.auth import APIKeyMiddleware
 from llmprune_serve.errors import APIError
 from llmprune_serve.jobs.dashboard import dashboard_page
@@ -28,8 +29,6 @@ def bearer(request: Request) -> str | None:
 
 def validate(body: object) -> dict:
     """The job's settings, checked by the same code as `llmprune MODEL ...` (a 400 with its message)."""
-    from llmprune.run import make_settings
-
     if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
         raise APIError(400, "the body must be a JSON object with a `model` (and the Python API's settings)", "model")
     owned = [k for k in SERVICE_OWNED if k in body]

@@ -25,7 +25,7 @@ log = logging.getLogger("llmprune.service")
 @dataclass
 class Worker:
     job_id: str
-    process: subprocess.Popen
+    process: subprocess.Popen | None
     jobdir: Path
     cancelled: bool = False
 
@@ -47,12 +47,26 @@ class Runner:
         return self.workdir / job_id
 
     def recover(self) -> None:
-        """Jobs that were running when the service stopped: kill any leftover worker, run them again."""
+        """Jobs that were running when the service stopped: kill any leftover worker; record the ones whose
+        worker finished before the service could (its result.json), and run the others again."""
+        from llmprune.report import read_report
+
         for job in self.store.list("running"):
-            pid_file = self.jobdir(job["id"]) / "pid"
-            if pid_file.is_file():
-                kill_leftover(int(pid_file.read_text()))
-            self.launch(job)
+            jobdir = self.jobdir(job["id"])
+            if (jobdir / "pid").is_file():
+                kill_leftover(int((jobdir / "pid").read_text()))
+            output = Path(job["settings"]["output"])
+            finished = (jobdir / "result.json").is_file() or (
+                read_report(output) is not None and not partial_of(output).exists()
+            )
+            if finished:
+                if not (jobdir / "result.json").is_file():  # committed, but killed before writing its result
+                    (jobdir / "result.json").write_text(
+                        json.dumps({"status": "succeeded", "report": read_report(output)})
+                    )
+                self._ended(Worker(job["id"], None, jobdir), 0)
+            else:
+                self.launch(job)
 
     def launch(self, job: dict) -> None:
         jobdir = self.jobdir(job["id"])
