@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
-import httpx
 from benchlib import machine, publish_table, script_parser
 
-from tests.helpers.serving import free_port
+from tests.helpers.serving import Server
 
 KEY = "bench-key"
 
@@ -34,34 +33,17 @@ def evaluate(folder: str, args, *extra: str) -> tuple[dict, float]:
 
 
 def served(folder: str, args, engine: str) -> tuple[dict, float]:
-    """Start `llmprune serve` on `engine`, wait for /ready, evaluate through it, stop it."""
-    port = free_port()
-    flags = ["--engine", engine, "--port", str(port), "--api-key", KEY]
+    """Start `llmprune serve` on `engine`, wait for its check, evaluate through it, stop it."""
+    flags = ["--engine", engine, "--api-key", KEY]
     if engine == "vllm":
         flags += ["--enforce-eager", "--kv-cache-gib", "0.5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if engine == "vllm" else None
-    server = subprocess.Popen(
-        [sys.executable, "-m", "llmprune", "serve", folder, *flags],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
+    server = Server(Path(folder), *flags, key=KEY, env={"OMP_NUM_THREADS": "1"} if engine == "vllm" else None)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise RuntimeError(f"llmprune serve --engine {engine} exited with {server.returncode}")
-            time.sleep(1)
-        return evaluate(folder, args, "--base-url", f"http://127.0.0.1:{port}", "--api-key", KEY)
+        if not server.wait_checked()["ready"]:
+            raise RuntimeError(f"llmprune serve --engine {engine} is not ready:\n{server.log()[-2000:]}")
+        return evaluate(folder, args, "--base-url", server.url, "--api-key", KEY)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=120)
+        server.stop()
 
 
 def main() -> None:

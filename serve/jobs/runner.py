@@ -28,6 +28,7 @@ class Worker:
     process: subprocess.Popen | None
     jobdir: Path
     cancelled: bool = False
+    progress: dict | None = None  # the last progress written to the store
 
 
 def partial_of(output: Path) -> Path:
@@ -110,10 +111,14 @@ class Runner:
             self.launch(job)
 
     def _progress(self, worker: Worker) -> None:
+        """Write the worker's progress to the store when it changed (the tick runs 4 times a second)."""
         try:
-            self.store.progress(worker.job_id, json.loads((worker.jobdir / "progress.json").read_text()))
+            progress = json.loads((worker.jobdir / "progress.json").read_text())
         except (OSError, ValueError):
-            pass
+            return
+        if progress != worker.progress:
+            self.store.progress(worker.job_id, progress)
+            worker.progress = progress
 
     def _ended(self, worker: Worker, code: int) -> None:
         job = self.store.get(worker.job_id)
