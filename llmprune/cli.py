@@ -243,6 +243,7 @@ def run_eval(argv: list[str]) -> int:
     tasks.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
     tasks.add_argument("--base-url", metavar="URL", help="score a running llmprune/vLLM server instead")
     tasks.add_argument("--api-key", metavar="KEY", help="the server's key (--base-url)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code (auto_map models)")
     parser.add_argument("--quiet", action="store_true", default=False)
     parser.add_argument("--json", action="store_true", default=False)
     args = parser.parse_args(argv)
@@ -268,6 +269,7 @@ def run_eval(argv: list[str]) -> int:
 def _eval_tasks(options: dict) -> int:
     """`llmprune eval --tasks`: lm-eval's accuracy per task, printed (and as JSON with --json)."""
     from llmprune.eval.tasks import task_accuracy
+    from llmprune.models import remote_code
     from llmprune.models.resolve import resolve_model
     from llmprune.settings import parse_tasks
 
@@ -281,7 +283,9 @@ def _eval_tasks(options: dict) -> int:
     names = parse_tasks(options["tasks"])
     keys = ("include_path", "limit", "num_fewshot", "base_url", "api_key", "device", "batch_size")
     result = {"model": options["model"], "folder": str(folder)}
-    result.update(task_accuracy(folder, names, **{k: options[k] for k in keys if k in options}))
+    with remote_code.consent(options.get("trust_remote_code", False)) as grant:
+        grant(folder)
+        result.update(task_accuracy(folder, names, **{k: options[k] for k in keys if k in options}))
     if options["json"]:
         print(json.dumps(result, indent=2))
         return 0

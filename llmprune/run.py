@@ -48,8 +48,9 @@ from llmprune.experts import EXPERTS, ExpertsBody
 from llmprune.export.card import base_model_of, license_of, write_card
 from llmprune.export.gate import quality_gate
 from llmprune.export.packed import FORMAT, pack_shards
-from llmprune.export.writer import OutputFolder, check_output
+from llmprune.export.writer import OutputFolder, check_output, partial_folder
 from llmprune.methods import METHODS
+from llmprune.models import remote_code
 from llmprune.models.resolve import resolve_model
 from llmprune.models.skeleton import Skeleton, build_skeleton, cast_floating
 from llmprune.models.text import context_length, load_tokenizer
@@ -157,6 +158,12 @@ def prune(model: str, **options) -> dict:
     started = time.perf_counter()
     return_freed_memory()
     settings = make_settings(model, **options)
+    with remote_code.consent(settings.common.trust_remote_code) as grant:
+        return _prune(model, settings, started, grant)
+
+
+def _prune(model: str, settings: Settings, started: float, grant: Callable[..., None]) -> dict:
+    """prune() once its settings are valid; `grant` records consent to run the model's own code, for this run."""
     common = settings.common
     kind, method = all_methods()[settings.method]
     body = KINDS[kind][1](settings, method)
@@ -173,6 +180,7 @@ def prune(model: str, **options) -> dict:
         require_token()
 
     folder = resolve_model(model, quiet=common.quiet, revision=common.source_revision, token=common.token)
+    grant(folder, output, partial_folder(output))  # the source, and the output that carries its code
     skeleton = build_skeleton(folder)
     limit = context_length(skeleton)
     seqlen = min(common.seqlen, limit) if limit else common.seqlen

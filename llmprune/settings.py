@@ -127,6 +127,11 @@ class Common:
         metavar="TOKEN",
         affects_result=False,
     )
+    trust_remote_code: bool = setting(
+        False,
+        "run the model's own Python code (auto_map in config.json): only for code you trust",
+        affects_result=False,
+    )
     method: str = setting("sparsegpt", "the pruning method")
     calibration: str = setting(
         "c4", "c4, wikitext2, a Hub dataset id, a .txt/.md/.jsonl file or a folder (default c4)", metavar="SRC"

@@ -54,6 +54,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ppl-tolerance", type=float, default=0.05, metavar="F", help="allowed gap (0.05 = 5%%)")
     parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="F", help="gate vs dense (recorded)")
     parser.add_argument("--skip-ppl-check", action="store_true", help="ready without the perplexity check")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model's own code (auto_map models); both engines"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -101,6 +104,7 @@ def main(argv: list[str]) -> int:
 
     from llmprune.engine.devices import parse_dtype
     from llmprune.export.packed import is_packed
+    from llmprune.models import remote_code
     from llmprune.models.compressed import weight_only
     from llmprune.models.resolve import resolve_model
     from llmprune.models.skeleton import build_skeleton
@@ -112,12 +116,15 @@ def main(argv: list[str]) -> int:
 
     args, engine_flags = serve_parser().parse_known_args(argv)
     kind = pick_engine(args.engine)
-    if engine_flags and kind != "vllm":
+    if engine_flags and kind != "vllm":  # (--trust-remote-code is added for vLLM below, once checked)
         raise LLMPruneError(f"unknown flags for the {kind} engine: {' '.join(engine_flags)} (vLLM's flags need vLLM)")
     if kind == "vllm" and args.max_concurrency is not None:
         raise LLMPruneError("--max-concurrency is for the transformers engine; vLLM batches up to --max-num-seqs")
     parse_dtype(args.dtype)
     config = build_config(args, resolve_model(args.model))
+    if args.trust_remote_code:  # consent for the life of this process, which is this one server
+        remote_code.trust(config.folder)
+        engine_flags = [*engine_flags, "--trust-remote-code"]  # vLLM's own flag, for its engine
     if is_packed(config.folder):
         raise LLMPruneError(
             f"{config.folder} is in the packed 2:4 format, which vLLM and transformers do not load: "

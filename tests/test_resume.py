@@ -119,3 +119,40 @@ def test_resume_flag_without_unfinished_run(tiny_models, corpus_file, tmp_path):
             output=str(tmp_path / "out"),
             quiet=True,
         )
+
+
+def test_requested_stop_ends_at_a_layer_boundary_and_resumes_identically(tiny_models, corpus_file, tmp_path):
+    """A stop requested mid-run (as the service's worker does on SIGTERM) ends the run before its next layer;
+    the partial output is a valid resume point and the resumed run writes the bytes of an uninterrupted one."""
+    import threading
+
+    from llmprune.stop import StopRequested, clear_stop, request_stop
+
+    model = tiny_models("llama", layers=8, hidden=256, inter=512, vocab=512)
+    options = dict(method="sparsegpt", calibration=str(corpus_file), samples=16, seqlen=64, no_eval=True, quiet=True)
+    llmprune.prune(str(model), output=str(tmp_path / "reference"), **options)
+
+    state_file = tmp_path / ".out.partial" / ".work" / "state.json"
+
+    def stop_after_two_layers() -> None:
+        while True:
+            try:
+                if json.loads(state_file.read_text())["next_layer"] >= 2:
+                    return request_stop()
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=stop_after_two_layers, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(StopRequested, match=r"stopped as requested before layer \d of 8"):
+            llmprune.prune(str(model), output=str(tmp_path / "out"), **options)
+    finally:
+        clear_stop()
+    committed = json.loads(state_file.read_text())["next_layer"]
+    assert 2 <= committed < 8 and not (tmp_path / "out").exists()
+
+    llmprune.prune(str(model), output=str(tmp_path / "out"), resume=True, **options)
+    for shard in (tmp_path / "reference").glob("*.safetensors"):
+        assert (tmp_path / "out" / shard.name).read_bytes() == shard.read_bytes()

@@ -152,6 +152,7 @@ def test_concurrent_bad_submissions_are_refused_and_nothing_is_queued(service, t
     bodies = [b"", b"{not json", json.dumps({"model": model, "sparsity": 1.5}).encode()]
     bodies += [json.dumps({"model": model, "method": "nope"}).encode(), json.dumps({"sparsity": 0.5}).encode()]
     bodies += [json.dumps({"model": model, "resume": True}).encode(), b"[1, 2]"]
+    bodies += [json.dumps({"model": model, "trust_remote_code": True}).encode()]
 
     def post(content: bytes) -> httpx.Response:
         return service.call("POST", "/v1/prune-jobs", content=content)
@@ -160,6 +161,7 @@ def test_concurrent_bad_submissions_are_refused_and_nothing_is_queued(service, t
         answers = list(pool.map(post, [bodies[i % len(bodies)] for i in range(20)]))
     assert all(400 <= a.status_code < 500 for a in answers), [a.text for a in answers]
     assert "--sparsity must be in [0, 1) (got 1.5)" in post(bodies[2]).json()["error"]["message"]
+    assert "--allow-remote-code" in post(bodies[-1]).json()["error"]["message"]
     assert service.call("GET", "/v1/prune-jobs").json()["data"] == []
 
 
@@ -172,7 +174,8 @@ def test_cancel_a_queued_and_a_running_job(service, tiny_models, corpus_file, tm
     assert service.call("DELETE", f"/v1/prune-jobs/{queued}").json()["status"] == "cancelled"
     assert service.call("DELETE", f"/v1/prune-jobs/{running}").json()["cancel_requested"] is True
     job = service.wait(running)
-    assert job["status"] == "cancelled" and not (tmp_path / ".r.partial").exists() and not (tmp_path / "r").exists()
+    assert job["status"] == "cancelled" and "at a layer boundary" in job["error"], job
+    assert not (tmp_path / ".r.partial").exists() and not (tmp_path / "r").exists()
 
 
 def _browser_dom(url: str) -> str:

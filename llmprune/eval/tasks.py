@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from llmprune.errors import LLMPruneError
+from llmprune.models import remote_code
 from llmprune.settings import require_lm_eval
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ def _local_model(folder: Path, device: str, batch_size: int | None):
 
     dev = resolve_device(device)
     dtype = str(compute_dtype(dev, build_skeleton(folder).dtype)).removeprefix("torch.")
-    return HFLM(pretrained=str(folder), dtype=dtype, batch_size=batch_size or 8, device=str(dev))
+    trust = remote_code.allowed(folder)
+    return HFLM(
+        pretrained=str(folder), dtype=dtype, batch_size=batch_size or 8, device=str(dev), trust_remote_code=trust
+    )
 
 
 def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: str | None):
@@ -113,6 +117,7 @@ def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: 
         model=model_name,
         tokenizer=str(folder),
         tokenizer_backend="huggingface",
+        trust_remote_code=remote_code.allowed(folder),
         num_concurrent=1,
         max_retries=2,
     )

@@ -19,7 +19,7 @@ from llmprune.models.checkpoint import INDEX_NAME
 from llmprune.models.tensorfile import read_header
 from llmprune.report import REPORT_NAME
 
-AUX_SUFFIXES = {".json", ".model", ".txt", ".jinja", ".tiktoken"}
+AUX_SUFFIXES = {".json", ".model", ".txt", ".jinja", ".tiktoken", ".py"}  # .py: a custom model's own code
 LEGAL_FILES = ("LICENSE", "LICENCE", "USE_POLICY", "NOTICE")
 SKIP_FILES = {"config.json", INDEX_NAME, REPORT_NAME}
 
@@ -51,13 +51,18 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise LLMPruneError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
 
 
+def partial_folder(output: Path) -> Path:
+    """Where a run writing `output` builds it (renamed to `output` when complete)."""
+    return Path(output).parent / f".{Path(output).name}.partial"
+
+
 class OutputFolder:
     """A model folder under construction in `.NAME.partial`, moved to NAME by `commit()`."""
 
     def __init__(self, output: Path, overwrite: bool) -> None:
         self.output = Path(output).resolve()
         self.overwrite = overwrite
-        self.partial = self.output.parent / f".{self.output.name}.partial"
+        self.partial = partial_folder(self.output)
         self.work = self.partial / ".work"
 
     def create(self, fresh: bool = True) -> None:

@@ -37,7 +37,7 @@ ALIASES.update(
 
 # What a Hub download fetches: configs, tokenizer files and safetensors weights (never .bin/.pt copies), and
 # the card and licence files whose terms the pruned model's card carries over.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py", "README.md"]
 HUB_PATTERNS += ["LICENSE*", "LICENCE*", "USE_POLICY*", "NOTICE*"]
 
 

@@ -22,6 +22,8 @@ from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
 from llmprune.models.compressed import CompressedCheckpoint, open_checkpoint
 from llmprune.models.fused import FusedTensor, FusedView, collect_fused, stacks_experts
+from llmprune.models.remote_code import allowed
+from llmprune.stop import stop_point
 
 
 @dataclass
@@ -88,7 +90,9 @@ class Skeleton:
         self, index: int, device: torch.device | str, dtype: torch.dtype, replace: dict | None = None
     ) -> nn.Module:
         """Materialize decoder layer `index` from the shards on `device` in `dtype`; `replace` maps state-dict
-        names to tensors that stand in for the shards' (a refit weight)."""
+        names to tensors that stand in for the shards' (a refit weight). A requested stop (llmprune.stop) is
+        honoured here, at the boundary every layer loop passes."""
+        stop_point(f"layer {index} of {self.num_layers}")
         layer = self.layers[index]
         prefix = f"{self.layers_prefix}.{index}."
         tensors = self.read(self.layer_keys(index), device)
@@ -246,8 +250,9 @@ def _key_map(model: PreTrainedModel, checkpoint: Checkpoint) -> tuple[dict[str, 
 
 def read_config(folder: Path) -> PretrainedConfig:
     """Load config.json, with a clear error for unknown or broken configs."""
+    trust = allowed(folder)
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         raise LLMPruneError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0][:200]}") from exc
 
@@ -267,7 +272,9 @@ def build_skeleton(folder: Path, attn_implementation: str = "sdpa") -> Skeleton:
         warnings.simplefilter("ignore")
         try:
             with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+                model = AutoModelForCausalLM.from_config(
+                    config, attn_implementation=attn_implementation, trust_remote_code=allowed(folder)
+                )
         except ValueError as exc:
             raise LLMPruneError(f"unsupported model in {folder}: {str(exc).splitlines()[0][:200]}") from exc
     model.eval()

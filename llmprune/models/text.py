@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmprune.errors import LLMPruneError
+from llmprune.models.remote_code import allowed
 from llmprune.models.skeleton import Skeleton
 
 
@@ -13,8 +14,9 @@ def load_tokenizer(folder: Path):
     """The folder's tokenizer through transformers' AutoTokenizer, or a one-line error."""
     from transformers import AutoTokenizer
 
+    trust = allowed(folder)
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
     except (OSError, ValueError) as exc:
         raise LLMPruneError(f"cannot load the tokenizer of {folder}: {str(exc).splitlines()[0][:160]}") from exc
 

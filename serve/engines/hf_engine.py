@@ -117,12 +117,14 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         from llmprune.engine.devices import compute_dtype, parse_dtype, resolve_device
+        from llmprune.models import remote_code
         from llmprune.models.skeleton import build_skeleton
 
         device = resolve_device(self.settings.device)
         weights = build_skeleton(self.settings.folder).dtype
         dtype = parse_dtype(self.settings.dtype) or compute_dtype(device, weights)
-        model = AutoModelForCausalLM.from_pretrained(self.settings.folder, dtype=dtype)
+        trust = remote_code.allowed(self.settings.folder)
+        model = AutoModelForCausalLM.from_pretrained(self.settings.folder, dtype=dtype, trust_remote_code=trust)
         self.model = model.to(device).eval()
         self.device = device
         self._dtype = str(dtype).removeprefix("torch.")

@@ -27,13 +27,17 @@ def bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def validate(body: object) -> dict:
-    """The job's settings, checked by the same code as `llmprune MODEL ...` (a 400 with its message)."""
+def validate(body: object, allow_remote_code: bool = False) -> dict:
+    """The job's settings, checked by the same code as `llmprune MODEL ...` (a 400 with its message). A job may
+    run a model's own code (`trust_remote_code`) only on a service started with --allow-remote-code."""
     if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
         raise APIError(400, "the body must be a JSON object with a `model` (and the Python API's settings)", "model")
     owned = [k for k in SERVICE_OWNED if k in body]
     if owned:
         raise APIError(400, f"{owned[0]} is set by the service, not by a job", owned[0])
+    if body.get("trust_remote_code") and not allow_remote_code:
+        message = "trust_remote_code runs the model's own code on the service's machine: start the service with "
+        raise APIError(400, message + "--allow-remote-code to accept such jobs", "trust_remote_code")
     options = {k: v for k, v in body.items() if k != "model"}
     try:
         make_settings(body["model"], **options)
@@ -48,7 +52,12 @@ def public(job: dict) -> dict:
 
 
 def create_service_app(
-    store: JobStore, runner: Runner, keys: tuple[str, ...], read_only: tuple[str, ...], max_queued: int
+    store: JobStore,
+    runner: Runner,
+    keys: tuple[str, ...],
+    read_only: tuple[str, ...],
+    max_queued: int,
+    allow_remote_code: bool = False,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,7 +100,7 @@ def create_service_app(
             body = json.loads(await request.body())
         except ValueError as exc:
             raise APIError(400, "request body is not valid JSON") from exc
-        settings = validate(body)
+        settings = validate(body, allow_remote_code)
         idempotency = request.headers.get("idempotency-key")
         if (idempotency is None or store.get_by_idempotency(key, idempotency) is None) and store.queued_for(
             key

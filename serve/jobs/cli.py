@@ -23,6 +23,16 @@ def service_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-only-key", action="append", default=[], metavar="KEY", help="a key that may only read")
     parser.add_argument("--workers-per-device", type=int, default=1, metavar="N", help="jobs run at once (1)")
     parser.add_argument("--max-queued-per-key", type=int, default=16, metavar="N", help="queued jobs per key (16)")
+    parser.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds a cancelled job gets to reach its next layer boundary before it is killed (600)",
+    )
+    parser.add_argument(
+        "--allow-remote-code", action="store_true", help="accept jobs with trust_remote_code (they run model code)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -53,10 +63,11 @@ def main(argv: list[str]) -> int:
     store = JobStore(args.db)
     app = create_service_app(
         store,
-        Runner(store, workdir.resolve(), args.workers_per_device),
+        Runner(store, workdir.resolve(), args.workers_per_device, args.cancel_grace),
         keys,
         tuple(args.read_only_key),
         args.max_queued_per_key,
+        args.allow_remote_code,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -14,9 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmprune.export.writer import partial_folder
 from llmprune_serve.jobs.store import JobStore
 
 log = logging.getLogger("llmprune.service")
@@ -27,21 +29,19 @@ class Worker:
     job_id: str
     process: subprocess.Popen | None
     jobdir: Path
-    cancelled: bool = False
+    cancelled_at: float | None = None  # monotonic time of the cancel request
     progress: dict | None = None  # the last progress written to the store
 
 
-def partial_of(output: Path) -> Path:
-    return output.parent / f".{output.name}.partial"
-
-
 class Runner:
-    """At most `slots` workers at once."""
+    """At most `slots` workers at once. A cancelled worker gets `cancel_grace` seconds to reach its next layer
+    boundary before it is killed."""
 
-    def __init__(self, store: JobStore, workdir: Path, slots: int) -> None:
+    def __init__(self, store: JobStore, workdir: Path, slots: int, cancel_grace: float = 600.0) -> None:
         self.store = store
         self.workdir = workdir
         self.slots = slots
+        self.cancel_grace = cancel_grace
         self.workers: dict[str, Worker] = {}
 
     def jobdir(self, job_id: str) -> Path:
@@ -58,7 +58,7 @@ class Runner:
                 kill_leftover(int((jobdir / "pid").read_text()))
             output = Path(job["settings"]["output"])
             finished = (jobdir / "result.json").is_file() or (
-                read_report(output) is not None and not partial_of(output).exists()
+                read_report(output) is not None and not partial_folder(output).exists()
             )
             if finished:
                 if not (jobdir / "result.json").is_file():  # committed, but killed before writing its result
@@ -76,7 +76,7 @@ class Runner:
         options = dict(job["settings"])
         model = options.pop("model")
         output = Path(options["output"])
-        resume = (partial_of(output) / ".work" / "state.json").is_file()
+        resume = (partial_folder(output) / ".work" / "state.json").is_file()
         (jobdir / "job.json").write_text(json.dumps({"model": model, "options": options, "resume": resume}))
         with (jobdir / "worker.log").open("ab") as log_file:  # the worker keeps its own copy of the handle
             process = subprocess.Popen(
@@ -91,9 +91,10 @@ class Runner:
         log.info("job %s running (pid %d%s)", job["id"], process.pid, ", resumed" if resume else "")
 
     def cancel(self, job_id: str) -> None:
+        """Ask the worker to stop at its next layer boundary (SIGTERM); `tick` kills it after the grace period."""
         worker = self.workers.get(job_id)
-        if worker is not None:
-            worker.cancelled = True
+        if worker is not None and worker.cancelled_at is None:
+            worker.cancelled_at = time.monotonic()
             os.killpg(worker.process.pid, signal.SIGTERM)
 
     def tick(self) -> None:
@@ -102,6 +103,11 @@ class Runner:
             self._progress(worker)
             code = worker.process.poll()
             if code is None:
+                if worker.cancelled_at is not None and time.monotonic() - worker.cancelled_at > self.cancel_grace:
+                    log.warning(
+                        "job %s did not stop within %.0f s of its cancel; killing it", job_id, self.cancel_grace
+                    )
+                    os.killpg(worker.process.pid, signal.SIGKILL)
                 continue
             del self.workers[job_id]
             self._ended(worker, code)
@@ -123,13 +129,17 @@ class Runner:
     def _ended(self, worker: Worker, code: int) -> None:
         job = self.store.get(worker.job_id)
         output = Path(job["settings"]["output"])
-        if worker.cancelled:
-            shutil.rmtree(partial_of(output), ignore_errors=True)
-            self.store.finish(worker.job_id, "cancelled", "cancelled by request; partial output removed")
-            return
         try:
             result = json.loads((worker.jobdir / "result.json").read_text())
         except (OSError, ValueError):
+            result = None
+        if worker.cancelled_at is not None and (result is None or result["status"] == "cancelled"):
+            shutil.rmtree(partial_folder(output), ignore_errors=True)
+            how = "at a layer boundary" if result else f"killed after {self.cancel_grace:.0f} s"
+            self.store.finish(worker.job_id, "cancelled", f"cancelled by request ({how}); partial output removed")
+            log.info("job %s cancelled (%s)", worker.job_id, how)
+            return
+        if result is None:
             why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             tail = (worker.jobdir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
             self.store.finish(worker.job_id, "failed", f"worker {why} before finishing {tail[0]}".strip())

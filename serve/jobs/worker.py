@@ -2,14 +2,15 @@
 
 Reads JOBDIR/job.json (`model`, `options`, `resume`), runs `llmprune.prune`, and writes JOBDIR/progress.json
 (layer i of n, phase, ETA, from the engine's per-layer resume state) while it runs and JOBDIR/result.json at
-the end. It exits as soon as the service that started it is gone (the engine's resume state stays valid, so
-the restarted service continues the run).
+the end. SIGTERM (a cancel) stops the run at its next layer boundary. It exits as soon as the service that
+started it is gone (the engine's resume state stays valid, so the restarted service continues the run).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -60,6 +61,9 @@ def watch(jobdir: Path, output: Path, layers: int | None, parent: int) -> None:
 def main(jobdir: Path) -> int:
     import llmprune
     from llmprune.errors import LLMPruneError
+    from llmprune.stop import StopRequested, request_stop
+
+    signal.signal(signal.SIGTERM, lambda *_: request_stop())
 
     job = json.loads((jobdir / "job.json").read_text())
     options = {**job["options"], "quiet": True, "resume": job["resume"]}
@@ -69,6 +73,9 @@ def main(jobdir: Path) -> int:
             target=watch, args=(jobdir, Path(options["output"]), layers, os.getppid()), daemon=True
         ).start()
         report = llmprune.prune(job["model"], **options)
+    except StopRequested as exc:
+        write_json(jobdir / "result.json", {"status": "cancelled", "error": str(exc)})
+        return 0
     except LLMPruneError as exc:
         write_json(jobdir / "result.json", {"status": "failed", "error": str(exc)})
         return 1
