@@ -25,12 +25,12 @@ KEY, READER = "svc-key", "reader-key"
 class Service:
     """`python -m llmprune service --db DB` in its own process group, polled until /health answers."""
 
-    def __init__(self, db: Path, port: int | None = None) -> None:
+    def __init__(self, db: Path, port: int | None = None, flags: tuple[str, ...] = ()) -> None:
         self.db, self.port = db, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         command = [sys.executable, "-m", "llmprune", "service", "--db", str(db), "--port", str(self.port)]
-        command += ["--api-key", KEY, "--read-only-key", READER, "--log-level", "warning"]
+        command += ["--api-key", KEY, "--read-only-key", READER, "--log-level", "warning", *flags]
         self.log = db.parent / f"service-{self.port}.log"
         self.process = subprocess.Popen(
             command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -176,6 +176,43 @@ def test_cancel_a_queued_and_a_running_job(service, tiny_models, corpus_file, tm
     job = service.wait(running)
     assert job["status"] == "cancelled" and "at a layer boundary" in job["error"], job
     assert not (tmp_path / ".r.partial").exists() and not (tmp_path / "r").exists()
+
+
+def test_devices_are_parsed_checked_and_confine_each_worker():
+    from llmprune.errors import LLMPruneError
+    from llmprune_serve.jobs.devices import parse_devices, worker_env
+
+    assert parse_devices("auto", 0) == ["cpu"] and parse_devices("auto", 2) == ["cuda:0", "cuda:1"]
+    assert parse_devices("1,3", 4) == ["cuda:1", "cuda:3"] and parse_devices("cpu", 8) == ["cpu"]
+    for spec, count, message in [("0,1", 1, "no GPU 1 (this machine has 1 CUDA devices)"), ("a", 2, "auto, cpu or")]:
+        with pytest.raises(LLMPruneError, match=re.escape(message)):
+            parse_devices(spec, count)
+    with pytest.raises(LLMPruneError, match="named twice"):
+        parse_devices("0,0", 2)
+    assert worker_env("cuda:3") == {"CUDA_VISIBLE_DEVICES": "3"} and worker_env("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_workers_per_device_run_jobs_side_by_side_each_confined_to_its_device(tmp_path, tiny_models, corpus_file):
+    srv = Service(tmp_path / "jobs.sqlite", flags=("--devices", "cpu", "--workers-per-device", "2"))
+    try:
+        model = tiny_models("llama", layers=12)
+        ids = [
+            srv.call("POST", "/v1/prune-jobs", json=_job(model, corpus_file, tmp_path / f"o{i}")).json()["id"]
+            for i in range(2)
+        ]
+        deadline = time.monotonic() + 120
+        while len(srv.call("GET", "/v1/prune-jobs?status=running").json()["data"]) < 2:
+            assert time.monotonic() < deadline and not srv.call("GET", "/v1/prune-jobs?status=succeeded").json()["data"]
+            time.sleep(0.05)
+        for job_id in ids:
+            pid = int((tmp_path / "jobs-jobs" / job_id / "pid").read_text())
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"CUDA_VISIBLE_DEVICES=" in environ  # the CPU slot: no GPU visible
+        jobs = [srv.wait(job_id) for job_id in ids]
+        assert [job["status"] for job in jobs] == ["succeeded"] * 2
+        assert [job["progress"]["device"] for job in jobs] == ["cpu"] * 2
+    finally:
+        srv.kill()
 
 
 def _browser_dom(url: str) -> str:

@@ -21,7 +21,10 @@ def service_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=None, metavar="DIR", help="job folders (default: beside --db)")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="accepted key (repeatable)")
     parser.add_argument("--read-only-key", action="append", default=[], metavar="KEY", help="a key that may only read")
-    parser.add_argument("--workers-per-device", type=int, default=1, metavar="N", help="jobs run at once (1)")
+    parser.add_argument(
+        "--devices", default="auto", metavar="LIST", help="auto (every GPU, else the CPU), cpu, or GPU indices 0,1"
+    )
+    parser.add_argument("--workers-per-device", type=int, default=1, metavar="N", help="jobs at once per device (1)")
     parser.add_argument("--max-queued-per-key", type=int, default=16, metavar="N", help="queued jobs per key (16)")
     parser.add_argument(
         "--cancel-grace",
@@ -38,10 +41,12 @@ def service_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    import torch
     import uvicorn
 
     from llmprune_serve.auth import api_keys
     from llmprune_serve.jobs.app import create_service_app
+    from llmprune_serve.jobs.devices import parse_devices
     from llmprune_serve.jobs.runner import Runner
     from llmprune_serve.jobs.store import JobStore
 
@@ -54,16 +59,18 @@ def main(argv: list[str]) -> int:
         raise LLMPruneError(f"--port must be in 1..65535 (got {args.port})")
     if not args.db.parent.is_dir():
         raise LLMPruneError(f"--db {args.db}: no folder {args.db.parent}")
+    devices = parse_devices(args.devices, torch.cuda.device_count())
     workdir = args.workdir or args.db.parent / f"{args.db.stem}-jobs"
     workdir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     keys = api_keys(args.api_key)
     if args.host not in LOOPBACK and not keys:
         log.warning("listening on %s without an API key: anyone who can reach it may submit jobs", args.host)
+    log.info("jobs run on %s, %d at a time on each", ", ".join(devices), args.workers_per_device)
     store = JobStore(args.db)
     app = create_service_app(
         store,
-        Runner(store, workdir.resolve(), args.workers_per_device, args.cancel_grace),
+        Runner(store, workdir.resolve(), devices, args.workers_per_device, args.cancel_grace),
         keys,
         tuple(args.read_only_key),
         args.max_queued_per_key,

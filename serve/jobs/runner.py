@@ -1,4 +1,5 @@
-"""Starts, watches and stops the worker processes of the service's jobs (one per slot, first come first served).
+"""Starts, watches and stops the worker processes of the service's jobs (first come first served, at most
+`per_device` at once on each device, each worker confined to its device).
 
 Everything the workers report (progress.json, result.json, their exit) is written to the store here, by the
 service process alone. After a restart, jobs the store says were running are continued from the engine's
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmprune.export.writer import partial_folder
+from llmprune_serve.jobs.devices import worker_env
 from llmprune_serve.jobs.store import JobStore
 
 log = logging.getLogger("llmprune.service")
@@ -29,23 +31,32 @@ class Worker:
     job_id: str
     process: subprocess.Popen | None
     jobdir: Path
+    device: str = "cpu"
     cancelled_at: float | None = None  # monotonic time of the cancel request
     progress: dict | None = None  # the last progress written to the store
 
 
 class Runner:
-    """At most `slots` workers at once. A cancelled worker gets `cancel_grace` seconds to reach its next layer
-    boundary before it is killed."""
+    """At most `per_device` workers on each of `devices` at once. A cancelled worker gets `cancel_grace` seconds
+    to reach its next layer boundary before it is killed."""
 
-    def __init__(self, store: JobStore, workdir: Path, slots: int, cancel_grace: float = 600.0) -> None:
+    def __init__(
+        self, store: JobStore, workdir: Path, devices: list[str], per_device: int = 1, cancel_grace: float = 600.0
+    ) -> None:
         self.store = store
         self.workdir = workdir
-        self.slots = slots
+        self.devices = devices
+        self.per_device = per_device
         self.cancel_grace = cancel_grace
         self.workers: dict[str, Worker] = {}
 
     def jobdir(self, job_id: str) -> Path:
         return self.workdir / job_id
+
+    def free_device(self) -> str | None:
+        """The first device with a free worker slot, if any."""
+        busy = [worker.device for worker in self.workers.values()]
+        return next((device for device in self.devices if busy.count(device) < self.per_device), None)
 
     def recover(self) -> None:
         """Jobs that were running when the service stopped: kill any leftover worker; record the ones whose
@@ -66,10 +77,10 @@ class Runner:
                         json.dumps({"status": "succeeded", "report": read_report(output)})
                     )
                 self._ended(Worker(job["id"], None, jobdir), 0)
-            else:
-                self.launch(job)
+            else:  # on a free slot if there is one (a restart with fewer devices doubles up rather than waits)
+                self.launch(job, self.free_device() or self.devices[0])
 
-    def launch(self, job: dict) -> None:
+    def launch(self, job: dict, device: str) -> None:
         jobdir = self.jobdir(job["id"])
         jobdir.mkdir(parents=True, exist_ok=True)
         (jobdir / "result.json").unlink(missing_ok=True)
@@ -84,11 +95,13 @@ class Runner:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **worker_env(device)},
             )
         (jobdir / "pid").write_text(str(process.pid))
         self.store.start(job["id"])
-        self.workers[job["id"]] = Worker(job["id"], process, jobdir)
-        log.info("job %s running (pid %d%s)", job["id"], process.pid, ", resumed" if resume else "")
+        self.workers[job["id"]] = Worker(job["id"], process, jobdir, device)
+        self.store.progress(job["id"], {"phase": "starting", "device": device})
+        log.info("job %s running on %s (pid %d%s)", job["id"], device, process.pid, ", resumed" if resume else "")
 
     def cancel(self, job_id: str) -> None:
         """Ask the worker to stop at its next layer boundary (SIGTERM); `tick` kills it after the grace period."""
@@ -112,14 +125,15 @@ class Runner:
             del self.workers[job_id]
             self._ended(worker, code)
         for job in self.store.list("queued"):
-            if len(self.workers) >= self.slots:
+            device = self.free_device()
+            if device is None:
                 break
-            self.launch(job)
+            self.launch(job, device)
 
     def _progress(self, worker: Worker) -> None:
         """Write the worker's progress to the store when it changed (the tick runs 4 times a second)."""
         try:
-            progress = json.loads((worker.jobdir / "progress.json").read_text())
+            progress = {**json.loads((worker.jobdir / "progress.json").read_text()), "device": worker.device}
         except (OSError, ValueError):
             return
         if progress != worker.progress:
