@@ -243,6 +243,11 @@ def run_eval(argv: list[str]) -> int:
     tasks.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
     tasks.add_argument("--base-url", metavar="URL", help="score a running llmprune/vLLM server instead")
     tasks.add_argument("--api-key", metavar="KEY", help="the server's key (--base-url)")
+    tasks.add_argument(
+        "--stream",
+        action="store_true",
+        help="score layer by layer (loglikelihood tasks; default: only when the model does not fit in memory)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code (auto_map models)")
     parser.add_argument("--quiet", action="store_true", default=False)
     parser.add_argument("--json", action="store_true", default=False)
@@ -251,7 +256,7 @@ def run_eval(argv: list[str]) -> int:
     options = vars(args)
     if "tasks" in options:
         return _eval_tasks(options)
-    task_only = sorted(set(options) & {"include_path", "limit", "num_fewshot", "base_url", "api_key"})
+    task_only = sorted(set(options) & {"include_path", "limit", "num_fewshot", "base_url", "api_key", "stream"})
     if task_only:
         raise LLMPruneError(f"--{task_only[0].replace('_', '-')} is for task accuracy: add --tasks T1,T2")
     options = {k: v for k, v in options.items() if k not in ("model", "json")}
@@ -281,7 +286,7 @@ def _eval_tasks(options: dict) -> int:
             raise LLMPruneError(f"--{flag.replace('_', '-')} must be positive (got {options[flag]})")
     folder = resolve_model(options["model"], quiet=options["quiet"])
     names = parse_tasks(options["tasks"])
-    keys = ("include_path", "limit", "num_fewshot", "base_url", "api_key", "device", "batch_size")
+    keys = ("include_path", "limit", "num_fewshot", "base_url", "api_key", "device", "batch_size", "stream")
     result = {"model": options["model"], "folder": str(folder)}
     with remote_code.consent(options.get("trust_remote_code", False)) as grant:
         grant(folder)

@@ -110,6 +110,9 @@ def test_lm_eval_through_vllm_server_agrees_with_the_folder(pruned_smollm2, caps
     """lm-eval's local-completions against `llmprune serve` (vLLM's own server) scores the local task like
     `llmprune eval --tasks` on the same folder (within 0.02 accuracy)."""
     local = _eval_json(capsys, str(pruned_smollm2))["tasks"][TASK]
+    streamed = _eval_json(capsys, str(pruned_smollm2), "--stream")
+    assert streamed["backend"] == "streamed" and streamed["tasks"][TASK]["samples"] == 60
+    assert streamed["tasks"][TASK]["accuracy"] == pytest.approx(local["accuracy"], abs=1 / 60 + 1e-9)
     flags = ["--engine", "vllm", "--enforce-eager", "--kv-cache-gib", "0.5", "--api-key", "k"]
     srv = Server(pruned_smollm2, *flags, key="k", env={"OMP_NUM_THREADS": "1"})
     try:
@@ -132,3 +135,30 @@ def test_lm_eval_through_the_transformers_server(tiny_run, capsys):
     finally:
         srv.stop()
     assert served["tasks"][TASK]["accuracy"] == pytest.approx(report["tasks"]["results"][TASK]["pruned"], abs=0.02)
+
+
+def test_streamed_scorer_gives_hflms_loglikelihoods(tiny_run, corpus_file):
+    """The layer-by-layer scorer answers lm-eval's requests as lm-eval's own HFLM on the whole model does:
+    loglikelihoods (to float32 rounding) and greedy flags, with an empty context, and rolling windows over
+    a text longer than the model's context."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from llmprune.eval.streamed_lm import StreamedLM
+
+    _, out, _ = tiny_run
+    text = corpus_file.read_text()
+    pairs = [(text[i : i + 200], text[i + 200 : i + 200 + n]) for i, n in ((0, 9), (700, 30), (1500, 3), (2100, 60))]
+    pairs.append(("", text[:40]))
+    hf = HFLM(pretrained=str(out), dtype="float32", batch_size=2, device="cpu", max_length=128)
+    streamed = StreamedLM(out, torch.device("cpu"), batch_size=2)
+    streamed.max_length = 128  # below the model's context, so that the rolling text spans several windows
+    asks = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    expected, got = hf.loglikelihood(asks, disable_tqdm=True), streamed.loglikelihood(asks, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], rel=1e-4, abs=1e-3)
+    rolling = [Instance("loglikelihood_rolling", {}, (text[:3000],), 0)]
+    assert streamed.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
+        hf.loglikelihood_rolling(rolling, disable_tqdm=True), rel=1e-4
+    )

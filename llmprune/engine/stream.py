@@ -188,6 +188,31 @@ class LayerStream:
                 tokens += ids.shape[0] * positions
         return total, tokens
 
+    def target_logprobs(self, acts: Activations, targets: torch.Tensor, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        """For each window and position p, log P(targets[:, p] | ids[:, :p + 1]) (float64) and whether that token
+        is the argmax (bool): a scorer's view of the head, sliced like `nll` so few logits are held at once."""
+        assert self.ids is not None
+        self._ensure_rest(head=True)
+        logprobs = torch.zeros(targets.shape, dtype=torch.float64)
+        greedy = torch.zeros(targets.shape, dtype=torch.bool)
+        with torch.no_grad():
+            for start in range(0, acts.count, batch):
+                ids = self.ids[start : start + batch].to(self.device)
+                wanted = targets[start : start + batch].to(self.device)
+                last = acts.windows(start, start + batch).to(self.device, self.dtype)
+                step = logit_positions(ids.shape[0], self.vocab)
+                for first in range(0, ids.shape[1], step):
+                    keep = torch.arange(first, min(first + step, ids.shape[1]), device=self.device)
+                    logits = run_tail(
+                        self.sk.model, self.sk.layers, ids, last, self._example, logits_to_keep=keep
+                    ).logits.float()
+                    token = wanted[:, keep]
+                    chosen = logits.log_softmax(-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+                    logprobs[start : start + batch, first : first + len(keep)] = chosen.double().cpu()
+                    greedy[start : start + batch, first : first + len(keep)] = (logits.argmax(-1) == token).cpu()
+                    del logits
+        return logprobs, greedy
+
     @property
     def vocab(self) -> int:
         return int(self.sk.config.get_text_config().vocab_size)

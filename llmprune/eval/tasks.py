@@ -1,9 +1,10 @@
 """Task accuracy through lm-evaluation-harness (the `lm_eval` package, `pip install 'llmprune[eval]'`).
 
 A folder is scored in process by lm-eval's own Hugging Face model (float32 on a CPU, as llmprune's
-perplexity), which holds the whole model; a running `llmprune serve` (or `vllm serve`, tensor-parallel
-across GPUs if need be) is scored through lm-eval's `local-completions` client, which sends `echo` and
-`logprobs` as any OpenAI-compatible server takes them.
+perplexity), which holds the whole model, or, when the model does not fit the device's free memory (or with
+`stream=True`), by `StreamedLM`, which runs the requests through one decoder layer at a time. A running
+`llmprune serve` (or `vllm serve`, tensor-parallel across GPUs if need be) is scored through lm-eval's
+`local-completions` client, which sends `echo` and `logprobs` as any OpenAI-compatible server takes them.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ def task_accuracy(
     device: str = "auto",
     batch_size: int | None = None,
     model_name: str | None = None,
+    stream: bool | None = None,
 ) -> dict:
     """Accuracy of each task on the model in `folder` (or served at `base_url`, tokenized with the folder's
-    tokenizer), with lm-eval's standard error: {"tasks": {name: {"metric", "accuracy", "stderr", "samples"}}}."""
+    tokenizer), with lm-eval's standard error: {"tasks": {name: {"metric", "accuracy", "stderr", "samples"}}}.
+    `stream`: score layer by layer (None: only when the whole model does not fit the device's free memory)."""
     require_lm_eval()
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -42,7 +45,12 @@ def task_accuracy(
     if unknown:
         where = f" (nor in {include_path})" if include_path else " (a local task needs --include-path DIR)"
         raise LLMPruneError(f"unknown lm-eval task(s): {', '.join(unknown)}{where}")
-    lm = _server_model(folder, base_url, api_key, model_name) if base_url else _local_model(folder, device, batch_size)
+    if base_url:
+        if stream:
+            raise LLMPruneError("--stream scores a folder layer by layer; a server (--base-url) scores on its own")
+        lm, backend = _server_model(folder, base_url, api_key, model_name), "server"
+    else:
+        lm, backend = _local_model(folder, device, batch_size, stream)
     try:
         output = lm_eval.simple_evaluate(
             model=lm,
@@ -74,7 +82,7 @@ def task_accuracy(
         "tasks": results,
         "limit": limit,
         "num_fewshot": num_fewshot,
-        "backend": "server" if base_url else "transformers",
+        "backend": backend,
         "lm_eval_version": lm_eval.__version__,
     }
 
@@ -86,18 +94,31 @@ def _number(value) -> float | None:
         return None
 
 
-def _local_model(folder: Path, device: str, batch_size: int | None):
+def _local_model(folder: Path, device: str, batch_size: int | None, stream: bool | None) -> tuple[object, str]:
+    """lm-eval's HFLM on the whole model, or the streamed scorer when asked or when the model does not fit."""
     from lm_eval.models.huggingface import HFLM
 
-    from llmprune.engine.devices import compute_dtype, resolve_device
+    from llmprune.engine.devices import available_memory, compute_dtype, resolve_device
     from llmprune.models.skeleton import build_skeleton
 
     dev = resolve_device(device)
-    dtype = str(compute_dtype(dev, build_skeleton(folder).dtype)).removeprefix("torch.")
+    skeleton = build_skeleton(folder)
+    weights = compute_dtype(dev, skeleton.dtype)
+    if stream is None:
+        need = sum(p.numel() for p in skeleton.model.parameters()) * weights.itemsize
+        stream = need > 0.8 * available_memory(dev)
+        if stream:
+            log.info(
+                "the model needs %.1f GiB, over 80%% of %s's free memory: scoring it layer by layer", need / 2**30, dev
+            )
+    if stream:
+        from llmprune.eval.streamed_lm import StreamedLM
+
+        return StreamedLM(folder, dev, batch_size or 8), "streamed"
+    dtype = str(weights).removeprefix("torch.")
     trust = remote_code.allowed(folder)
-    return HFLM(
-        pretrained=str(folder), dtype=dtype, batch_size=batch_size or 8, device=str(dev), trust_remote_code=trust
-    )
+    lm = HFLM(pretrained=str(folder), dtype=dtype, batch_size=batch_size or 8, device=str(dev), trust_remote_code=trust)
+    return lm, "transformers"
 
 
 def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: str | None):
