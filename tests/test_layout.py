@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"llmprune": "llmprune", "serve": "llmprune_serve"}  # folder -> installed name
 LAYERS = (  # docs/architecture.md: a module imports only from its own layer or the ones before it here
-    ("errors", "version", "argparsing", "pattern", "scheme", "settings"),
+    ("errors", "version", "argparsing", "pattern", "scheme", "settings", "stop"),
     ("data", "models", "report"),
     ("methods",),
     ("engine", "eval", "export", "hub", "structured", "depth", "experts", "costmodel", "speed", "body"),
