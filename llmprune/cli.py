@@ -235,7 +235,11 @@ def run_eval(argv: list[str]) -> int:
     parser.add_argument("--seqlen", type=int, help="tokens per window (default 2048, capped at the model context)")
     parser.add_argument("--samples", type=int, help="evaluate at most N windows")
     parser.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    parser.add_argument("--batch-size", type=int, help="windows (or lm-eval requests) per forward (default auto)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="windows per forward, or lm-eval requests per forward or per server request (default auto; 8)",
+    )
     tasks = parser.add_argument_group("task accuracy (lm-evaluation-harness, pip install 'llmprune[eval]')")
     tasks.add_argument("--tasks", metavar="T1,T2", help="lm-eval tasks, or `paper` for the Wanda paper's seven")
     tasks.add_argument("--include-path", metavar="DIR", help="folder of extra task YAMLs")

@@ -152,9 +152,11 @@ def test_bad_depth_input_is_one_line_and_no_output(options, message, tiny_models
 
 
 @pytest.mark.slow
-def test_smollm2_without_three_layers_gives_the_same_greedy_tokens_in_transformers_and_vllm(smollm2, tmp_path):
+def test_smollm2_without_three_layers_gives_the_same_greedy_tokens_in_transformers_and_vllm(
+    smollm2, corpus_file, tmp_path
+):
     out = tmp_path / "smol-depth"
-    report = llmprune.prune(str(smollm2), method="depth", remove=0.1, calibration="shakespeare", samples=8,
+    report = llmprune.prune(str(smollm2), method="depth", remove=0.1, calibration=str(corpus_file), samples=8,
                             seqlen=128, eval_samples=4, max_ppl_increase=float("inf"), quiet=True,
                             output=str(out))  # fmt: skip
     assert report["depth"]["kept_layers"] == 27 and len(report["depth"]["removed_layers"]) == 3

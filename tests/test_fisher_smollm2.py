@@ -18,7 +18,6 @@ COMMON = dict(
     method="fisher",
     keep_heads=6,
     keep_neurons=1024,
-    calibration="shakespeare",
     samples=8,
     seqlen=128,
     eval_samples=4,
@@ -28,11 +27,17 @@ COMMON = dict(
 
 
 @pytest.fixture(scope="module")
-def runs(smollm2, tmp_path_factory):
+def runs(smollm2, corpus_file, tmp_path_factory):
     """The same cut (2 of 3 KV groups, 1024 of 1536 neurons in every layer), with and without mask tuning."""
     root = tmp_path_factory.mktemp("fisher-smol")
     return {
-        tuned: llmprune.prune("smollm2-135m-gguf", mask_tuning=tuned, output=str(root / f"tuned-{tuned}"), **COMMON)
+        tuned: llmprune.prune(
+            "smollm2-135m-gguf",
+            mask_tuning=tuned,
+            calibration=str(corpus_file),
+            output=str(root / f"tuned-{tuned}"),
+            **COMMON,
+        )
         for tuned in (True, False)
     }
 

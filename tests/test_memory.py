@@ -191,9 +191,9 @@ def test_spilled_activations_give_identical_weights(tiny_models, corpus_file, tm
 
 @pytest.mark.slow
 def test_peak_rss_is_flat_in_depth(tiny_models, corpus_file, tmp_path):
-    """4, 8 and 16 layers of the same width, each pruned in a fresh process: peak RSS stays flat."""
+    """4 and 16 layers of the same width, each pruned in a fresh process: peak RSS stays flat."""
     peaks = {}
-    for layers in (4, 8, 16):
+    for layers in (4, 16):
         folder = tiny_models("llama", layers=layers, hidden=512, inter=1536, vocab=512)
         summary = _run(
             [
@@ -215,7 +215,6 @@ def test_peak_rss_is_flat_in_depth(tiny_models, corpus_file, tmp_path):
         # the run's own reading (VmHWM) agrees with getrusage from outside
         assert summary["report"]["peak_memory"]["rss_bytes"] == pytest.approx(peaks[layers], rel=0.05)
     assert peaks[16] <= 1.15 * peaks[4], peaks
-    assert peaks[8] <= 1.15 * peaks[4], peaks
 
 
 @pytest.mark.slow

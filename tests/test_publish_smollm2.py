@@ -21,16 +21,16 @@ NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def pruned(smollm2, tmp_path_factory) -> Path:
-    """Wanda 2:4 on 16 x 256 tokens of Shakespeare, perplexity on 2 held-out windows; saved as float32."""
+def pruned(smollm2, corpus_file, tmp_path_factory) -> Path:
+    """Wanda 2:4 on 8 x 128 tokens of three comedies, perplexity on 2 held-out windows; saved as float32."""
     out = tmp_path_factory.mktemp("smol-publish") / "smollm2-wanda-2of4"
     report = llmprune.prune(
         "smollm2-135m-gguf",
         method="wanda",
         pattern="2:4",
-        calibration="shakespeare",
-        samples=16,
-        seqlen=256,
+        calibration=str(corpus_file),
+        samples=8,
+        seqlen=128,
         eval_samples=2,
         quiet=True,
         output=str(out),

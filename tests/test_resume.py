@@ -15,13 +15,12 @@ from safetensors import safe_open
 
 import llmprune
 from llmprune.errors import LLMPruneError
+from tests.helpers.cli import run_main
 
 
-def _command(model, corpus, output, *extra) -> list[str]:
+def _args(model, corpus, output, *extra) -> list[str]:
+    """The arguments of `llmprune` for the runs below."""
     return [
-        sys.executable,
-        "-m",
-        "llmprune",
         str(model),
         "--method",
         "sparsegpt",
@@ -39,6 +38,10 @@ def _command(model, corpus, output, *extra) -> list[str]:
         str(output),
         *map(str, extra),
     ]
+
+
+def _command(model, corpus, output, *extra) -> list[str]:
+    return [sys.executable, "-m", "llmprune", *_args(model, corpus, output, *extra)]
 
 
 def _tensor_bytes(folder) -> dict[str, bytes]:
@@ -73,12 +76,15 @@ def _kill_at_layer(cmd: list[str], state_file, layer: int, extra_delay: float) -
 @pytest.mark.parametrize(
     "activations,quantize", [("memory", None), ("disk", None), ("memory", "w4a16")], ids=["memory", "disk", "w4a16"]
 )
-def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path, activations, quantize):
-    """A quantized run too: its layer units hold codes and scales, and the resumed run writes the same bytes."""
+def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path, activations, quantize, capsys):
+    """A quantized run too: its layer units hold codes and scales, and the resumed run writes the same bytes.
+    Only the killed run is a process of its own; the reference and the resumed run are the same command
+    run in this process (llmprune.cli.main)."""
     model = tiny_models("llama", layers=10, hidden=384, inter=1024, vocab=512)
     reference, output = tmp_path / "reference", tmp_path / "out"
     flags = ["--activations", activations, *(["--quantize", quantize] if quantize else [])]
-    subprocess.run(_command(model, corpus_file, reference, *flags), check=True)
+    code, _, err = run_main(_args(model, corpus_file, reference, *flags), capsys)
+    assert code == 0, err
 
     rng = random.Random(f"resume-{activations}")
     state_file = tmp_path / ".out.partial" / ".work" / "state.json"
@@ -90,14 +96,11 @@ def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path
     )
     assert 1 <= committed < 10 and not output.exists()
 
-    mismatched = subprocess.run(
-        _command(model, corpus_file, output, *flags, "--seed", 7), capture_output=True, text=True
-    )
-    assert mismatched.returncode == 2
-    assert "unfinished run with different settings (calibration differ)" in mismatched.stderr
+    code, _, err = run_main(_args(model, corpus_file, output, *flags, "--seed", 7), capsys)
+    assert code == 2 and "unfinished run with different settings (calibration differ)" in err
 
-    resumed = subprocess.run(_command(model, corpus_file, output, *flags), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, err = run_main(_args(model, corpus_file, output, *flags), capsys)
+    assert code == 0, err
     expected, got = _tensor_bytes(reference), _tensor_bytes(output)
     assert got.keys() == expected.keys()
     assert all(got[key] == expected[key] for key in expected)

@@ -385,7 +385,9 @@ def _corrupt(folder, target):
 @pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
 def test_corrupted_weights_fail_the_check(pruned_tiny, tmp_path, engine):
     """Weights changed after pruning: the engine's perplexity is far from the recorded one, so the service
-    stays not ready (503 on /ready and on generation) and logs why, while /v1/perplexity still answers."""
+    stays not ready (503 on /ready and on generation) and logs why, while /v1/perplexity still answers.
+    vLLM's engine-core process then killed: the server stays up and says so (/health and /ready 503,
+    generation refused as died) instead of the port going dark."""
     vllm_flags = ["--enforce-eager", "--kv-cache-gib", "0.25", "--chat-template", str(CHAT_TEMPLATE)]
     flags = vllm_flags if engine == "vllm" else []
     env = {"OMP_NUM_THREADS": "1"} if engine == "vllm" else None
@@ -404,8 +406,28 @@ def test_corrupted_weights_fail_the_check(pruned_tiny, tmp_path, engine):
         samples = _metrics(srv)
         assert samples["llmprune_ppl_check_state{}"] == 0 and samples["llmprune_ready{}"] == 0
         assert "NOT READY" in srv.log() and "corrupted weights" in srv.log()
+        if engine == "vllm":
+            _kill_the_engine_and_see_health_turn_503(srv)
     finally:
         srv.stop()
+
+
+def _kill_the_engine_and_see_health_turn_503(srv: Server) -> None:
+    import psutil
+
+    children = psutil.Process(srv.process.pid).children(recursive=True)
+    engine = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert engine, [p.name() for p in children]
+    for process in engine:
+        process.kill()
+    deadline = time.monotonic() + 60
+    while httpx.get(srv.url + "/health").status_code != 503 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert httpx.get(srv.url + "/health").status_code == 503
+    ready = srv.get("/ready")
+    assert ready.status_code == 503 and ready.json()["engine_alive"] is False
+    refused = srv.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert refused.status_code == 503 and "died" in refused.json()["error"]["message"]
 
 
 def test_failed_quality_gate_and_request_timeout(pruned_tiny, tmp_path):
@@ -478,34 +500,6 @@ def test_bad_serve_arguments_one_line_error(tiny_models, pruned_tiny, corpus_fil
     code = main(["serve", str(pruned_tiny), "--engine", "vllm", "--skip-ppl-check", "--tensor-parallel-size", "x"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("llmprune: error: vLLM rejects the engine flags --tensor-parallel-size x")
-
-
-@pytest.mark.slow
-def test_health_turns_503_when_the_vllm_engine_dies(pruned_tiny):
-    """vLLM's engine-core process killed: the server stays up and says so (/health and /ready 503, generation
-    refused with 503 not ready) instead of the port going dark."""
-    import psutil
-
-    flags = ["--engine", "vllm", "--enforce-eager", "--kv-cache-gib", "0.25", "--skip-ppl-check"]
-    srv = Server(pruned_tiny, *flags, env={"OMP_NUM_THREADS": "1"})
-    try:
-        assert srv.wait_checked()["ready"]
-        assert httpx.get(srv.url + "/health").status_code == 200
-        children = psutil.Process(srv.process.pid).children(recursive=True)
-        engine = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
-        assert engine, [p.name() for p in children]
-        for process in engine:
-            process.kill()
-        deadline = time.monotonic() + 60
-        while httpx.get(srv.url + "/health").status_code != 503 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert httpx.get(srv.url + "/health").status_code == 503
-        ready = srv.get("/ready")
-        assert ready.status_code == 503 and ready.json()["engine_alive"] is False
-        refused = srv.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
-        assert refused.status_code == 503 and "died" in refused.json()["error"]["message"]
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runs(smollm2, tmp_path_factory):
-    """SparseGPT and magnitude at 50% on the same calibration and eval windows."""
+    """SparseGPT and magnitude at 50% on the same calibration and eval windows (Shakespeare, the embedded corpus)."""
     gguf = assets.embedded_model("smollm2-135m-gguf")
     root = tmp_path_factory.mktemp("smol")
-    common = dict(calibration="shakespeare", samples=16, seqlen=256, eval_samples=8, quiet=True)
+    common = dict(calibration="shakespeare", samples=8, seqlen=128, eval_samples=4, quiet=True)
     return {
         method: llmprune.prune(str(gguf), method=method, sparsity=0.5, output=str(root / method), **common)
         for method in ("sparsegpt", "magnitude")

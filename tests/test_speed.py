@@ -225,14 +225,14 @@ def test_bad_targets_are_one_line_and_no_output(options, message, tiny_models, t
 
 @pytest.mark.slow
 def test_smollm2_cut_in_depth_and_width_gives_the_same_greedy_tokens_in_transformers_and_vllm(
-    smollm2, tmp_path, monkeypatch
+    smollm2, corpus_file, tmp_path, monkeypatch
 ):
     """A combined cut of the real model (layers removed and every kept layer narrowed, mask tuning on) loads in
     stock transformers and in vLLM, which continue greedily alike, with the parameter count the report claims."""
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
     _write_costs(smollm2, _costs(layer=1.0, neuron=1 / 1536))  # width alone reaches at most 1.92x
     out = tmp_path / "smol-speed"
-    report = llmprune.prune(str(smollm2), target_speedup=2.5, max_candidates=1, calibration="shakespeare",
+    report = llmprune.prune(str(smollm2), target_speedup=2.5, max_candidates=1, calibration=str(corpus_file),
                             samples=8, seqlen=128, eval_samples=4, max_ppl_increase=float("inf"), quiet=True,
                             measure_speedup=False, output=str(out))  # fmt: skip
     info = report["speed"]

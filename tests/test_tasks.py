@@ -97,10 +97,10 @@ def test_bad_task_flags_are_one_line(tiny_run, capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pruned_smollm2(smollm2, tmp_path_factory):
-    """Wanda 50% SmolLM2-135M (16 x 128 tokens of Shakespeare), perplexity on 4 held-out windows."""
+def pruned_smollm2(smollm2, corpus_file, tmp_path_factory):
+    """Wanda 50% SmolLM2-135M (16 x 128 tokens of three comedies), perplexity on 4 held-out windows."""
     out = tmp_path_factory.mktemp("tasks-smol") / "smollm2-wanda-50"
-    common = dict(calibration="shakespeare", samples=16, seqlen=128, eval_samples=4, quiet=True)
+    common = dict(calibration=str(corpus_file), samples=16, seqlen=128, eval_samples=4, quiet=True)
     llmprune.prune("smollm2-135m-gguf", method="wanda", sparsity=0.5, output=str(out), max_ppl_increase=10, **common)
     return out
 

@@ -48,7 +48,7 @@ def task_accuracy(
     if base_url:
         if stream:
             raise LLMPruneError("--stream scores a folder layer by layer; a server (--base-url) scores on its own")
-        lm, backend = _server_model(folder, base_url, api_key, model_name), "server"
+        lm, backend = _server_model(folder, base_url, api_key, model_name, batch_size), "server"
     else:
         lm, backend = _local_model(folder, device, batch_size, stream)
     try:
@@ -121,7 +121,9 @@ def _local_model(folder: Path, device: str, batch_size: int | None, stream: bool
     return lm, "transformers"
 
 
-def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: str | None):
+def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: str | None, batch_size: int | None):
+    """lm-eval's local-completions client: `batch_size` prompts per request (default 8), which the server
+    batches (continuous batching on vLLM)."""
     import httpx
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
@@ -139,6 +141,7 @@ def _server_model(folder: Path, base_url: str, api_key: str | None, model_name: 
         tokenizer=str(folder),
         tokenizer_backend="huggingface",
         trust_remote_code=remote_code.allowed(folder),
+        batch_size=batch_size or 8,
         num_concurrent=1,
         max_retries=2,
     )
