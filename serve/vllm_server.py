@@ -163,9 +163,20 @@ class GateAndShed:
         self.in_flight += 1
         self._publish()
         done = False
+        handler = asyncio.current_task()
+        watcher: asyncio.Task | None = None
+
+        async def cancel_on_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            handler.cancel()  # vLLM aborts a request whose generator is cancelled
 
         async def tracked(message: Message) -> None:
-            nonlocal done
+            nonlocal done, watcher
+            if message["type"] == "http.response.start" and watcher is None:
+                # The app has read the request by now, so only a disconnect can arrive on `receive`: a client
+                # that leaves mid-stream frees its sequences at once instead of when the stream next writes.
+                watcher = asyncio.create_task(cancel_on_disconnect())
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False) and not done:
                 done = True
@@ -174,7 +185,12 @@ class GateAndShed:
 
         try:
             await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.done():
+                raise  # cancelled from outside (shutdown), not by our disconnect watcher
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not done:
                 self.in_flight -= 1
                 self._publish()

@@ -322,7 +322,7 @@ def test_malformed_json_is_400(server):
 def test_overload_is_429_with_retry_after_then_serves_again(server, client):
     """Two long streams run (the transformers app's 2 slots, vLLM's --max-num-seqs 2) and a third request
     takes the one queue place: the next is refused with 429 and Retry-After; once the streams are dropped
-    the server answers again."""
+    (the requests aborted, not run to their end) the server answers again."""
     model = _model(client)
     heavy = {"model": model, "prompt": ["Now"] * 32, "n": 8, "max_tokens": 200, "stream": True}
     queued: dict = {}
@@ -349,7 +349,7 @@ def test_overload_is_429_with_retry_after_then_serves_again(server, client):
     if server.engine == "transformers":
         waiter.join(timeout=120)
         assert queued["answer"].status_code == 200
-    deadline = time.monotonic() + 120  # the dropped streams end once the engine notices the disconnect
+    deadline = time.monotonic() + 30  # dropped streams are aborted at once (their 256 sequences would take minutes)
     while _metrics(server)["llmprune_requests_running{}"] > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     samples = _metrics(server)
