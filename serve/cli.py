@@ -100,31 +100,39 @@ def main(argv: list[str]) -> int:
 
     Flags llmprune does not know go to vLLM's own parser with `--engine vllm` (and are an error otherwise).
     """
-    import uvicorn
-
     from llmprune.engine.devices import parse_dtype
-    from llmprune.export.packed import is_packed
     from llmprune.models import remote_code
-    from llmprune.models.compressed import weight_only
     from llmprune.models.resolve import resolve_model
-    from llmprune.models.skeleton import build_skeleton
-    from llmprune.models.text import context_length, load_tokenizer
-    from llmprune_serve.app import create_app
-    from llmprune_serve.check import check_mode, load_report
-    from llmprune_serve.engines import EngineSettings, create_engine, pick_engine
-    from llmprune_serve.service import Service
+    from llmprune_serve.engines import pick_engine
 
     args, engine_flags = serve_parser().parse_known_args(argv)
     kind = pick_engine(args.engine)
-    if engine_flags and kind != "vllm":  # (--trust-remote-code is added for vLLM below, once checked)
+    if engine_flags and kind != "vllm":  # (--trust-remote-code is added for vLLM below)
         raise LLMPruneError(f"unknown flags for the {kind} engine: {' '.join(engine_flags)} (vLLM's flags need vLLM)")
     if kind == "vllm" and args.max_concurrency is not None:
         raise LLMPruneError("--max-concurrency is for the transformers engine; vLLM batches up to --max-num-seqs")
     parse_dtype(args.dtype)
     config = build_config(args, resolve_model(args.model))
-    if args.trust_remote_code:  # consent for the life of this process, which is this one server
-        remote_code.trust(config.folder)
+    if args.trust_remote_code:
         engine_flags = [*engine_flags, "--trust-remote-code"]  # vLLM's own flag, for its engine
+    with remote_code.consent(args.trust_remote_code) as grant:  # for as long as this server runs
+        grant(config.folder)
+        return _serve(args, engine_flags, kind, config)
+
+
+def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config: ServeConfig) -> int:
+    """Check the folder, start the engine and serve until interrupted."""
+    import uvicorn
+
+    from llmprune.export.packed import is_packed
+    from llmprune.models.compressed import weight_only
+    from llmprune.models.skeleton import build_skeleton
+    from llmprune.models.text import context_length, load_tokenizer
+    from llmprune_serve.app import create_app
+    from llmprune_serve.check import check_mode, load_report
+    from llmprune_serve.engines import EngineSettings, create_engine
+    from llmprune_serve.service import Service
+
     if is_packed(config.folder):
         raise LLMPruneError(
             f"{config.folder} is in the packed 2:4 format, which vLLM and transformers do not load: "

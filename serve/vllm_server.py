@@ -188,6 +188,7 @@ class GateAndShed:
         except asyncio.CancelledError:
             if watcher is None or not watcher.done():
                 raise  # cancelled from outside (shutdown), not by our disconnect watcher
+            handler.uncancel()  # the request is over; the connection's task goes on normally
         finally:
             if watcher is not None:
                 watcher.cancel()

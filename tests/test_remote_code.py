@@ -1,5 +1,5 @@
 """--trust-remote-code: a model that ships its own code (auto_map in config.json) is refused in one line
-without consent, and pruned, evaluated and loadable with it (its code travels into the output)."""
+without consent, and pruned, evaluated, served and loadable with it (its code travels into the output)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from tests.helpers.cli import one_error_line, run_main
+from tests.helpers.serving import Server
 
 CONFIG_CODE = """from transformers import LlamaConfig
 
@@ -69,3 +70,14 @@ def test_custom_code_needs_consent_then_prunes_evaluates_and_loads(custom_model,
     code, stdout, err = run_main([*evaluate, "--quiet", "--trust-remote-code"], capsys)
     assert code == 0, err
     assert 1.0 < json.loads(stdout)["perplexity"] < float("inf")
+
+    code, _, err = run_main(["serve", str(out), "--engine", "transformers"], capsys)
+    assert code == 2 and "ships its own model code" in one_error_line(err)
+    srv = Server(out, "--engine", "transformers", "--trust-remote-code")
+    try:
+        body = srv.wait_checked()
+        assert body["ready"] and body["check"]["status"] == "passed", srv.log()[-2000:]
+        reply = srv.post("/v1/completions", {"prompt": "Good morrow", "max_tokens": 2})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+    finally:
+        srv.stop()

@@ -194,6 +194,20 @@ def test_devices_are_parsed_checked_and_confine_each_worker():
     assert worker_env("cuda:3") == {"CUDA_VISIBLE_DEVICES": "3"} and worker_env("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
 
 
+def test_bad_service_flags_are_one_line_and_start_nothing(tmp_path, capsys):
+    db = tmp_path / "jobs.sqlite"
+    cases = {
+        "--cancel-grace": (["--cancel-grace", "-1"], "--cancel-grace must be at least 0 seconds (got -1)"),
+        "--devices": (["--devices", "0,9"], "--devices 0,9: no GPU"),
+        "--workers-per-device": (["--workers-per-device", "0"], "--workers-per-device must be at least 1 (got 0)"),
+    }
+    for case, (flags, message) in cases.items():
+        assert main(["service", "--db", str(db), *flags]) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("llmprune: error: ") and message in err and err.count("\n") == 1, (case, err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_workers_per_device_run_jobs_side_by_side_each_confined_to_its_device(tmp_path, tiny_models, corpus_file):
     srv = Service(tmp_path / "jobs.sqlite", flags=("--devices", "cpu", "--workers-per-device", "2"))
     try:

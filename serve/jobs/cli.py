@@ -55,6 +55,8 @@ def main(argv: list[str]) -> int:
     for flag, value in counts.items():
         if value < 1:
             raise LLMPruneError(f"{flag} must be at least 1 (got {value})")
+    if args.cancel_grace < 0:
+        raise LLMPruneError(f"--cancel-grace must be at least 0 seconds (got {args.cancel_grace:g})")
     if not 0 < args.port < 65536:
         raise LLMPruneError(f"--port must be in 1..65535 (got {args.port})")
     if not args.db.parent.is_dir():
