@@ -31,8 +31,7 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         default="auto",
-        help="auto (vllm: the checkpoint's, but bfloat16 for a float32 weight-only quantized one; "
-        "transformers: float32 on CPU)",
+        help="auto (vllm: the checkpoint's, but bfloat16 for a float32 quantized one; transformers: float32 on CPU)",
     )
     parser.add_argument("--device", default="auto", help="transformers engine and check reference: auto, cpu, cuda")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="N", help="context (default: model's)")
@@ -125,7 +124,7 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
     import uvicorn
 
     from llmprune.export.packed import is_packed
-    from llmprune.models.compressed import weight_only
+    from llmprune.models.compressed import half_activations_only
     from llmprune.models.skeleton import build_skeleton
     from llmprune.models.text import context_length, load_tokenizer
     from llmprune_serve.app import create_app
@@ -150,8 +149,8 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
     if config.host not in LOOPBACK and not config.api_keys:
         log.warning("listening on %s without an API key: anyone who can reach it may use it", config.host)
     dtype = str(skeleton.dtype).removeprefix("torch.") if args.dtype == "auto" and kind == "vllm" else args.dtype
-    if args.dtype == "auto" and kind == "vllm" and dtype == "float32" and weight_only(skeleton.checkpoint):
-        log.info("weight-only quantized checkpoint: vLLM's kernels for it take no float32 inputs, serving in bfloat16")
+    if args.dtype == "auto" and kind == "vllm" and dtype == "float32" and half_activations_only(skeleton.checkpoint):
+        log.info("quantized checkpoint: vLLM's kernels for it take no float32 inputs everywhere, serving in bfloat16")
         dtype = "bfloat16"
     if kind == "vllm":
         return _serve_vllm(config, dtype, engine_flags, tokenizer, context, report, mode)

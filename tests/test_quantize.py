@@ -246,8 +246,8 @@ def test_bad_quantize_input_is_one_line_and_no_output(extra, message, model, cor
 )  # fmt: skip
 def test_serve_start_up_check_runs_through_the_quantized_model(engine, scheme, tiny_models, corpus_file, tmp_path):
     """`llmprune serve` reproduces the pruned perplexity the run recorded (which llmprune measured with W8A8 inputs
-    rounded per token, as vLLM rounds them): the check passes and the model answers. vLLM serves a weight-only
-    quantized float32 checkpoint in bfloat16, the only dtype its CPU kernel takes."""
+    rounded per token, as vLLM rounds them): the check passes and the model answers. vLLM serves a quantized float32
+    checkpoint in bfloat16, the only dtype its CPU kernels take on every CPU (W8A8's AMX path refuses float32)."""
     import llmprune
     from tests.helpers.serving import Server
 
@@ -262,7 +262,7 @@ def test_serve_start_up_check_runs_through_the_quantized_model(engine, scheme, t
         assert body["ready"] and body["check"]["status"] == "passed", body
         recorded = json.loads((out / "llmprune.json").read_text())["perplexity"]["pruned"]
         assert body["check"]["reference"] == pytest.approx(recorded)
-        assert body["check"]["dtype"] == ("bfloat16" if scheme == "w4a16" else "float32")
+        assert body["check"]["dtype"] == ("bfloat16" if engine == "vllm" else "float32")
         reply = srv.post("/v1/completions", {"prompt": "Good morrow", "max_tokens": 4})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
     finally:
@@ -270,13 +270,15 @@ def test_serve_start_up_check_runs_through_the_quantized_model(engine, scheme, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme,dtype", [("w8a8", "float32"), ("w4a16", "bfloat16")])
+@pytest.mark.parametrize("scheme,dtype", [("w8a8", "bfloat16"), ("w4a16", "bfloat16")])
 def test_smollm2_quantized_runs_in_vllm_cpu_with_the_same_greedy_tokens(scheme, dtype, smollm2, plays, tmp_path,
                                                                         capsys):  # fmt: skip
     """GPTQ on the real SmolLM2-135M; vLLM-cpu loads the checkpoint with its integer kernels (w4a16 in bfloat16, the
     only dtype its 4-bit kernel takes) and continues greedily as the reference model does: fed vLLM's sequence,
-    the reference puts each of vLLM's tokens on top, or within 0.05 nat of it (a tie at float precision, such as
-    the first token of the first prompt here under GPTQ w4a16: 0.004 nat apart in float32, equal in bfloat16).
+    the reference puts each of vLLM's tokens on top, or within 0.1 nat of it (a tie at bfloat16 precision, whose
+    step at logits of 8-16 is 0.0625 nat: the first token of the first prompt here under GPTQ w4a16 is 0.004 nat
+    from the top in float32 on an AMD CPU, 0.074 on an Intel one with AMX, whose bfloat16 kernels round
+    differently).
 
     The reference for w4a16 is transformers. For w8a8 it is llmprune's streamed model, which rounds each input row
     with scale absmax / 127 as vLLM does, where transformers' compressed-tensors uses absmax / 127.5, so the two
@@ -295,18 +297,18 @@ def test_smollm2_quantized_runs_in_vllm_cpu_with_the_same_greedy_tokens(scheme, 
     tokenizer = AutoTokenizer.from_pretrained(out)
     texts = ["Now is the winter of our discontent", "To be, or not to be, that is the question:"]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
-    generated = greedy(out, prompts, dtype, 8)
+    generated = greedy(out, prompts, dtype, 8, ignore_eos=True)  # where bfloat16 ends a text varies by CPU
     model = load(out).eval()
     clear_positions = 0
     for prompt, tokens in zip(prompts, generated):
-        assert len(tokens) >= 4
+        assert len(tokens) == 8
         ids = torch.tensor([prompt + tokens])
         with torch.no_grad():
             theirs = model(ids).logits[0].float().log_softmax(-1)
         reference = theirs if scheme == "w4a16" else streamed_logits(out, ids)[0].float().log_softmax(-1)
         steps = reference[len(prompt) - 1 : -1]
         gaps = steps.max(-1).values - steps[torch.arange(len(tokens)), torch.tensor(tokens)]
-        assert float(gaps.max()) < 0.05, gaps
+        assert float(gaps.max()) < 0.1, gaps  # bfloat16's step at logits of 8-16 is 0.0625 nat
         if scheme == "w8a8":
             top2 = reference.topk(2, dim=-1).values
             clear = top2[:, 0] - top2[:, 1] > 1.0

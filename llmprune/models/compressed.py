@@ -154,10 +154,12 @@ def open_checkpoint(folder: Path, quantization: dict | None) -> Checkpoint:
     return CompressedCheckpoint(folder, quantization) if quantization else Checkpoint(folder)
 
 
-def weight_only(checkpoint: Checkpoint) -> bool:
-    """Whether a checkpoint's weights are quantized and its activations not (W4A16, W8A16): vLLM's kernels for
-    those take bfloat16 or float16 activations only."""
-    return isinstance(checkpoint, CompressedCheckpoint) and checkpoint.scheme.input_activations is None
+def half_activations_only(checkpoint: Checkpoint) -> bool:
+    """Whether vLLM's kernels for a checkpoint's quantized weights take bfloat16 or float16 activations only: the
+    weight-only schemes (W4A16, W8A16) everywhere, and W8A8 too on CPUs whose oneDNN int8 GEMM is AMX's
+    (int8_scaled_mm_with_quant refuses float32 there, e.g. on Sapphire Rapids; AMD's AVX-512 path takes float32).
+    Every quantized checkpoint is served in bfloat16 from float32, so a folder serves alike on both."""
+    return isinstance(checkpoint, CompressedCheckpoint)
 
 
 def quantize_per_token(x: torch.Tensor) -> torch.Tensor:

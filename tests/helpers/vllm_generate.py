@@ -64,11 +64,19 @@ def _start_worker() -> subprocess.Popen:
 
 
 def greedy(
-    folder: Path, prompts: list[list[int]], dtype: str, new_tokens: int, timeout: float = 400
+    folder: Path, prompts: list[list[int]], dtype: str, new_tokens: int, timeout: float = 400, ignore_eos: bool = False
 ) -> list[list[int]]:
-    """Greedy token ids from a vLLM engine on `folder`, built in the shared worker process."""
+    """Greedy token ids from a vLLM engine on `folder`, built in the shared worker process (`ignore_eos`: always
+    `new_tokens` of them, for a check of each token against a reference rather than of where the text ends)."""
     worker = _worker if _worker is not None and _worker.poll() is None else _start_worker()
-    worker.stdin.write(json.dumps({"folder": str(folder), "dtype": dtype, "tokens": new_tokens, "prompts": prompts}))
+    request = {
+        "folder": str(folder),
+        "dtype": dtype,
+        "tokens": new_tokens,
+        "prompts": prompts,
+        "ignore_eos": ignore_eos,
+    }
+    worker.stdin.write(json.dumps(request))
     worker.stdin.write("\n")
     worker.stdin.flush()
     answer: list[str] = []
@@ -91,7 +99,9 @@ def greedy(
     return json.loads(line.removeprefix("RESULT "))
 
 
-def _generate(folder: str, dtype: str, max_tokens: int, prompts: list[list[int]]) -> list[list[int]]:
+def _generate(
+    folder: str, dtype: str, max_tokens: int, prompts: list[list[int]], ignore_eos: bool = False
+) -> list[list[int]]:
     import gc
 
     from vllm import LLM, SamplingParams
@@ -99,7 +109,7 @@ def _generate(folder: str, dtype: str, max_tokens: int, prompts: list[list[int]]
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=folder, dtype=dtype, enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.2, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
     generated = [list(out.outputs[0].token_ids) for out in outputs]
     del llm, outputs
@@ -118,7 +128,13 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            generated = _generate(request["folder"], request["dtype"], request["tokens"], request["prompts"])
+            generated = _generate(
+                request["folder"],
+                request["dtype"],
+                request["tokens"],
+                request["prompts"],
+                request.get("ignore_eos", False),
+            )
         except Exception as exc:
             print(f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}", flush=True)
             raise
