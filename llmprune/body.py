@@ -18,6 +18,7 @@ import torch
 
 from llmprune.data.windows import Windows
 from llmprune.engine.devices import default_chunk
+from llmprune.engine.ranks import SINGLE, Ranks
 from llmprune.engine.resume import RunState
 from llmprune.export.writer import OutputFolder
 from llmprune.models.skeleton import Skeleton
@@ -38,10 +39,11 @@ class RunContext:
     calib: Windows | None = None
     eval_windows: Windows | None = None
     overhead: int = 0  # bytes the interpreter and libraries held before any work (outside the budget)
+    ranks: Ranks = SINGLE  # a data-parallel run's ranks (one process: a single rank)
 
     @property
     def progress(self) -> bool:
-        return not self.settings.quiet
+        return not self.settings.quiet and self.ranks.main
 
     def where(self) -> str:
         """The describe lines' common tail: the model's depth and device, and the calibration."""
@@ -77,6 +79,7 @@ class Body(ABC):
     kind: ClassVar[str]  # what the errors call it: "unstructured", "structured", "depth"
     sections: ClassVar[tuple[str, ...]]  # the settings sections it reads besides the shared ones
     resumable: ClassVar[bool] = False  # a killed run continues where it stopped (the skeleton keeps its state)
+    distributed: ClassVar[bool] = False  # runs across torchrun ranks (docs/distributed.md)
 
     def __init__(self, settings: Settings, method: type) -> None:
         self.settings = settings
@@ -153,7 +156,8 @@ class RemovalBody(Body):
 
     def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
         assert ctx.calib is not None
-        self.chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
+        chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
+        self.chunk = ctx.ranks.chunk_for(ctx.calib.count, chunk)  # every rank gets whole chunks of windows
         return None
 
     @property

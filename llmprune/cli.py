@@ -265,6 +265,8 @@ def run_eval(argv: list[str]) -> int:
         raise LLMPruneError(f"--{task_only[0].replace('_', '-')} is for task accuracy: add --tasks T1,T2")
     options = {k: v for k, v in options.items() if k not in ("model", "json")}
     result = evaluate(args.model, **options)
+    if result.get("rank", 0):  # under torchrun, rank 0 prints the result every rank has
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:

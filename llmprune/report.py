@@ -49,9 +49,11 @@ class PeakMemory:
     rss_bytes: int
     cuda_bytes: int
     overhead_bytes: int
+    ranks: list[dict] | None = None  # a torchrun run: each rank's {"rank", "rss_bytes", "cuda_bytes"}
 
     def as_dict(self) -> dict:
-        return {"rss_bytes": self.rss_bytes, "cuda_bytes": self.cuda_bytes, "overhead_bytes": self.overhead_bytes}
+        peaks = {"rss_bytes": self.rss_bytes, "cuda_bytes": self.cuda_bytes, "overhead_bytes": self.overhead_bytes}
+        return {**peaks, "ranks": self.ranks} if self.ranks else peaks
 
 
 @dataclass

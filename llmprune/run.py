@@ -40,6 +40,7 @@ from llmprune.engine.devices import (
     warm_up_kernels,
 )
 from llmprune.engine.loop import layer_unit
+from llmprune.engine.ranks import Ranks, device_for, joined
 from llmprune.engine.resume import RunState, check_resumable, folder_identity, make_fingerprint
 from llmprune.engine.unstructured import UnstructuredBody
 from llmprune.errors import LLMPruneError
@@ -154,24 +155,44 @@ def prune(model: str, **options) -> dict:
 
     Keyword options mirror the CLI flags (see llmprune.settings), e.g.
     `prune("opt-125m", method="wanda", pattern="2:4", calibration="corpus.txt", output="out")`.
+
+    Under torchrun, every rank calls it with the same arguments: the windows are split across the ranks
+    (docs/distributed.md) and rank 0 writes the output; every rank returns the report.
     """
     started = time.perf_counter()
     return_freed_memory()
     settings = make_settings(model, **options)
+    launch = resolve_device(settings.common.device, absent_ok=True)
     with remote_code.consent(settings.common.trust_remote_code) as grant:
-        return _prune(model, settings, started, grant)
+        with joined(launch, settings.common.reduce_dtype) as ranks:
+            return _prune(model, settings, started, grant, ranks)
 
 
-def _prune(model: str, settings: Settings, started: float, grant: Callable[..., None]) -> dict:
+def check_launch(settings: Settings, body: Body, ranks: Ranks) -> None:
+    """A torchrun launch: every rank was given the same arguments, and the run can be split across ranks."""
+    if not ranks.active:
+        return
+    ranks.agree("arguments", {k: v for k, v in settings.flat().items() if k != "command"})
+    if not body.distributed:
+        raise LLMPruneError(f"--method {settings.method} does not run across torchrun ranks yet; run it as one process")
+    if settings.publish.eval_tasks:
+        raise LLMPruneError("--eval-tasks under torchrun: run `llmprune eval OUTPUT --tasks ...` once the run is done")
+    if settings.unstructured.plan_only:
+        raise LLMPruneError("--plan-only under torchrun: plan as one process (the plan is per rank)")
+
+
+def _prune(model: str, settings: Settings, started: float, grant: Callable[..., None], ranks: Ranks) -> dict:
     """prune() once its settings are valid; `grant` records consent to run the model's own code, for this run."""
     common = settings.common
     kind, method = all_methods()[settings.method]
     body = KINDS[kind][1](settings, method)
+    check_launch(settings, body, ranks)
     device = resolve_device(common.device, absent_ok=body.plans_absent_devices)
+    device = device_for(device, ranks.local_rank) if ranks.active else device
     body.check_device(device)
     save_override = parse_dtype(common.dtype)
     output = Path(common.output) if common.output else default_output(model, settings.method, body.tag)
-    check_output(output, common.overwrite)
+    ranks.decide(lambda: check_output(output, common.overwrite))
     if common.resume and not body.resumable:
         raise LLMPruneError(f"--resume: {kind} runs are not resumable (they are short); run the command again")
     if settings.publish.push_to_hub:
@@ -179,12 +200,16 @@ def _prune(model: str, settings: Settings, started: float, grant: Callable[..., 
 
         require_token()
 
-    folder = resolve_model(model, quiet=common.quiet, revision=common.source_revision, token=common.token)
+    def resolve() -> Path:
+        return resolve_model(model, quiet=common.quiet, revision=common.source_revision, token=common.token)
+
+    resolved = ranks.decide(resolve)  # rank 0 first: one download (or GGUF conversion) into a cache ranks share
+    folder = resolved if ranks.main else resolve()
     grant(folder, output, partial_folder(output))  # the source, and the output that carries its code
     skeleton = build_skeleton(folder)
     limit = context_length(skeleton)
     seqlen = min(common.seqlen, limit) if limit else common.seqlen
-    ctx = RunContext(settings, folder, skeleton, device, save_override)
+    ctx = RunContext(settings, folder, skeleton, device, save_override, ranks=ranks)
     body.check_model(ctx)
     tokenizer = functools.cache(lambda: load_tokenizer(folder))  # not loaded at all for token files without eval
     if is_token_file(common.calibration):
@@ -200,7 +225,7 @@ def _prune(model: str, settings: Settings, started: float, grant: Callable[..., 
 
     writer = OutputFolder(output, common.overwrite)
     fingerprint = functools.cache(lambda: fingerprint_of(ctx, body))  # hashes the shard headers once
-    saved = resumable_state(writer, fingerprint, settings, body.resumable)
+    saved = ranks.decide(lambda: resumable_state(writer, fingerprint, settings, body.resumable))
     warm_up_kernels()
     trim_heap()
     ctx.overhead = current_rss()  # interpreter, libraries, skeleton, tokenizer: what a plan does not budget
@@ -210,50 +235,66 @@ def _prune(model: str, settings: Settings, started: float, grant: Callable[..., 
     log.info("%s", body.describe(ctx))
 
     if saved is None:
-        writer.create(fresh=True)
         state = RunState(fingerprint() if body.resumable else {}, choice=body.state_choice())
-        if body.resumable:
-            state.save(writer.work)
+        if ranks.main:
+            writer.create(fresh=True)
+            if body.resumable:
+                state.save(writer.work)
+        ranks.barrier()  # the partial folder exists before any rank writes into it
     else:
         state = saved
         log.info("resuming %s at layer %d of %d", writer.partial.name, state.next_layer, skeleton.num_layers)
     try:
         result = _run(ctx, body, writer, state, started)
-        result["output"] = str(writer.commit())
+        if ranks.main:
+            result["output"] = str(writer.commit())
     except BaseException:
+        if not ranks.main:
+            raise
         if not body.resumable or (state.next_layer == 0 and not state.dense_perplexity and not state.profile):
             writer.discard()
         else:
             log.warning("the run stopped; the same command resumes it from %s", writer.partial)
         raise
-    result["hub"] = push_after_run(result, settings)
-    return result
+    if ranks.main:
+        result["hub"] = push_after_run(result, settings)
+    return ranks.broadcast_object(result)
 
 
 def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, started: float) -> dict:
     """From the dense perplexity to the finished (uncommitted) folder; returns its report."""
-    settings, eval_windows, device = ctx.settings, ctx.eval_windows, ctx.device
+    settings, eval_windows, device, ranks = ctx.settings, ctx.eval_windows, ctx.device, ctx.ranks
     if eval_windows is not None and state.dense_perplexity is None:
-        dense = perplexity(ctx.folder, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="dense ppl")
+        dense = perplexity(
+            ctx.folder, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="dense ppl", ranks=ranks
+        )
         state.dense_perplexity = dense.as_dict()
-        if body.resumable:
+        if body.resumable and ranks.main:
             state.save(writer.work)
         log.info("dense perplexity %.3f on %d x %d tokens", dense.perplexity, eval_windows.count, eval_windows.seqlen)
     body.prune(ctx, writer, state)
     skeleton = ctx.skeleton
-    writer.write_unit(
-        "rest", {k: cast_floating(v, ctx.save_dtype) for k, v in skeleton.read(skeleton.rest_keys()).items()}
-    )
-    units = [layer_unit(i) for i in range(body.output_layers(ctx))] + ["rest"]
-    writer.write_shards(units, parse_size(settings.common.max_shard_size))
-    writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, ctx.save_override)))
+    if ranks.main:
+        writer.write_unit(
+            "rest", {k: cast_floating(v, ctx.save_dtype) for k, v in skeleton.read(skeleton.rest_keys()).items()}
+        )
+        units = [layer_unit(i) for i in range(body.output_layers(ctx))] + ["rest"]
+        writer.write_shards(units, parse_size(settings.common.max_shard_size))
+        writer.copy_aux(ctx.folder, body.config(output_config(ctx.folder, ctx.save_override)))
+    ranks.barrier()  # the pruned folder is complete before the ranks read it back
     pruned = None
     if eval_windows is not None:
         pruned = perplexity(
-            writer.partial, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="pruned ppl"
-        )
+            writer.partial, eval_windows, device, body.eval_chunk, progress=ctx.progress, label="pruned ppl",
+            ranks=ranks,
+        )  # fmt: skip
+    peaks = ranks.gather_objects({"rank": ranks.rank, "rss_bytes": peak_rss(), "cuda_bytes": peak_cuda(device)})
+    if not ranks.main:
+        return {}
     tasks = task_results(ctx.folder, writer.partial, settings.publish, device) if settings.publish.eval_tasks else None
     part = body.report(ctx, state)
+    if ranks.active:
+        part.sections["distributed"] = ranks.describe()
     ppl = None
     if eval_windows is not None:
         dense_block = Perplexity(**state.dense_perplexity).as_dict() if state.dense_perplexity else None
@@ -276,7 +317,7 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
         damping_retries=part.damping_retries,
         timings={**part.timings, "total_seconds": round(time.perf_counter() - started, 2)},
         perplexity=ppl,
-        peak_memory=PeakMemory(peak_rss(), peak_cuda(device), ctx.overhead),
+        peak_memory=PeakMemory(peak_rss(), peak_cuda(device), ctx.overhead, peaks if ranks.active else None),
         command=settings.common.command or api_call(settings),
         base_model=base,
         license=license_of(base, ctx.folder),
@@ -325,6 +366,7 @@ def fingerprint_of(ctx: RunContext, body: Body) -> dict:
         "calibration": ctx.calib.fingerprint(),
         "eval": ctx.eval_windows.fingerprint() if ctx.eval_windows else None,
         "dtype": str(ctx.save_dtype),
+        **({"world_size": ctx.ranks.world} if ctx.ranks.active else {}),  # the shards of windows each rank holds
         **body.fingerprint(ctx),
     }
     return make_fingerprint(**{**ctx.settings.fingerprint_parts(body.sections), **resolved})

@@ -153,6 +153,13 @@ class Common:
     device: str = setting("auto", "auto, cpu or cuda (default auto)", affects_result=False)
     dtype: str | None = setting(None, "output dtype: float32, float16 or bfloat16 (default: as input)")
     batch_size: int | None = setting(None, "windows per forward (default auto)", type=int, metavar="N", minimum=1)
+    reduce_dtype: str = setting(
+        "float32",
+        "dtype the calibration statistics are summed in (within a run, and across torchrun ranks in rank order): "
+        "float32 (default), or float64 for a result that does not depend on how the windows are split across "
+        "ranks (twice the statistics' memory)",
+        choices=("float32", "float64"),
+    )
     max_shard_size: str = setting("5GB", "largest output shard (default 5GB)", affects_result=False)
     resume: bool = setting(False, "continue the unfinished run at --output (refuse if none)", affects_result=False)
     quiet: bool = setting(False, "no progress bars or log lines", affects_result=False)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from llmprune.engine.plan import Choice
 from llmprune.engine.prune_layer import LayerPruner, TargetRule
+from llmprune.engine.ranks import SINGLE, Ranks
 from llmprune.engine.stream import open_stream
 from llmprune.methods.statistics import SquaredNorm
 from llmprune.methods.wanda import Wanda
@@ -73,9 +74,13 @@ def layer_outlier_ratios(
     work: Path,
     quiet: bool,
     forward_dtype: torch.dtype | None = None,
+    ranks: Ranks = SINGLE,
 ) -> list[float]:
     """Every decoder layer's outlier ratio, from one streamed pass of the dense model over the calibration
-    windows (activations spilled to `work` when the plan keeps them on disk)."""
+    windows (activations spilled to `work` when the plan keeps them on disk); with several ranks, each streams its
+    shard and the norms are summed across ranks, so every rank finds the same ratios."""
+    start, stop = ranks.shard(ids.shape[0], choice.chunk)
+    ids = ids[start:stop]
     spilled = choice.activations == "disk"
     act_device = torch.device("cpu") if choice.activations != "device" else device
     sides = [work / "owl-a", work / "owl-b"]
@@ -88,7 +93,7 @@ def layer_outlier_ratios(
             skeleton, ids, device, choice.chunk, act_device, sides[1] if spilled else None,
             compute_dtype, choice.act_dtype, forward_dtype,
         )  # fmt: skip
-        collector = LayerPruner(Wanda(), Pattern(0.0), rule, error_tokens=0)
+        collector = LayerPruner(Wanda(), Pattern(0.0), rule, error_tokens=0, ranks=ranks)
         ratios = []
         for index in tqdm(range(skeleton.num_layers), desc="OWL outlier ratios", unit="layer", disable=quiet):
             layer = skeleton.load_layer(index, device, compute_dtype)

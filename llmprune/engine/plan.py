@@ -204,6 +204,7 @@ class Request:
     inverse_dtype: torch.dtype | None = None  # --inverse-dtype; None: float64 unless the budget needs float32
     embedding_rows: int | None = None  # distinct calibration ids: the table rows a CPU forward reads
     parallel_only: bool = False  # MoE experts: their statistics are fed in the parallel order only
+    stats_dtype: torch.dtype = torch.float32  # --reduce-dtype: float64 sums hold twice the float32 statistics
 
     @property
     def inverse(self) -> bool:
@@ -215,7 +216,8 @@ class Request:
         for the reconstruction error unless a statistic gives it exactly."""
         kinds = self.method.statistics
         sample = 0 if any(kind.exact_error for kind in kinds) else self.error_tokens * width * c
-        return sum(kind.nbytes(width) for kind in kinds) + sample
+        scale = self.stats_dtype.itemsize // 4
+        return sum(kind.nbytes(width) for kind in kinds) * scale + sample
 
     @property
     def statistics_label(self) -> str:

@@ -27,6 +27,7 @@ from llmprune.engine.activations import Activations
 from llmprune.engine.devices import trim_heap
 from llmprune.engine.lockstep import Lockstep
 from llmprune.engine.parking import ChunkTracker, Parking
+from llmprune.engine.ranks import SINGLE, Ranks
 from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import PruningMethod
@@ -146,6 +147,19 @@ class _ExpertFeed:
         return [group for pair in self.experts.values() for group in pair if group is not None]
 
 
+@dataclass
+class _Solved:
+    """One solve's outcome as every rank records it: the weight to set (already rounded to the saved dtype), and
+    what the report says of it."""
+
+    weight: torch.Tensor
+    pruned: int  # the mask's count
+    info: dict
+    saved: dict[str, torch.Tensor] | None
+    error: float | None
+    seconds: float
+
+
 class _EveryGroupFed(Exception):
     """Ends a statistics pass early: the chunk has fed every module group of the layer."""
 
@@ -164,6 +178,7 @@ class LayerPruner:
         parking: Parking | None = None,
         devices: list[torch.device] | None = None,
         uncovered: str = "dense",
+        ranks: Ranks = SINGLE,
     ) -> None:
         if order not in ORDERS:
             raise LLMPruneError(f"--order must be one of {', '.join(ORDERS)} (got {order!r})")
@@ -177,6 +192,7 @@ class LayerPruner:
         self.devices = devices or []  # solver devices; the first is also the forward's
         self.uncovered = uncovered  # what happens to an expert no calibration token reached: "dense", "magnitude"
         self.saved: dict[str, dict[str, torch.Tensor]] = {}  # module -> what the checkpoint stores for its weight
+        self.ranks = ranks  # a data-parallel run: statistics summed across ranks, solves split among them
 
     def stored_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A pruned layer's tensors as the checkpoint stores them: each quantized weight replaced by the tensors
@@ -215,8 +231,8 @@ class LayerPruner:
             self._lockstep(stream, index, layer, acts, targets, groups, prefix, reports, pattern)
         else:
             self._collect_all(stream, index, layer, acts, targets, groups, feeds)
-            for group in groups + [group for feed in feeds for group in feed.groups()]:
-                self._apply(targets, group, prefix, reports, pattern)
+            every = groups + [group for feed in feeds for group in feed.groups()]
+            self._apply(targets, every, prefix, reports, pattern)
             stream.forward(index, layer, acts)
         return reports
 
@@ -233,6 +249,7 @@ class LayerPruner:
         groups, feeds = self._groups(stream, index, layer, acts, targets)
         self._collect_all(stream, index, layer, acts, targets, groups, feeds, propagate=True)
         every = groups + [group for feed in feeds for group in feed.groups()]
+        self._settle(targets, every)
         return {name: (targets[name], group.stats) for group in every for name in group.names}
 
     def _feed_experts(self, feed: _ExpertFeed, targets: dict, hidden: torch.Tensor, indices: torch.Tensor) -> None:
@@ -250,7 +267,9 @@ class LayerPruner:
 
     def _observe(self, group: _Group, module: Target, x: torch.Tensor) -> None:
         if group.stats is None:
-            group.stats = InputStats(module.in_features, self.method.statistics, module.weight.device)
+            group.stats = InputStats(
+                module.in_features, self.method.statistics, module.weight.device, self.ranks.reduce_dtype
+            )
         group.stats.add(x)
         if group.sample is None and not group.stats.exact_error:  # else a statistic gives the error exactly
             group.sample = x.reshape(-1, x.shape[-1])[: self.error_tokens].detach().clone()
@@ -275,7 +294,7 @@ class LayerPruner:
                 with tracker.paused() if tracker else nullcontext(), full_precision(args[0].device):
                     self._observe(group, module, args[0])
                     park = [inputs[chunk], *tracker.alive()] if tracker else []
-                    step.barrier(lambda: self._apply(targets, group, prefix, reports, pattern), park=park)
+                    step.barrier(lambda: self._apply(targets, [group], prefix, reports, pattern), park=park)
 
             return hook
 
@@ -338,71 +357,139 @@ class LayerPruner:
             for handle in handles:
                 handle.remove()
 
+    def _settle(self, targets: dict[str, Target], groups: list[_Group]) -> None:
+        """Every rank's statistics of `groups` summed, in rank order (a group no token of this rank reached joins
+        with zeros when another rank's did), then settled for the methods to read."""
+        ranks = self.ranks
+        if ranks.active:
+            present = [any(flags) for flags in zip(*ranks.gather_objects([g.stats is not None for g in groups]))]
+            for group, wanted in zip(groups, present):
+                if wanted and group.stats is None:
+                    module = targets[group.names[0]]
+                    group.stats = InputStats(
+                        module.in_features, self.method.statistics, module.weight.device, ranks.reduce_dtype
+                    )
+            summed = [g for g in groups if g.stats is not None]
+            for group in summed:
+                for value in group.stats.values.values():
+                    for buffer in value.buffers():
+                        ranks.sum_(buffer)
+            tokens = ranks.sum_numbers(*(g.stats.tokens for g in summed))
+            for group, count in zip(summed, tokens):
+                group.stats.tokens = int(count)
+        for group in groups:
+            if group.stats is not None:
+                group.stats.finish()
+
     def _apply(
-        self, targets: dict[str, Target], group: _Group, prefix: str, reports: list[dict], pattern: Pattern
+        self, targets: dict[str, Target], groups: list[_Group], prefix: str, reports: list[dict], pattern: Pattern
     ) -> None:
-        """Prune every member of a group with the group's shared statistics.
+        """Prune every member of each group with the group's shared statistics (summed across ranks first).
 
-        With several solver devices (GPUs), the members' solves run concurrently, one per device,
-        each on its own copy of the shared statistics.
-        """
-        names = list(group.names)
-        for name in names:
-            pattern.check_width(targets[name].in_features, f"{prefix}.{name}")
-        if group.stats is None and self.method.statistics:  # an expert no calibration token was routed to
-            self._uncovered(targets, names, prefix, reports, pattern)
-            return
+        With several solver devices (GPUs), a group's members are solved concurrently, one per device, each on its
+        own copy of the shared statistics. With several ranks, the members of all `groups` are dealt out to the
+        ranks, and each solved weight is broadcast from the rank that solved it."""
+        for group in groups:
+            for name in group.names:
+                pattern.check_width(targets[name].in_features, f"{prefix}.{name}")
+        self._settle(targets, groups)
+        covered = [g for g in groups if g.stats is not None or not self.method.statistics]
+        jobs = [(group, name) for group in covered for name in group.names]
+        mine = {}
+        if self.ranks.active:
+            rank = self.ranks.rank
+            mine = {k: self._solve(targets, *job, pattern) for k, job in enumerate(jobs) if self.ranks.owner(k) == rank}
         devices = self.devices or [None]
+        position = 0
+        for group in groups:
+            if group not in covered:  # an expert no calibration token was routed to
+                self._uncovered(targets, group.names, prefix, reports, pattern)
+            elif self.ranks.active:
+                for name in group.names:
+                    solved = self._share(targets[name], mine.pop(position, None), position)
+                    self._record(targets, group, name, solved, prefix, reports)
+                    position += 1
+            elif len(devices) > 1 and len(group.names) > 1:  # a group's members on the solver devices at once
+                with ThreadPoolExecutor(max_workers=min(len(devices), len(group.names))) as pool:
+                    placed = [(name, devices[p % len(devices)]) for p, name in enumerate(group.names)]
+                    solved = list(
+                        pool.map(lambda job, g=group: self._solve(targets, g, *job[:1], pattern, job[1]), placed)
+                    )
+                for name, result in zip(group.names, solved):
+                    self._record(targets, group, name, result, prefix, reports)
+                del solved
+            else:  # one member at a time: a solve's buffers are freed before the next one starts
+                for name in group.names:
+                    self._record(
+                        targets, group, name, self._solve(targets, group, name, pattern, devices[0]), prefix, reports
+                    )
+            group.done = True
+            group.stats = None
+            group.sample = None
+            trim_heap()  # the solves' small buffers would otherwise stay in the heap through the next forward
 
-        def solve(position: int) -> tuple:
-            module = targets[names[position]]
-            device = devices[position % len(devices)]
-            started = time.perf_counter()
-            weight, stats = module.weight.data, group.stats
-            if device is not None and device != weight.device:
-                weight, stats = weight.to(device), stats.to(device) if stats is not None else None
-            result = self.method.prune(weight, stats, pattern)
-            return result, time.perf_counter() - started
+    def _solve(
+        self,
+        targets: dict[str, Target],
+        group: _Group,
+        name: str,
+        pattern: Pattern,
+        device: torch.device | None = None,
+    ) -> _Solved:
+        """Solve one member of a group (on `device` when given): the weight as it will be saved, and its error where
+        a statistic gives it exactly."""
+        module = targets[name]
+        started = time.perf_counter()
+        dense, stats = module.weight.data, group.stats
+        weight = dense
+        if device is not None and device != weight.device:
+            weight, stats = weight.to(device), stats.to(device) if stats is not None else None
+        result = self.method.prune(weight, stats, pattern)
+        final = result.weight.to(dense.device)
+        saved = None
+        if result.saved is not None:  # quantized: the checkpoint holds these exact values as codes and scales
+            saved = {k: v.cpu() for k, v in result.saved.items()}
+        elif self.save_dtype is not None and final.dtype != self.save_dtype:
+            final = final.to(self.save_dtype).to(dense.dtype)  # propagate what will be saved
+        error = group.stats.relative_error(dense, final) if group.stats is not None else None
+        pruned = int(result.mask.sum())
+        return _Solved(final, pruned, result.info, saved, error, time.perf_counter() - started)
 
-        def record(position: int, result, seconds: float) -> None:
-            module = targets[names[position]]
-            dense = module.weight.data
-            weight = result.weight.to(dense.device)
-            if result.saved is not None:  # quantized: the checkpoint holds these exact values as codes and scales
-                self.saved[f"{prefix}.{names[position]}"] = {k: v.cpu() for k, v in result.saved.items()}
-            elif self.save_dtype is not None and weight.dtype != self.save_dtype:
-                weight = weight.to(self.save_dtype).to(dense.dtype)  # propagate what will be saved
-            error = _relative_error(dense, weight, group.sample, group.stats)
-            set_weight(module, weight)
-            expert = (
-                {"tokens": group.stats.tokens if group.stats else 0} if isinstance(module, ExpertProjection) else {}
-            )
-            reports.append(
-                {
-                    "name": f"{prefix}.{names[position]}",
-                    "shape": list(dense.shape),
-                    "sparsity": int(result.mask.sum()) / result.mask.numel(),
-                    "zeros": int(weight.numel() - weight.count_nonzero()),
-                    "error": error,
-                    "seconds": round(seconds, 4),
-                    **expert,
-                    **result.info,
-                }
-            )
+    def _share(self, module: Target, solved: _Solved | None, position: int) -> _Solved:
+        """The solve of job `position` on every rank: its owner broadcasts the weight and the report's values."""
+        owner = self.ranks.owner(position)
+        weight = solved.weight if solved is not None else torch.empty_like(module.weight.data)
+        self.ranks.broadcast_(weight, owner)
+        meta = None if solved is None else (solved.pruned, solved.info, solved.saved, solved.error, solved.seconds)
+        pruned, info, saved, error, seconds = self.ranks.broadcast_object(meta, owner)
+        return _Solved(weight, pruned, info, saved, error, seconds)
 
-        if len(devices) > 1 and len(names) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(devices), len(names))) as pool:
-                solved = list(pool.map(solve, range(len(names))))
-            for position, (result, seconds) in enumerate(solved):
-                record(position, result, seconds)
-            del solved
-        else:  # one member at a time: a solve's buffers are freed before the next one starts
-            for position in range(len(names)):
-                record(position, *solve(position))
-        group.done = True
-        group.stats = None
-        group.sample = None
-        trim_heap()  # the solves' small buffers would otherwise stay in the heap through the next forward
+    def _record(
+        self, targets: dict[str, Target], group: _Group, name: str, solved: _Solved, prefix: str, reports: list[dict]
+    ) -> None:
+        """Set a solved weight and report it; an error no statistic gives exactly is measured on a sample of the
+        inputs (rank 0's, which are the first windows, as in one process)."""
+        module = targets[name]
+        dense = module.weight.data
+        if solved.saved is not None:
+            self.saved[f"{prefix}.{name}"] = solved.saved
+        error = solved.error
+        if error is None and group.sample is not None and self.ranks.main:
+            error = _relative_error(dense, solved.weight, group.sample, None)
+        set_weight(module, solved.weight)
+        expert = {"tokens": group.stats.tokens if group.stats else 0} if isinstance(module, ExpertProjection) else {}
+        reports.append(
+            {
+                "name": f"{prefix}.{name}",
+                "shape": list(dense.shape),
+                "sparsity": solved.pruned / dense.numel(),
+                "zeros": int(solved.weight.numel() - solved.weight.count_nonzero()),
+                "error": error,
+                "seconds": round(solved.seconds, 4),
+                **expert,
+                **solved.info,
+            }
+        )
 
     def _uncovered(
         self, targets: dict[str, Target], names: list[str], prefix: str, reports: list[dict], pattern: Pattern

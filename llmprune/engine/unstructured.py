@@ -4,6 +4,7 @@ killed run resumes."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -21,7 +22,7 @@ from llmprune.engine.devices import (
     parse_forward_dtype,
     solver_devices,
 )
-from llmprune.engine.loop import prune_layers
+from llmprune.engine.loop import prune_layers, rank_work
 from llmprune.engine.owl import layer_outlier_ratios, owl_profile
 from llmprune.engine.parking import Parking
 from llmprune.engine.plan import Geometry, MemoryPlan, Request, choice_from_dict, choice_to_dict, make_plan
@@ -60,6 +61,7 @@ class UnstructuredBody(Body):
     kind = "unstructured"
     sections = ("unstructured",)
     resumable = True
+    distributed = True
 
     def __init__(self, settings: Settings, method: type[PruningMethod]) -> None:
         super().__init__(settings, method)
@@ -90,6 +92,12 @@ class UnstructuredBody(Body):
         check_forward_mix(self.cdtype, self.fdtype)
         if ctx.device.type == "cpu" and self.fdtype == torch.bfloat16 and not cpu_has_native_bf16():
             log.info("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
+        if ctx.ranks.active and self.settings.unstructured.solver_devices:
+            raise LLMPruneError(
+                "--solver-devices: under torchrun every rank solves its share of each layer on its own GPU; "
+                "drop the flag (or run one process with --solver-devices)"
+            )
+        self.solvers = [] if ctx.ranks.active else self.solvers
         self.targets = self._check_targets(ctx)
         self.moe = any(isinstance(m, ExpertProjection) for targets in self.targets for m in targets.values())
         if self.moe and self.scheme is not None:
@@ -129,9 +137,9 @@ class UnstructuredBody(Body):
 
     def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
         assert ctx.calib is not None
-        settings, calib = self.settings, ctx.calib
+        settings, calib, ranks = self.settings, ctx.calib, ctx.ranks
         request = Request(
-            windows=calib.count,
+            windows=-(-calib.count // ranks.world),  # each rank holds its shard of the activations
             seqlen=calib.seqlen,
             eval_windows=ctx.eval_windows.count if ctx.eval_windows else 0,
             chunk=settings.common.batch_size or default_chunk(calib.count, calib.seqlen, ctx.device),
@@ -145,11 +153,15 @@ class UnstructuredBody(Body):
             compute_dtype=self.cdtype,
             model_dtype=ctx.skeleton.dtype,
             save_dtype=ctx.save_dtype,
+            stats_dtype=ranks.reduce_dtype,
         )
         budget, host_budget = self.budgets
         plan = make_plan(
             Geometry.of(ctx.skeleton, self.targets), request, ctx.device, budget, host_budget, ctx.overhead
         )
+        if ranks.active:  # every rank streams chunks of the same size, in the order rank 0's plan chose
+            choice = ranks.broadcast_object(plan.choice)
+            plan.choice = dataclasses.replace(choice, chunk=ranks.chunk_for(calib.count, choice.chunk))
         if saved is not None:
             plan.choice = choice_from_dict(saved.choice)
             plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
@@ -212,15 +224,17 @@ class UnstructuredBody(Body):
                 self.plan_result.choice,
                 self.rule,
                 options.owl_m,
-                writer.work,
+                rank_work(writer.work, ctx.ranks),
                 not ctx.progress,
                 forward_dtype=self.fdtype,
+                ranks=ctx.ranks,
             )
             sizes = [sum(m.in_features * m.out_features for m in targets.values()) for targets in self.targets]
             seconds = time.perf_counter() - started
             state.profile = owl_profile(ratios, sizes, self.pattern, options.owl_lambda, options.owl_m, seconds)
             state.prune_seconds += seconds  # the statistics pass is part of the pruning's cost
-            state.save(writer.work)
+            if ctx.ranks.main:
+                state.save(writer.work)
             sparsities = [layer["sparsity"] for layer in state.profile["layers"]]
             log.info("OWL sparsities %.3f .. %.3f (%.0f s)", min(sparsities), max(sparsities), seconds)
         return [Pattern(layer["sparsity"]) for layer in state.profile["layers"]]
@@ -238,6 +252,7 @@ class UnstructuredBody(Body):
             parking=Parking(choice.park),
             devices=self.solvers,
             uncovered=self.settings.unstructured.uncovered_experts,
+            ranks=ctx.ranks,
         )
         prune_layers(
             ctx.skeleton,
@@ -253,6 +268,7 @@ class UnstructuredBody(Body):
             not ctx.progress,
             forward_dtype=self.fdtype,
             patterns=patterns,
+            ranks=ctx.ranks,
         )
 
     def quantization_section(self, ctx: RunContext) -> dict:

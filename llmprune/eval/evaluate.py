@@ -5,6 +5,7 @@ from __future__ import annotations
 from llmprune.data.sources import resolve_source
 from llmprune.data.windows import TokenizedCorpus, evaluation_windows
 from llmprune.engine.devices import default_chunk, resolve_device
+from llmprune.engine.ranks import device_for, joined
 from llmprune.eval.perplexity import perplexity
 from llmprune.models import remote_code
 from llmprune.models.resolve import resolve_model
@@ -24,10 +25,13 @@ def evaluate(
     trust_remote_code: bool = False,
 ) -> dict:
     """Streamed perplexity of MODEL (a pruned folder or anything `prune` accepts) on `dataset`;
-    `trust_remote_code` allows a model that ships its own code."""
+    `trust_remote_code` allows a model that ships its own code. Under torchrun the windows are split across the
+    ranks and every rank returns the same result (with `rank` and `world_size`)."""
     dev = resolve_device(device)
-    folder = resolve_model(model, quiet=quiet)
-    with remote_code.consent(trust_remote_code) as grant:
+    with joined(dev) as ranks, remote_code.consent(trust_remote_code) as grant:
+        dev = device_for(dev, ranks.local_rank) if ranks.active else dev
+        resolved = ranks.decide(lambda: resolve_model(model, quiet=quiet))  # rank 0 fills the shared cache first
+        folder = resolved if ranks.main else resolve_model(model, quiet=True)
         grant(folder)
         skeleton = build_skeleton(folder)
         limit = context_length(skeleton)
@@ -35,5 +39,8 @@ def evaluate(
         source = TokenizedCorpus(resolve_source(dataset, split="test"), load_tokenizer(folder))
         windows = evaluation_windows(source, seqlen, samples, spec=dataset)
         batch = batch_size or default_chunk(windows.count, seqlen, dev)
-        result = perplexity(folder, windows, dev, batch, progress=not quiet, label="ppl")
-    return {"model": model, "folder": str(folder), "eval": windows.describe(), **result.as_dict()}
+        if windows.count >= ranks.world:  # whole chunks for every rank (with fewer windows, some ranks idle)
+            batch = ranks.chunk_for(windows.count, batch)
+        result = perplexity(folder, windows, dev, batch, progress=not quiet and ranks.main, label="ppl", ranks=ranks)
+    launch = {"rank": ranks.rank, "world_size": ranks.world} if ranks.active else {}
+    return {"model": model, "folder": str(folder), "eval": windows.describe(), **result.as_dict(), **launch}

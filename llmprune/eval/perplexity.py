@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from llmprune.data.windows import Windows
 from llmprune.engine.activations import Activations
+from llmprune.engine.ranks import SINGLE, Ranks
 from llmprune.engine.stream import LayerStream, open_stream
 from llmprune.models.compressed import quantize_inputs
 from llmprune.models.skeleton import build_skeleton
@@ -61,12 +62,19 @@ def perplexity(
     batch_size: int = 8,
     progress: bool = False,
     label: str = "eval",
+    ranks: Ranks = SINGLE,
 ) -> Perplexity:
-    """Perplexity of the model in `folder` on `windows`, streamed layer by layer."""
+    """Perplexity of the model in `folder` on `windows`, streamed layer by layer; with several ranks, each
+    streams its shard of the windows and the summed log-likelihoods are added across ranks."""
     started = time.perf_counter()
-    stream, hidden = stream_folder(folder, windows.ids, device, batch_size, progress, label)
-    nll, tokens = stream.nll(hidden)
-    stream.close()
+    start, stop = ranks.shard(windows.count, batch_size)
+    nll, tokens = 0.0, 0
+    if stop > start:  # more ranks than windows: a rank may have none
+        stream, hidden = stream_folder(folder, windows.ids[start:stop], device, batch_size, progress, label)
+        nll, tokens = stream.nll(hidden)
+        stream.close()
+    nll, count = ranks.sum_numbers(nll, tokens)
+    tokens = int(count)
     mean = nll / tokens
     return Perplexity(math.exp(mean), mean, tokens, windows.count, windows.seqlen, time.perf_counter() - started)
 

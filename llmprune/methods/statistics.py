@@ -8,6 +8,7 @@ statistic is one class here (or in the method's own file): the engine and the pl
 
 from __future__ import annotations
 
+import inspect
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -40,12 +41,21 @@ class Statistic(ABC):
         engine measures the error on a sample of the inputs). Statistics with `exact_error` implement it."""
         return None
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors that are sums over the calibration tokens: a data-parallel run adds them across ranks.
+        Default: every tensor attribute, by name."""
+        return [value for _, value in sorted(vars(self).items()) if isinstance(value, torch.Tensor)]
+
+    def finish(self) -> None:
+        """Every token has been added (on every rank): settle into the form the methods read. Default: nothing."""
+        return None
+
 
 class SquaredNorm(Statistic):
-    """The float32 sum of x² per input feature (Wanda's ‖X_j‖²)."""
+    """The sum of x² per input feature (Wanda's ‖X_j‖²), in float32 (or float64: see InputStats)."""
 
-    def __init__(self, dim: int, device: torch.device) -> None:
-        self.value = torch.zeros(dim, dtype=torch.float32, device=device)
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.value = torch.zeros(dim, dtype=dtype, device=device)
 
     @classmethod
     def nbytes(cls, dim: int) -> int:
@@ -54,22 +64,27 @@ class SquaredNorm(Statistic):
     def add(self, x: torch.Tensor) -> None:
         self.value += x.float().pow(2).sum(0)
 
+    def finish(self) -> None:
+        self.value = self.value.float()
+
     def to(self, device: torch.device) -> SquaredNorm:
         copy = SquaredNorm.__new__(SquaredNorm)
-        copy.value = self.value.to(device)
+        copy.value = self.value.float().to(device)
         return copy
 
 
 class Hessian(Statistic):
     """The float32 Σ x xᵀ over tokens (SparseGPT). Accumulated as its upper block triangle (about 5/8 of
-    the matmul work) and mirrored in place when first read."""
+    the matmul work) and mirrored in place when first read. With dtype float64, each batch's float32 product is
+    added into a float64 sum (exact for sums of float32 products of like magnitude, so the result does not depend
+    on how the tokens were split across ranks) and read back as float32."""
 
     label = "statistics (Hessian)"
     exact_error = True
     BLOCK = 256
 
-    def __init__(self, dim: int, device: torch.device) -> None:
-        self._upper: torch.Tensor | None = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self._upper: torch.Tensor | None = torch.zeros(dim, dim, dtype=dtype, device=device)
         self._full: torch.Tensor | None = None
         self._lock = threading.Lock()
 
@@ -91,7 +106,7 @@ class Hessian(Statistic):
         Hessian costs no second n x n matrix."""
         with self._lock:  # concurrent solves on several devices read it at once
             if self._full is None:
-                self._full, self._upper = _mirror_upper(self._upper, self.BLOCK), None
+                self._full, self._upper = _mirror_upper(self._upper, self.BLOCK).float(), None
         return self._full
 
     def add(self, x: torch.Tensor) -> None:
@@ -101,7 +116,15 @@ class Hessian(Statistic):
         dim = xf.shape[1]
         for start in range(0, dim, self.BLOCK):
             stop = min(start + self.BLOCK, dim)
-            self._upper[start:stop, start:].addmm_(xf[:, start:stop].T, xf[:, start:])
+            if self._upper.dtype == torch.float32:
+                self._upper[start:stop, start:].addmm_(xf[:, start:stop].T, xf[:, start:])
+            else:
+                self._upper[start:stop, start:] += xf[:, start:stop].T @ xf[:, start:]
+
+    def buffers(self) -> list[torch.Tensor]:
+        if self._upper is None:
+            raise RuntimeError("statistics already read; they can no longer be summed")
+        return [self._upper]
 
     def to(self, device: torch.device) -> Hessian:
         return Hessian.of(self.matrix.to(device))
@@ -131,14 +154,23 @@ def _mirror_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
     return upper
 
 
+def _make(kind: type[Statistic], dim: int, device: torch.device, dtype: torch.dtype) -> Statistic:
+    """A statistic accumulating in `dtype` where it takes one (a statistic of its own dtype keeps it)."""
+    if dtype != torch.float32 and "dtype" in inspect.signature(kind).parameters:
+        return kind(dim, device, dtype=dtype)
+    return kind(dim, device)
+
+
 class InputStats:
     """The statistics of the inputs seen by one or more Linear modules that share them: one instance of
     each statistic class a method declares, plus what is derived from them once (a group's shared
     inverse factor)."""
 
-    def __init__(self, dim: int, kinds: tuple[type[Statistic], ...], device: torch.device) -> None:
+    def __init__(
+        self, dim: int, kinds: tuple[type[Statistic], ...], device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.tokens = 0
-        self.values: dict[type[Statistic], Statistic] = {kind: kind(dim, device) for kind in kinds}
+        self.values: dict[type[Statistic], Statistic] = {kind: _make(kind, dim, device, dtype) for kind in kinds}
         self._lock = threading.Lock()
         self._derived: dict = {}
 
@@ -169,6 +201,11 @@ class InputStats:
         self.tokens += x.shape[0]
         for value in self.values.values():
             value.add(x)
+
+    def finish(self) -> None:
+        """Every token has been added: each statistic settles into the form the methods read."""
+        for value in self.values.values():
+            value.finish()
 
     def derived(self, key: object, make: Callable[[], object]) -> object:
         """What `make` computes from these statistics, computed once and kept as long as they are: the

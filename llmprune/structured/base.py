@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from llmprune.engine.ranks import SINGLE, Ranks
 from llmprune.models.skeleton import Skeleton
 from llmprune.settings import Configurable
 from llmprune.structured.arch import Shape, Structure
@@ -34,6 +35,12 @@ class RankInputs:
     work: Path  # scratch space inside the run's partial folder
     progress: bool
     per_group: bool  # --heads-per-group: query heads are chosen within each KV group
+    ranks: Ranks = SINGLE  # a torchrun run: `ids` are every window; a rank ranks with its shard, summed
+
+    def shard(self) -> torch.Tensor:
+        """This rank's windows of `ids` (all of them for one process)."""
+        start, stop = self.ranks.shard(self.ids.shape[0], self.chunk)
+        return self.ids[start:stop]
 
 
 @dataclass
@@ -66,6 +73,7 @@ class StructuredMethod(Configurable, ABC):
     """Subclass, set `name` and `options`, implement `rank`."""
 
     summary: ClassVar[str] = ""
+    distributed: ClassVar[bool] = True  # ranks across torchrun ranks (its statistics summed); False: one process
     searches_counts: ClassVar[bool] = False  # Kwon's search for the counts; else equal shares of heads/neurons
 
     @abstractmethod

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from llmprune.body import BodyReport, RemovalBody, RunContext
 from llmprune.engine.activations import Activations
 from llmprune.engine.loop import layer_unit
+from llmprune.engine.ranks import SINGLE, Ranks
 from llmprune.engine.resume import RunState
 from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
@@ -190,14 +191,17 @@ def tune_and_write(
     progress: bool,
     kept: list[int] | None = None,
     replace: dict[str, torch.Tensor] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> list[dict]:
     """Stream the dense teacher and the masked student side by side; per layer solve the scales (if
     tuning), measure the output error, slice and write the layer. Returns per-layer reports. `kept`: the
     source layers to keep (default all), written renumbered 0..n-1; the teacher skips the others too. `replace`:
-    weights (by state-dict name) that stand in for the shards' in teacher and student alike (a depth repair)."""
+    weights (by state-dict name) that stand in for the shards' in teacher and student alike (a depth repair). With
+    several ranks, each streams its shard of `ids`, the equations and errors are summed, and rank 0 writes."""
     cpu = torch.device("cpu")
     kept = list(range(skeleton.num_layers)) if kept is None else kept
-    stream, teacher = open_stream(skeleton, ids, device, chunk, cpu)
+    start, stop = ranks.shard(ids.shape[0], chunk)
+    stream, teacher = open_stream(skeleton, ids[start:stop], device, chunk, cpu)
     dtype = stream.dtype
     student = Activations([c.clone() for c in teacher.chunks])
     exact = tuning and structure.residual_adds_projections and structure.post_attention_norm is not None
@@ -249,6 +253,7 @@ def tune_and_write(
                         target.reshape(-1, shape.hidden),
                         shape.head_dim,
                     )
+            normal.sum_over(ranks)
             result = solve(normal, damping)
             for unit, scale in zip(units, result.scales.tolist()):
                 masks.head[unit] = scale
@@ -276,6 +281,7 @@ def tune_and_write(
                         kept_neurons.to(a.device),
                         target.reshape(-1, shape.hidden),
                     )
+            normal.sum_over(ranks)
             result = solve(normal, damping)
             masks.neuron[kept_neurons] = result.scales.to(masks.neuron.dtype)
             report["ffn"] = {
@@ -291,11 +297,13 @@ def tune_and_write(
                 err += float((out.float() - target.float()).pow(2).sum())
                 base += float(target.float().pow(2).sum())
                 student.put(position, out)
+        err, base = ranks.sum_numbers(err, base)
         report["output_error"] = err / max(base, 1e-30)
         if structure.heads:
             cut.head_scales = masks.head[cut.heads].cpu()
         cut.neuron_scales = masks.neuron[cut.neurons].cpu()
-        _write_layer(skeleton, index, new, layer, structure, shape, cut, writer, save_dtype)
+        if ranks.main:
+            _write_layer(skeleton, index, new, layer, structure, shape, cut, writer, save_dtype)
         skeleton.unload_layer(index)
         reports.append(report)
     stream.close()
@@ -316,8 +324,13 @@ class StructuredBody(RemovalBody):
 
     kind = "structured"
     sections = ("removal", "structured")
+    distributed = True
 
     def check_model(self, ctx: RunContext) -> None:
+        if ctx.ranks.active and not self.method.distributed:
+            raise LLMPruneError(
+                f"--method {self.settings.method} does not run across torchrun ranks yet; run it as one process"
+            )
         self.structure = structure_of(ctx.skeleton.config)
         self.shape = Shape.of(ctx.skeleton.config, self.structure)
         settings = self.settings.structured
@@ -340,8 +353,9 @@ class StructuredBody(RemovalBody):
         per_group = bool(settings.heads_per_group)
         started = time.perf_counter()
         inputs = RankInputs(
-            skeleton, ctx.calib.ids, structure, shape, ctx.device, self.chunk, writer.work, ctx.progress, per_group
-        )
+            skeleton, ctx.calib.ids, structure, shape, ctx.device, self.chunk, writer.work, ctx.progress, per_group,
+            ctx.ranks,
+        )  # fmt: skip
         ranking = self.method.rank(inputs)
         self.timings = {"score_seconds": round(time.perf_counter() - started, 2)}
         self.costs = Costs.of(skeleton.layers[0], structure, shape, ctx.calib.seqlen)
@@ -364,6 +378,7 @@ class StructuredBody(RemovalBody):
             settings.mask_tuning,
             settings.tuning_damping,
             ctx.progress,
+            ranks=ctx.ranks,
         )
         self.timings["tune_write_seconds"] = round(time.perf_counter() - tuned, 2)
         self.timings["prune_seconds"] = round(time.perf_counter() - started, 2)

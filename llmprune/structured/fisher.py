@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.engine.activations import Activations
+from llmprune.engine.ranks import SINGLE, Ranks
 from llmprune.engine.stream import open_stream
 from llmprune.models.skeleton import Skeleton
 from llmprune.settings import Option
@@ -78,9 +79,16 @@ def mask_gradients(
     work: Path,
     progress: bool = False,
     per_token: bool = False,
+    ranks: Ranks = SINGLE,
 ) -> MaskGradients:
     """∂L_b/∂mask for every chunk b of `ids`, every layer's heads and neurons (streamed), and the squared
-    gradients summed over the chunks or (per_token) over every token's mask."""
+    gradients summed over the chunks or (per_token) over every token's mask. With several ranks, each computes
+    the chunks of its shard; the squares are summed (in --reduce-dtype) and the per-chunk rows gathered in
+    rank order, which is the chunks' order."""
+    windows = ids.shape[0]
+    chunk = ranks.chunk_for(windows, chunk)
+    first, last = ranks.shard(windows, chunk)
+    ids = ids[first:last]
     boundary = [work / f"h{index:05d}" for index in range(skeleton.num_layers + 1)]
     for folder in boundary:
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,7 +134,7 @@ def mask_gradients(
         layer = skeleton.load_layer(index, device, dtype)
         inputs = Activations([_handle(boundary[index], c) for c in acts.chunks])
         head_rows, neuron_rows = [], []
-        squares = [torch.zeros(shape.heads), torch.zeros(shape.intermediate), torch.zeros(shape.kv_heads)]
+        squares = [torch.zeros(n, dtype=ranks.reduce_dtype) for n in (shape.heads, shape.intermediate, shape.kv_heads)]
         for position in range(len(inputs)):
             x = inputs.get(position).to(device, dtype).requires_grad_(True)
             masks = Masks(layer, structure, shape, device, per_token)
@@ -145,11 +153,12 @@ def mask_gradients(
             squares[2] += group_scores(head, shape.group_size).cpu()
             head_rows.append(head.sum(0).cpu())
             neuron_rows.append(neuron.sum(0).cpu())
-        fisher_heads[index], fisher_neurons[index], fisher_groups[index] = squares
-        heads[index] = torch.stack(head_rows)
-        neurons[index] = torch.stack(neuron_rows)
+        fisher_heads[index], fisher_neurons[index], fisher_groups[index] = (ranks.sum_(q).float() for q in squares)
+        heads[index] = torch.cat(ranks.gather_objects(torch.stack(head_rows)))
+        neurons[index] = torch.cat(ranks.gather_objects(torch.stack(neuron_rows)))
         skeleton.unload_layer(index)
-    return MaskGradients(heads, neurons, fisher_heads, fisher_neurons, fisher_groups, total_loss / ids.shape[0])
+    (total_loss,) = ranks.sum_numbers(total_loss)
+    return MaskGradients(heads, neurons, fisher_heads, fisher_neurons, fisher_groups, total_loss / windows)
 
 
 def _handle(folder: Path, like):
@@ -201,9 +210,10 @@ class Fisher(StructuredMethod):
             inputs.shape,
             inputs.device,
             self.values["fisher_batch"],
-            inputs.work / "fisher",
+            inputs.work / ("fisher" if inputs.ranks.main else f"fisher-rank-{inputs.ranks.rank:05d}"),
             inputs.progress,
             per_token=per_token,
+            ranks=inputs.ranks,
         )
         size = inputs.shape.group_size
         if inputs.per_group:

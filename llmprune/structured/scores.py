@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from llmprune.engine.ranks import Ranks
 from llmprune.engine.stream import open_stream
 from llmprune.models.skeleton import Skeleton
 from llmprune.structured.arch import Shape, Structure
@@ -72,6 +73,13 @@ class _Moments:
     def mean(self) -> torch.Tensor:
         return (self.sum / self.count).float()
 
+    def sum_over(self, ranks: Ranks) -> None:
+        """Every rank's moments added (float64, in rank order)."""
+        if ranks.active:
+            (self.count,) = ranks.sum_numbers(self.count)
+            ranks.sum_(self.sum)
+            ranks.sum_(self.sumsq)
+
     def variance(self) -> torch.Tensor:
         mean = self.sum / self.count
         return (self.sumsq / self.count - mean.pow(2)).clamp_min(0).float()
@@ -86,7 +94,7 @@ def fluctuation_scores(inputs: RankInputs) -> UnitScores:
         inputs.device,
         inputs.progress,
     )
-    stream, acts = open_stream(skeleton, inputs.ids, device, inputs.chunk)
+    stream, acts = open_stream(skeleton, inputs.shard(), device, inputs.chunk)
     dtype = stream.dtype
     heads, neurons, o_means, down_means = [], [], [], []
     hd = shape.head_dim
@@ -102,6 +110,8 @@ def fluctuation_scores(inputs: RankInputs) -> UnitScores:
         finally:
             for handle in handles:
                 handle.remove()
+        down_stats.sum_over(inputs.ranks)
+        o_stats.sum_over(inputs.ranks)
         down_w = _weight(layer, structure.down).cpu()
         neurons.append(down_stats.variance().cpu() * down_w.pow(2).sum(0))
         down_means.append(down_stats.mean().cpu())

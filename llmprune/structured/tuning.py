@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmprune.engine.ranks import Ranks
+
 MAX_SCALE = 10.0
 
 
@@ -27,6 +29,13 @@ class Normal:
     @classmethod
     def zeros(cls, units: int) -> Normal:
         return cls(torch.zeros(units, units, dtype=torch.float64), torch.zeros(units, dtype=torch.float64))
+
+    def sum_over(self, ranks: Ranks) -> None:
+        """Every rank's equations added (float64, in rank order): a torchrun run's tokens are split across ranks."""
+        if ranks.active:
+            ranks.sum_(self.ata)
+            ranks.sum_(self.atb)
+            (self.btb,) = ranks.sum_numbers(self.btb)
 
     def error(self, scales: torch.Tensor) -> float:
         """‖B - A s‖² for the given scales (clamped at 0 against rounding when the fit is exact)."""

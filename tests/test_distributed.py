@@ -1,0 +1,242 @@
+"""Data-parallel runs under torchrun: 2 gloo ranks on 127.0.0.1 give the very masks and weights of one process
+(float64 statistics), a rank killed mid-run resumes to the same output, and bad launches fail on every rank with
+one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def _env() -> dict:
+    """One thread per rank (so one process and two ranks multiply matrices alike), offline."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _args(model: Path, corpus: Path, output: Path, method: str, *extra: str) -> list[str]:
+    return [
+        str(model),
+        "--method",
+        method,
+        "--sparsity",
+        "0.5",
+        "--calibration",
+        str(corpus),
+        "--samples",
+        "8",
+        "--seqlen",
+        "64",
+        "--batch-size",
+        "2",
+        "--eval-samples",
+        "6",
+        "--reduce-dtype",
+        "float64",
+        "--output",
+        str(output),
+        *extra,
+    ]
+
+
+def _launch(ranks: int, args: list[str], **kwargs) -> subprocess.Popen:
+    command = [*TORCHRUN, f"--nproc-per-node={ranks}", "-m", "llmprune", *args]
+    return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _run(ranks: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = _launch(ranks, args)
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _assert_same_model(one: Path, two: Path) -> None:
+    first, second = _tensors(one), _tensors(two)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.fixture(scope="module")
+def wide(tiny_models) -> Path:
+    """A 3-layer tiny Llama wide enough for 2:4 and SparseGPT's blocks."""
+    return tiny_models("llama", layers=3)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _run(1, _args(wide, corpus_file, one, method))
+    assert single.returncode == 0, single.stdout[-3000:]
+    double = _run(2, _args(wide, corpus_file, two, method))
+    assert double.returncode == 0, double.stdout[-3000:]
+    _assert_same_model(one, two)
+    report_one = json.loads((one / "llmprune.json").read_text())
+    report_two = json.loads((two / "llmprune.json").read_text())
+    masks = [[m["zeros"] for m in layer["modules"]] for layer in report_one["layers"]]
+    assert masks == [[m["zeros"] for m in layer["modules"]] for layer in report_two["layers"]]
+    assert report_two["distributed"] == {"world_size": 2, "backend": "gloo", "reduce_dtype": "float64"}
+    assert [peak["rank"] for peak in report_two["peak_memory"]["ranks"]] == [0, 1]
+    assert all(peak["rss_bytes"] > 0 for peak in report_two["peak_memory"]["ranks"])
+    assert "ranks" not in report_one["peak_memory"]
+    # the evaluation windows were split too: the same perplexities, summed across ranks
+    for which in ("dense", "pruned"):
+        assert report_two["perplexity"][which] == pytest.approx(report_one["perplexity"][which], rel=1e-6)
+    assert report_one["perplexity"]["pruned_detail"]["tokens"] == report_two["perplexity"]["pruned_detail"]["tokens"]
+    assert not list(tmp_path.glob(".*partial"))
+    if method == "sparsegpt":  # `llmprune eval` splits its windows the same way
+        command = ["eval", str(two), "--dataset", str(corpus_file), "--samples", "6", "--seqlen", "64", "--json"]
+        evaluated = _run(2, command)
+        assert evaluated.returncode == 0, evaluated.stdout[-2000:]
+        result = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
+        assert result["world_size"] == 2 and result["windows"] == 6
+        assert result["perplexity"] == pytest.approx(report_two["perplexity"]["pruned"], rel=1e-6)
+
+
+def _structured_args(model: Path, corpus: Path, output: Path) -> list[str]:
+    args = _args(model, corpus, output, "fisher")
+    at = args.index("--sparsity")
+    return [*args[:at], "--remove", "0.3", "--fisher-combine", "flap", *args[at + 2 :]]
+
+
+def test_structured_two_ranks_equal_one_process(wide, corpus_file, tmp_path):
+    """Kwon's Fisher combined with FLAP's fluctuation (per-chunk mask gradients gathered, their squares and the
+    input moments summed), then mask tuning (normal equations summed): the same heads and neurons kept, the
+    same tuned weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _run(1, _structured_args(wide, corpus_file, one))
+    assert single.returncode == 0, single.stdout[-3000:]
+    double = _run(2, _structured_args(wide, corpus_file, two))
+    assert double.returncode == 0, double.stdout[-3000:]
+    assert json.loads((one / "config.json").read_text()) == json.loads((two / "config.json").read_text())
+    _assert_same_model(one, two)
+    report = json.loads((two / "llmprune.json").read_text())
+    assert report["structured"]["mask_tuning"] and report["distributed"]["world_size"] == 2
+
+
+def _rank_env(rank: int, port: int) -> dict:
+    return {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("llmprune: error:")]
+
+
+def test_bad_launches_fail_on_every_rank_with_one_line(model, corpus_file, tmp_path):
+    # more ranks than calibration windows
+    few = _run(2, [*_args(model, corpus_file, tmp_path / "few", "wanda")[:-2], "--samples", "1", "--output",
+                   str(tmp_path / "few")])  # fmt: skip
+    assert few.returncode != 0
+    lines = _errors(few.stdout)
+    assert len(lines) == 2 and "2 ranks need at least 2 windows and the run has 1" in lines[0], few.stdout[-2000:]
+    # ranks started by hand with different arguments (a multi-node launch gone wrong)
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llmprune",
+                *_args(model, corpus_file, tmp_path / "mixed", "wanda")[:3],
+                sparsity,
+                *_args(model, corpus_file, tmp_path / "mixed", "wanda")[5:],
+            ],
+            env=_rank_env(rank, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank, sparsity in ((0, "--sparsity=0.5"), (1, "--sparsity=0.6"))
+    ]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 2, output[-2000:]
+        lines = _errors(output)
+        assert (
+            len(lines) == 1 and "rank 1 was started with different arguments than rank 0 (sparsity differ)" in lines[0]
+        )
+    # a method that does not run distributed
+    depth = _run(2, [str(model), "--method", "depth", "--remove", "0.5", "--calibration", str(corpus_file),
+                     "--samples", "4", "--seqlen", "32", "--no-eval", "--output", str(tmp_path / "depth")])  # fmt: skip
+    lines = _errors(depth.stdout)
+    assert depth.returncode != 0 and len(lines) == 2 and "does not run across torchrun ranks" in lines[0], depth.stdout[
+        -2000:
+    ]
+    # WORLD_SIZE without the rest of torchrun's environment
+    alone = subprocess.run(
+        [sys.executable, "-m", "llmprune", *_args(model, corpus_file, tmp_path / "alone", "wanda")],
+        env={**_env(), "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert alone.returncode == 2 and "start the ranks with torchrun" in alone.stderr
+    assert not any((tmp_path / name).exists() for name in ("few", "mixed", "depth", "alone"))
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def _rank_pid(torchrun: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=`rank`."""
+    children = Path(f"/proc/{torchrun}/task/{torchrun}/children").read_text().split()
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+def test_killed_rank_resumes_to_the_same_output(tiny_models, corpus_file, tmp_path):
+    """SIGKILL rank 1 once a layer is committed; torchrun stops rank 0; the same command resumes the run and
+    writes what one uninterrupted process writes."""
+    deep = tiny_models("llama", layers=6)
+    extra = ["--samples", "16", "--seqlen", "128", "--no-eval"]
+    reference = _run(1, [*_args(deep, corpus_file, tmp_path / "one", "sparsegpt"), *extra])
+    assert reference.returncode == 0, reference.stdout[-2000:]
+    out = tmp_path / "two"
+    args = [*_args(deep, corpus_file, out, "sparsegpt"), *extra]
+    proc = _launch(2, args)
+    state = tmp_path / ".two.partial" / ".work" / "state.json"
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        try:
+            if json.loads(state.read_text())["next_layer"] >= 1:
+                pid = _rank_pid(proc.pid, 1)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = pid
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    output, _ = proc.communicate(timeout=300)
+    assert killed is not None, "the run ended before a rank could be killed"
+    assert proc.returncode != 0 and not out.exists(), output[-2000:]
+    resumed = _run(2, args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resuming" in resumed.stdout
+    _assert_same_model(tmp_path / "one", out)
