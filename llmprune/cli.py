@@ -279,11 +279,14 @@ def run_eval(argv: list[str]) -> int:
 
 def _eval_tasks(options: dict) -> int:
     """`llmprune eval --tasks`: lm-eval's accuracy per task, printed (and as JSON with --json)."""
+    from llmprune.engine.ranks import launched
     from llmprune.eval.tasks import task_accuracy
     from llmprune.models import remote_code
     from llmprune.models.resolve import resolve_model
     from llmprune.settings import parse_tasks
 
+    if launched() > 1:
+        raise LLMPruneError("llmprune eval --tasks runs as one process (each rank would run every task); drop torchrun")
     perplexity_only = sorted(set(options) & {"dataset", "seqlen", "samples"})
     if perplexity_only:
         raise LLMPruneError(f"--{perplexity_only[0]} is for perplexity, not --tasks")

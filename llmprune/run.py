@@ -172,13 +172,13 @@ def check_launch(settings: Settings, body: Body, ranks: Ranks) -> None:
     """A torchrun launch: every rank was given the same arguments, and the run can be split across ranks."""
     if not ranks.active:
         return
-    ranks.agree("arguments", {k: v for k, v in settings.flat().items() if k != "command"})
     if not body.distributed:
         raise LLMPruneError(f"--method {settings.method} does not run across torchrun ranks yet; run it as one process")
     if settings.publish.eval_tasks:
         raise LLMPruneError("--eval-tasks under torchrun: run `llmprune eval OUTPUT --tasks ...` once the run is done")
     if settings.unstructured.plan_only:
         raise LLMPruneError("--plan-only under torchrun: plan as one process (the plan is per rank)")
+    ranks.agree("arguments", {k: v for k, v in settings.flat().items() if k != "command"})
 
 
 def _prune(model: str, settings: Settings, started: float, grant: Callable[..., None], ranks: Ranks) -> dict:
@@ -256,9 +256,10 @@ def _prune(model: str, settings: Settings, started: float, grant: Callable[..., 
         else:
             log.warning("the run stopped; the same command resumes it from %s", writer.partial)
         raise
+    result = ranks.broadcast_object(result)  # before the push: the other ranks need not wait for an upload
     if ranks.main:
         result["hub"] = push_after_run(result, settings)
-    return ranks.broadcast_object(result)
+    return result
 
 
 def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, started: float) -> dict:

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmprune.errors import LLMPruneError
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
@@ -60,6 +62,18 @@ def _run(ranks: int, args: list[str], timeout: float = 600) -> subprocess.Comple
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 
+def _one_process(args: list[str]) -> None:
+    """The reference: one process, in this one, on one thread as each rank runs (the same kernels, the same bits)."""
+    from llmprune.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for shard in sorted(folder.glob("*.safetensors")):
@@ -83,8 +97,7 @@ def wide(tiny_models) -> Path:
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _run(1, _args(wide, corpus_file, one, method))
-    assert single.returncode == 0, single.stdout[-3000:]
+    _one_process(_args(wide, corpus_file, one, method))
     double = _run(2, _args(wide, corpus_file, two, method))
     assert double.returncode == 0, double.stdout[-3000:]
     _assert_same_model(one, two)
@@ -121,8 +134,7 @@ def test_structured_two_ranks_equal_one_process(wide, corpus_file, tmp_path):
     input moments summed), then mask tuning (normal equations summed): the same heads and neurons kept, the
     same tuned weights."""
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _run(1, _structured_args(wide, corpus_file, one))
-    assert single.returncode == 0, single.stdout[-3000:]
+    _one_process(_structured_args(wide, corpus_file, one))
     double = _run(2, _structured_args(wide, corpus_file, two))
     assert double.returncode == 0, double.stdout[-3000:]
     assert json.loads((one / "config.json").read_text()) == json.loads((two / "config.json").read_text())
@@ -181,20 +193,7 @@ def test_bad_launches_fail_on_every_rank_with_one_line(model, corpus_file, tmp_p
         assert (
             len(lines) == 1 and "rank 1 was started with different arguments than rank 0 (sparsity differ)" in lines[0]
         )
-    # a method that does not run distributed
-    depth = _run(2, [str(model), "--method", "depth", "--remove", "0.5", "--calibration", str(corpus_file),
-                     "--samples", "4", "--seqlen", "32", "--no-eval", "--output", str(tmp_path / "depth")])  # fmt: skip
-    lines = _errors(depth.stdout)
-    assert depth.returncode != 0 and len(lines) == 2 and "does not run across torchrun ranks" in lines[0], depth.stdout[
-        -2000:
-    ]
-    # WORLD_SIZE without the rest of torchrun's environment
-    alone = subprocess.run(
-        [sys.executable, "-m", "llmprune", *_args(model, corpus_file, tmp_path / "alone", "wanda")],
-        env={**_env(), "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert alone.returncode == 2 and "start the ranks with torchrun" in alone.stderr
-    assert not any((tmp_path / name).exists() for name in ("few", "mixed", "depth", "alone"))
+    assert not any((tmp_path / name).exists() for name in ("few", "mixed"))
     assert not list(tmp_path.glob(".*partial"))
 
 
@@ -216,8 +215,7 @@ def test_killed_rank_resumes_to_the_same_output(tiny_models, corpus_file, tmp_pa
     writes what one uninterrupted process writes."""
     deep = tiny_models("llama", layers=6)
     extra = ["--samples", "16", "--seqlen", "128", "--no-eval"]
-    reference = _run(1, [*_args(deep, corpus_file, tmp_path / "one", "sparsegpt"), *extra])
-    assert reference.returncode == 0, reference.stdout[-2000:]
+    _one_process([*_args(deep, corpus_file, tmp_path / "one", "sparsegpt"), *extra])
     out = tmp_path / "two"
     args = [*_args(deep, corpus_file, out, "sparsegpt"), *extra]
     proc = _launch(2, args)
@@ -240,3 +238,34 @@ def test_killed_rank_resumes_to_the_same_output(tiny_models, corpus_file, tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming" in resumed.stdout
     _assert_same_model(tmp_path / "one", out)
+
+
+def test_launches_refused_before_any_collective(model, corpus_file, monkeypatch, capsys, tmp_path):
+    """What a launch cannot do is refused from the arguments alone, on every rank alike (each rank runs these
+    checks before it talks to the others): lm-eval's tasks (every rank would run them in full), a method that
+    does not run distributed, --eval-tasks, --plan-only; and WORLD_SIZE without torchrun."""
+    from llmprune.engine.ranks import Ranks
+    from llmprune.run import KINDS, all_methods, check_launch, make_settings
+    from tests.helpers.cli import one_error_line, run_main
+
+    two = Ranks(rank=1, world=2, backend="gloo")
+    refused = {
+        "does not run across torchrun ranks": dict(method="depth", remove=0.5),
+        "--eval-tasks under torchrun": dict(method="wanda", eval_tasks="arc_easy"),
+        "--plan-only under torchrun": dict(method="sparsegpt", plan_only=True),
+    }
+    for message, options in refused.items():
+        settings = make_settings(str(model), **options)
+        kind, method = all_methods()[settings.method]
+        with pytest.raises(LLMPruneError, match=message):
+            check_launch(settings, KINDS[kind][1](settings, method), two)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_main(["eval", model, "--tasks", "arc_easy"], capsys)
+    assert code == 2 and "runs as one process" in one_error_line(err)
+    code, _, err = run_main(_args(model, corpus_file, tmp_path / "alone", "wanda"), capsys)
+    assert code == 2 and "start the ranks with torchrun" in one_error_line(err)
+    code, _, err = run_main(
+        [*_args(model, corpus_file, tmp_path / "alone", "wanda"), "--solver-devices", "cpu"], capsys
+    )
+    assert code == 2 and "start the ranks with torchrun" in one_error_line(err)
+    assert not (tmp_path / "alone").exists()

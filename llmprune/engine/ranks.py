@@ -12,6 +12,7 @@ no-op: the single-process engine is the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ from llmprune.errors import LLMPruneError
 log = logging.getLogger("llmprune")
 T = TypeVar("T")
 
+TIMEOUT_S = 3 * 3600  # a collective waits this long for the other ranks (LLMPRUNE_DIST_TIMEOUT_S overrides it):
+# rank 0 alone downloads the model and joins the shards, which can take hours for a 175B model
 GATHER_BYTES = 64 << 20  # the most one all-gather step moves per rank (the summed slice is this over world)
 REDUCE_DTYPES = ("float32", "float64")
 
@@ -82,6 +85,11 @@ class Ranks:
 
     # --- collectives (no-ops for one rank) -----------------------------------------------------------------
 
+    def _here(self):
+        """The rank's own GPU as the current device for a collective: NCCL's object collectives stage through the
+        current device, and a thread (the lockstep order's chunk threads) starts on cuda:0."""
+        return torch.cuda.device(self.local_rank) if self.backend == "nccl" else contextlib.nullcontext()
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` replaced in place by the sum of every rank's, added in rank order in its own dtype (the
         same bits on every rank, whatever the timing); moved in slices of at most GATHER_BYTES per rank."""
@@ -91,15 +99,16 @@ class Ranks:
             return tensor.copy_(self.sum_(tensor.to(self._device)))
         flat = tensor.view(-1)
         step = max(1, GATHER_BYTES // (flat.element_size() * self.world))
-        for start in range(0, flat.numel(), step):
-            part = flat[start : start + step].contiguous()
-            gathered = [torch.empty_like(part) for _ in range(self.world)]
-            dist.all_gather(gathered, part)
-            total = gathered[0]
-            for other in gathered[1:]:
-                total += other
-            flat[start : start + step].copy_(total)
-            del gathered, total
+        with self._here():
+            for start in range(0, flat.numel(), step):
+                part = flat[start : start + step].contiguous()
+                gathered = [torch.empty_like(part) for _ in range(self.world)]
+                dist.all_gather(gathered, part)
+                total = gathered[0]
+                for other in gathered[1:]:
+                    total += other
+                flat[start : start + step].copy_(total)
+                del gathered, total
         return tensor
 
     def sum_numbers(self, *values: float) -> list[float]:
@@ -111,14 +120,15 @@ class Ranks:
     @property
     def _device(self) -> torch.device:
         """Where this rank's collectives run: its GPU for NCCL, the CPU for gloo."""
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
     def broadcast_(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
         """`tensor` (same shape and dtype on every rank) replaced by `source`'s."""
         if self.active and self.backend == "nccl" and tensor.device.type != "cuda":
             return tensor.copy_(self.broadcast_(tensor.to(self._device), source))
         if self.active:
-            dist.broadcast(tensor, source)
+            with self._here():
+                dist.broadcast(tensor, source)
         return tensor
 
     def broadcast_object(self, value: T, source: int = 0) -> T:
@@ -126,7 +136,8 @@ class Ranks:
         if not self.active:
             return value
         box = [value if self.rank == source else None]
-        dist.broadcast_object_list(box, source)
+        with self._here():
+            dist.broadcast_object_list(box, source)
         return box[0]
 
     def gather_objects(self, value: Any) -> list:
@@ -134,12 +145,14 @@ class Ranks:
         if not self.active:
             return [value]
         values: list = [None] * self.world
-        dist.all_gather_object(values, value)
+        with self._here():
+            dist.all_gather_object(values, value)
         return values
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            with self._here():
+                dist.barrier()
 
     def decide(self, make: Callable[[], T]) -> T:
         """What rank 0's `make()` returns (a decision that reads the shared output folder), on every rank; an
@@ -197,7 +210,7 @@ def device_for(device: torch.device, local_rank: int) -> torch.device:
 
 
 @contextmanager
-def joined(device: torch.device, reduce_dtype: str = "float32", timeout_s: float = 1800) -> Iterator[Ranks]:
+def joined(device: torch.device, reduce_dtype: str = "float32", timeout_s: float | None = None) -> Iterator[Ranks]:
     """This process's Ranks for the length of a run: joins the torchrun launch (gloo for a CPU device, NCCL for a
     GPU) when there is one, and leaves it at the end; one rank otherwise. A process group already set up by the
     caller is used as it is and left alone."""
@@ -215,7 +228,8 @@ def joined(device: torch.device, reduce_dtype: str = "float32", timeout_s: float
         local = int(os.environ["LOCAL_RANK"])
         if device.type == "cuda":
             torch.cuda.set_device(device_for(device, local))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        seconds = timeout_s or float(os.environ.get("LLMPRUNE_DIST_TIMEOUT_S", TIMEOUT_S))
+        dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
     else:
         backend = dist.get_backend()
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), backend, dtype)

@@ -5,6 +5,7 @@ killed run resumes."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -47,6 +48,12 @@ def parse_budgets(text: str | None, device: torch.device) -> tuple[int, int | No
     if device.type != "cuda":
         return budget, None
     return budget, values["cpu"] if "cpu" in values else available_memory(torch.device("cpu"))
+
+
+def shard_windows(count: int, chunk: int, world: int) -> int:
+    """The most windows one rank holds: shards are whole chunks, so the largest has ceil(chunks / world) of them."""
+    chunks = math.ceil(count / chunk)
+    return min(count, math.ceil(chunks / world) * chunk)
 
 
 def inverse_request(method: type[PruningMethod], values: dict) -> torch.dtype | None:
@@ -138,11 +145,12 @@ class UnstructuredBody(Body):
     def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
         assert ctx.calib is not None
         settings, calib, ranks = self.settings, ctx.calib, ctx.ranks
+        chunk = settings.common.batch_size or default_chunk(calib.count, calib.seqlen, ctx.device)
         request = Request(
-            windows=-(-calib.count // ranks.world),  # each rank holds its shard of the activations
+            windows=shard_windows(calib.count, chunk, ranks.world),  # each rank holds its shard of the activations
             seqlen=calib.seqlen,
             eval_windows=ctx.eval_windows.count if ctx.eval_windows else 0,
-            chunk=settings.common.batch_size or default_chunk(calib.count, calib.seqlen, ctx.device),
+            chunk=chunk,
             order=settings.unstructured.order,
             parallel_only=self.moe,
             park=settings.unstructured.park,
