@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from llmprune.body import BodyReport, RemovalBody, RunContext
 from llmprune.engine.loop import layer_unit
+from llmprune.engine.ranks import Ranks
 from llmprune.engine.resume import RunState
 from llmprune.engine.stream import open_stream
 from llmprune.errors import LLMPruneError
@@ -63,6 +64,14 @@ class ExpertSaliency:
     @classmethod
     def empty(cls, experts: int) -> ExpertSaliency:
         return cls([0] * experts, [0.0] * experts)
+
+    def sum_over(self, ranks: Ranks) -> None:
+        """Every rank's counts and sums added (float64, in rank order): a torchrun run's tokens are split."""
+        if ranks.active:
+            summed = ranks.sum_numbers(*self.counts, *self.weighted_norms)
+            experts = len(self.counts)
+            self.counts = [int(c) for c in summed[:experts]]
+            self.weighted_norms = summed[experts:]
 
     def reap(self) -> list[float]:
         """The REAP saliency: the mean of g_j(x) ||f_j(x)|| over the tokens routed to j (0 for an unused expert)."""
@@ -115,6 +124,7 @@ class ExpertsBody(RemovalBody):
 
     kind = "experts"
     sections = ("removal",)
+    distributed = True
 
     def check_model(self, ctx: RunContext) -> None:
         if self.by_flops:
@@ -148,8 +158,9 @@ class ExpertsBody(RemovalBody):
     def prune(self, ctx: RunContext, writer: OutputFolder, state: RunState) -> None:
         assert ctx.calib is not None
         started = time.perf_counter()
-        skeleton, cpu = ctx.skeleton, torch.device("cpu")
-        stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, self.chunk, cpu)
+        skeleton, cpu, ranks = ctx.skeleton, torch.device("cpu"), ctx.ranks
+        start, stop = ranks.shard(ctx.calib.count, self.chunk)  # each rank routes its shard of the windows
+        stream, acts = open_stream(skeleton, ctx.calib.ids[start:stop], ctx.device, self.chunk, cpu)
         keep = self.experts - self.remove
         self.layers: list[dict] = []
         for index in tqdm(range(skeleton.num_layers), desc="experts", unit="layer", disable=not ctx.progress):
@@ -158,6 +169,7 @@ class ExpertsBody(RemovalBody):
             record: dict = {"index": index, "blocks": {}}
             if blocks and self.remove:
                 for name, saliency in layer_saliency(stream, index, layer, acts, blocks).items():
+                    saliency.sum_over(ranks)
                     scores = self.method.scores(saliency)
                     kept = kept_experts(scores, keep)
                     keep_experts(blocks[name], kept)
@@ -168,7 +180,9 @@ class ExpertsBody(RemovalBody):
                         "removed": [j for j in range(self.experts) if j not in kept],
                     }
             stream.forward(index, layer, acts)
-            writer.write_unit(layer_unit(index), skeleton.stored(skeleton.layer_tensors(index, layer, ctx.save_dtype)))
+            if ranks.main:
+                tensors = skeleton.stored(skeleton.layer_tensors(index, layer, ctx.save_dtype))
+                writer.write_unit(layer_unit(index), tensors)
             skeleton.unload_layer(index)
             self.layers.append(record)
         stream.close()

@@ -143,6 +143,24 @@ def test_structured_two_ranks_equal_one_process(wide, corpus_file, tmp_path):
     assert report["structured"]["mask_tuning"] and report["distributed"]["world_size"] == 2
 
 
+@pytest.mark.parametrize(("arch", "method"), [("mixtral", "reap"), ("qwen2_moe", "sparsegpt")])
+def test_moe_two_ranks_equal_one_process(arch, method, tiny_models, corpus_file, tmp_path):
+    """REAP's saliencies (counts and gate-weighted norms summed across ranks) keep the same experts; SparseGPT's
+    per-expert Hessians, fed on each rank by the tokens routed there, sum to one process's."""
+    model = tiny_models(arch, layers=2)
+    args = [*_args(model, corpus_file, tmp_path / "one", method), "--no-eval"]
+    if method == "reap":
+        at = args.index("--sparsity")
+        args[at : at + 2] = ["--remove", "0.5"]
+    _one_process(args)
+    double = _run(2, [*args[: args.index("--output")], "--output", str(tmp_path / "two"), "--no-eval"])
+    assert double.returncode == 0, double.stdout[-3000:]
+    assert json.loads((tmp_path / "one" / "config.json").read_text()) == json.loads(
+        (tmp_path / "two" / "config.json").read_text()
+    )
+    _assert_same_model(tmp_path / "one", tmp_path / "two")
+
+
 def _rank_env(rank: int, port: int) -> dict:
     return {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
