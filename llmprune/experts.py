@@ -159,8 +159,8 @@ class ExpertsBody(RemovalBody):
         assert ctx.calib is not None
         started = time.perf_counter()
         skeleton, cpu, ranks = ctx.skeleton, torch.device("cpu"), ctx.ranks
-        start, stop = ranks.shard(ctx.calib.count, self.chunk)  # each rank routes its shard of the windows
-        stream, acts = open_stream(skeleton, ctx.calib.ids[start:stop], ctx.device, self.chunk, cpu)
+        ids = ranks.part(ctx.calib.ids, self.chunk)  # each rank routes its shard of the windows
+        stream, acts = open_stream(skeleton, ids, ctx.device, self.chunk, cpu)
         keep = self.experts - self.remove
         self.layers: list[dict] = []
         for index in tqdm(range(skeleton.num_layers), desc="experts", unit="layer", disable=not ctx.progress):

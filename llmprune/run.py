@@ -188,7 +188,7 @@ def _prune(model: str, settings: Settings, started: float, grant: Callable[..., 
     body = KINDS[kind][1](settings, method)
     check_launch(settings, body, ranks)
     device = resolve_device(common.device, absent_ok=body.plans_absent_devices)
-    device = device_for(device, ranks.local_rank) if ranks.active else device
+    device = device_for(device, ranks)
     body.check_device(device)
     save_override = parse_dtype(common.dtype)
     output = Path(common.output) if common.output else default_output(model, settings.method, body.tag)
@@ -203,8 +203,7 @@ def _prune(model: str, settings: Settings, started: float, grant: Callable[..., 
     def resolve() -> Path:
         return resolve_model(model, quiet=common.quiet, revision=common.source_revision, token=common.token)
 
-    resolved = ranks.decide(resolve)  # rank 0 first: one download (or GGUF conversion) into a cache ranks share
-    folder = resolved if ranks.main else resolve()
+    folder = ranks.rank0_first(resolve)  # one download (or GGUF conversion) into a cache the ranks share
     grant(folder, output, partial_folder(output))  # the source, and the output that carries its code
     skeleton = build_skeleton(folder)
     limit = context_length(skeleton)

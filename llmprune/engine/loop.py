@@ -40,25 +40,27 @@ def rank_work(work: Path, ranks: Ranks) -> Path:
     return work if ranks.main else work / f"rank-{ranks.rank:05d}"
 
 
+def _read_sides(work: Path) -> dict[str, list[list[int]]]:
+    path = work / SIDES_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _side_shapes(state: RunState, work: Path, ranks: Ranks) -> list[list[int]]:
     """The chunk shapes of this rank's copy of state.side: rank 0's are in the run state, the others' in their
     own sides file (which holds both sides, so a rank that saved a layer rank 0 never committed still knows
     the shapes of the side the run resumes from)."""
     if ranks.main:
         return state.chunk_shapes
-    path = work / SIDES_NAME
-    sides = json.loads(path.read_text()) if path.is_file() else {}
+    sides = _read_sides(work)
     if state.side not in sides:
         raise LLMPruneError(
-            f"{path} does not record side {state.side}: this rank's activations are gone; pass --overwrite"
+            f"{work / SIDES_NAME} does not record side {state.side}: this rank's activations are gone; pass --overwrite"
         )
     return sides[state.side]
 
 
 def _save_side_shapes(work: Path, side: str, shapes: list[list[int]]) -> None:
-    path = work / SIDES_NAME
-    sides = json.loads(path.read_text()) if path.is_file() else {}
-    fsync_write(path, json.dumps({**sides, side: shapes}) + "\n")
+    fsync_write(work / SIDES_NAME, json.dumps({**_read_sides(work), side: shapes}) + "\n")
 
 
 def _saved_side(state: RunState, work: Path, spilled: bool, ranks: Ranks) -> Activations:
@@ -94,8 +96,7 @@ def prune_layers(
     several ranks, each streams its shard of the windows `ids` and rank 0 writes the layers and the state."""
     spilled = choice.activations == "disk"
     act_device = torch.device("cpu") if choice.activations != "device" else device
-    start, stop = ranks.shard(ids.shape[0], choice.chunk)
-    ids = ids[start:stop]
+    ids = ranks.part(ids, choice.chunk)
     work = rank_work(writer.work, ranks)
     work.mkdir(parents=True, exist_ok=True)
     stream = LayerStream(skeleton, device, compute_dtype, choice.chunk, act_device, choice.act_dtype, forward_dtype)

@@ -79,8 +79,7 @@ def layer_outlier_ratios(
     """Every decoder layer's outlier ratio, from one streamed pass of the dense model over the calibration
     windows (activations spilled to `work` when the plan keeps them on disk); with several ranks, each streams its
     shard and the norms are summed across ranks, so every rank finds the same ratios."""
-    start, stop = ranks.shard(ids.shape[0], choice.chunk)
-    ids = ids[start:stop]
+    ids = ranks.part(ids, choice.chunk)
     spilled = choice.activations == "disk"
     act_device = torch.device("cpu") if choice.activations != "device" else device
     sides = [work / "owl-a", work / "owl-b"]

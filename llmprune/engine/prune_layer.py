@@ -265,11 +265,13 @@ class LayerPruner:
             if down is not None:
                 self._observe(down, targets[down.names[0]], feed.block.expert_hidden(x, expert))
 
+    def _new_stats(self, module: Target) -> InputStats:
+        """Empty statistics of the method's kinds for a module's inputs, summed in --reduce-dtype."""
+        return InputStats(module.in_features, self.method.statistics, module.weight.device, self.ranks.reduce_dtype)
+
     def _observe(self, group: _Group, module: Target, x: torch.Tensor) -> None:
         if group.stats is None:
-            group.stats = InputStats(
-                module.in_features, self.method.statistics, module.weight.device, self.ranks.reduce_dtype
-            )
+            group.stats = self._new_stats(module)
         group.stats.add(x)
         if group.sample is None and not group.stats.exact_error:  # else a statistic gives the error exactly
             group.sample = x.reshape(-1, x.shape[-1])[: self.error_tokens].detach().clone()
@@ -365,10 +367,7 @@ class LayerPruner:
             present = [any(flags) for flags in zip(*ranks.gather_objects([g.stats is not None for g in groups]))]
             for group, wanted in zip(groups, present):
                 if wanted and group.stats is None:
-                    module = targets[group.names[0]]
-                    group.stats = InputStats(
-                        module.in_features, self.method.statistics, module.weight.device, ranks.reduce_dtype
-                    )
+                    group.stats = self._new_stats(targets[group.names[0]])
             summed = [g for g in groups if g.stats is not None]
             for group in summed:
                 for value in group.stats.values.values():
@@ -413,7 +412,7 @@ class LayerPruner:
                 with ThreadPoolExecutor(max_workers=min(len(devices), len(group.names))) as pool:
                     placed = [(name, devices[p % len(devices)]) for p, name in enumerate(group.names)]
                     solved = list(
-                        pool.map(lambda job, g=group: self._solve(targets, g, *job[:1], pattern, job[1]), placed)
+                        pool.map(lambda job, g=group: self._solve(targets, g, job[0], pattern, job[1]), placed)
                     )
                 for name, result in zip(group.names, solved):
                     self._record(targets, group, name, result, prefix, reports)
@@ -475,7 +474,7 @@ class LayerPruner:
             self.saved[f"{prefix}.{name}"] = solved.saved
         error = solved.error
         if error is None and group.sample is not None and self.ranks.main:
-            error = _relative_error(dense, solved.weight, group.sample, None)
+            error = _sampled_error(dense, solved.weight, group.sample)
         set_weight(module, solved.weight)
         expert = {"tokens": group.stats.tokens if group.stats else 0} if isinstance(module, ExpertProjection) else {}
         reports.append(
@@ -516,15 +515,10 @@ class LayerPruner:
             )
 
 
-def _relative_error(
-    dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor | None, stats: InputStats | None, rows: int = 256
-) -> float | None:
-    """‖(W - W')X‖² / ‖WX‖² over the module's calibration inputs X: exactly from a statistic that gives it
-    (the Hessian: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)), else on a sample of the inputs. Summed a chunk of `rows`
-    output rows at a time, so it holds O(rows · n), never a copy of the weight."""
-    exact = stats.relative_error(dense, pruned) if stats is not None else None
-    if exact is not None or sample is None:
-        return exact
+def _sampled_error(dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor, rows: int = 256) -> float:
+    """‖(W - W')X‖² / ‖WX‖² over a sample X of the module's calibration inputs (where no statistic gives it exactly:
+    `_solve` takes the Hessian's tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)). Summed a chunk of `rows` output rows at a time, so it
+    holds O(rows · n), never a copy of the weight."""
     x = sample.float()
     base = diff = 0.0
     for start in range(0, dense.shape[0], rows):

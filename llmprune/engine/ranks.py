@@ -70,6 +70,11 @@ class Ranks:
         first, last = self.rank * chunks // self.world, (self.rank + 1) * chunks // self.world
         return min(first * chunk, count), min(last * chunk, count)
 
+    def part(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        """This rank's windows of `ids` (its shard, as `shard` says; all of them for one rank)."""
+        start, stop = self.shard(ids.shape[0], chunk)
+        return ids[start:stop]
+
     def chunk_for(self, count: int, chunk: int) -> int:
         """The chunk size that gives every rank at least one chunk of `count` windows (refused when it cannot)."""
         if count < self.world:
@@ -172,6 +177,12 @@ class Ranks:
             raise LLMPruneError(value)
         return value
 
+    def rank0_first(self, make: Callable[[], T]) -> T:
+        """`make()` on rank 0 first (an LLMPruneError it raises is raised on every rank), then on the others: rank 0
+        alone downloads or converts into a cache the ranks share, and the others find it there."""
+        made = self.decide(make)
+        return made if self.main else make()
+
     def agree(self, label: str, value: dict) -> None:
         """Refuse, on every rank, a launch whose ranks were given different `value`s (their arguments)."""
         values = self.gather_objects(value)
@@ -195,9 +206,11 @@ def launched() -> int:
         raise LLMPruneError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from exc
 
 
-def device_for(device: torch.device, local_rank: int) -> torch.device:
-    """The device of one rank: on GPUs, cuda:LOCAL_RANK (a launch names `--device cuda`, torchrun the index)."""
-    if device.type != "cuda":
+def device_for(device: torch.device, ranks: Ranks) -> torch.device:
+    """The device of one rank: on GPUs under torchrun, cuda:LOCAL_RANK (a launch names `--device cuda`, torchrun
+    the index); `device` itself for one process."""
+    local_rank = ranks.local_rank
+    if device.type != "cuda" or not ranks.active:
         return device
     if device.index not in (None, local_rank):
         raise LLMPruneError(
@@ -227,7 +240,7 @@ def joined(device: torch.device, reduce_dtype: str = "float32", timeout_s: float
     if ours:
         local = int(os.environ["LOCAL_RANK"])
         if device.type == "cuda":
-            torch.cuda.set_device(device_for(device, local))
+            torch.cuda.set_device(device_for(device, Ranks(world=world, local_rank=local)))
         seconds = timeout_s or float(os.environ.get("LLMPRUNE_DIST_TIMEOUT_S", TIMEOUT_S))
         dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
     else:

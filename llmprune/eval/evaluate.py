@@ -29,9 +29,8 @@ def evaluate(
     ranks and every rank returns the same result (with `rank` and `world_size`)."""
     dev = resolve_device(device)
     with joined(dev) as ranks, remote_code.consent(trust_remote_code) as grant:
-        dev = device_for(dev, ranks.local_rank) if ranks.active else dev
-        resolved = ranks.decide(lambda: resolve_model(model, quiet=quiet))  # rank 0 fills the shared cache first
-        folder = resolved if ranks.main else resolve_model(model, quiet=True)
+        dev = device_for(dev, ranks)
+        folder = ranks.rank0_first(lambda: resolve_model(model, quiet=quiet or not ranks.main))
         grant(folder)
         skeleton = build_skeleton(folder)
         limit = context_length(skeleton)

@@ -67,10 +67,10 @@ def perplexity(
     """Perplexity of the model in `folder` on `windows`, streamed layer by layer; with several ranks, each
     streams its shard of the windows and the summed log-likelihoods are added across ranks."""
     started = time.perf_counter()
-    start, stop = ranks.shard(windows.count, batch_size)
+    ids = ranks.part(windows.ids, batch_size)
     nll, tokens = 0.0, 0
-    if stop > start:  # more ranks than windows: a rank may have none
-        stream, hidden = stream_folder(folder, windows.ids[start:stop], device, batch_size, progress, label)
+    if ids.shape[0]:  # more ranks than windows: a rank may have none
+        stream, hidden = stream_folder(folder, ids, device, batch_size, progress, label)
         nll, tokens = stream.nll(hidden)
         stream.close()
     nll, count = ranks.sum_numbers(nll, tokens)

@@ -39,8 +39,7 @@ class RankInputs:
 
     def shard(self) -> torch.Tensor:
         """This rank's windows of `ids` (all of them for one process)."""
-        start, stop = self.ranks.shard(self.ids.shape[0], self.chunk)
-        return self.ids[start:stop]
+        return self.ranks.part(self.ids, self.chunk)
 
 
 @dataclass

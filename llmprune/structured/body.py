@@ -200,8 +200,7 @@ def tune_and_write(
     several ranks, each streams its shard of `ids`, the equations and errors are summed, and rank 0 writes."""
     cpu = torch.device("cpu")
     kept = list(range(skeleton.num_layers)) if kept is None else kept
-    start, stop = ranks.shard(ids.shape[0], chunk)
-    stream, teacher = open_stream(skeleton, ids[start:stop], device, chunk, cpu)
+    stream, teacher = open_stream(skeleton, ranks.part(ids, chunk), device, chunk, cpu)
     dtype = stream.dtype
     student = Activations([c.clone() for c in teacher.chunks])
     exact = tuning and structure.residual_adds_projections and structure.post_attention_norm is not None

@@ -87,8 +87,7 @@ def mask_gradients(
     rank order, which is the chunks' order."""
     windows = ids.shape[0]
     chunk = ranks.chunk_for(windows, chunk)
-    first, last = ranks.shard(windows, chunk)
-    ids = ids[first:last]
+    ids = ranks.part(ids, chunk)
     boundary = [work / f"h{index:05d}" for index in range(skeleton.num_layers + 1)]
     for folder in boundary:
         folder.mkdir(parents=True, exist_ok=True)
