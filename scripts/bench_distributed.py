@@ -80,9 +80,8 @@ def table(rows: list[dict], args, command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        run = f"{row['ranks']} x {row['threads']} thread{'s' if row['threads'] > 1 else ''}"
-        if row["ranks"] > 1:
-            run = f"{row['ranks']} ranks x {row['threads']} thread{'s' if row['threads'] > 1 else ''}"
+        ranks = f"{row['ranks']} ranks" if row["ranks"] > 1 else "1"
+        run = f"{ranks} x {row['threads']} thread{'s' if row['threads'] > 1 else ''}"
         lines.append(
             f"| {row['repeat']} | {run} | {row['wall_s']:.0f} | {row['prune_s']:.0f} | "
             f"{' / '.join(f'{r:.2f}' for r in row['rss_gib'])} | {row.get('rss_ratio', '-')} | "
