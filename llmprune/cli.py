@@ -390,6 +390,13 @@ def run_push(argv: list[str]) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    """Write one line to stderr in a single write, so the lines of ranks sharing torchrun's stderr never interleave
+    (print writes the text and its newline separately)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def guarded(command: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a command the llmprune way: an LLMPruneError is one `llmprune: error:` line and its exit code, an
     interrupt exits 130, and the command's logging ends with it (a caller's own configuration is restored)."""
@@ -398,10 +405,10 @@ def guarded(command: Callable[[list[str]], int], argv: list[str]) -> int:
     try:
         return command(argv)
     except LLMPruneError as exc:
-        print("llmprune: error: " + " ".join(str(exc).split()), file=sys.stderr)
+        _say("llmprune: error: " + " ".join(str(exc).split()))
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
-        print("llmprune: interrupted", file=sys.stderr)
+        _say("llmprune: interrupted")
         return 130
     finally:
         for handler in [h for h in logger.handlers if isinstance(h, StderrHandler)]:
