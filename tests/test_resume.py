@@ -73,11 +73,10 @@ def _kill_at_layer(cmd: list[str], state_file, layer: int, extra_delay: float) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "activations,quantize", [("memory", None), ("disk", None), ("memory", "w4a16")], ids=["memory", "disk", "w4a16"]
-)
+@pytest.mark.parametrize("activations,quantize", [("memory", None), ("disk", "w4a16")], ids=["memory", "disk-w4a16"])
 def test_sigkill_then_resume_is_bit_identical(tiny_models, corpus_file, tmp_path, activations, quantize, capsys):
-    """A quantized run too: its layer units hold codes and scales, and the resumed run writes the same bytes.
+    """Activations in memory, and on disk with a quantized run (its layer units hold codes and scales): the
+    resumed run writes the same bytes.
     Only the killed run is a process of its own; the reference and the resumed run are the same command
     run in this process (llmprune.cli.main)."""
     model = tiny_models("llama", layers=10, hidden=384, inter=1024, vocab=512)

@@ -42,10 +42,11 @@ def pruned_tiny(tiny_models, corpus_file, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def servers(pruned_tiny):
-    """One server per engine for the whole run, started on first use: keys from the flag and the environment,
-    small limits (2 running, 1 queued)."""
+    """One server per engine for this module, started on first use and stopped after it (an idle vLLM engine
+    still polls, which would slow every later test): keys from the flag and the environment, small limits
+    (2 running, 1 queued)."""
     started: dict[str, Server] = {}
 
     def start(engine: str) -> Server:
@@ -70,13 +71,13 @@ def servers(pruned_tiny):
         srv.stop()
 
 
-@pytest.fixture(scope="session", params=["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
 def server(request, servers):
     """The API suite runs against both engines: vLLM's own server and llmprune's transformers app."""
     return servers(request.param)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf_server(servers):
     return servers("transformers")
 
@@ -308,6 +309,21 @@ def test_echo_and_logprobs_as_lm_eval_sends_them(server, pruned_tiny):
     assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-3)
     for token_logprob, top in zip(logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:]):
         assert max(top.values()) >= token_logprob - 1e-6 and token_logprob in top.values()
+
+
+def test_lm_eval_through_the_server_scores_the_task_as_the_folder(server, pruned_tiny, capsys):
+    """lm-eval's local-completions client against the running server (vLLM's own, or llmprune's app) scores the
+    local task as `llmprune eval --tasks` does on the same folder (20 documents)."""
+    tasks = ["--tasks", "shakespeare_cloze", "--include-path", str(ROOT / "tests" / "data" / "tasks"), "--limit", "20"]
+
+    def score(*extra: str) -> dict:
+        assert main(["eval", str(pruned_tiny), *tasks, *extra, "--quiet", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    local, served = score(), score("--base-url", server.url, "--api-key", FLAG_KEY)
+    assert served["backend"] == "server" and served["tasks"]["shakespeare_cloze"]["samples"] == 20
+    accuracy = served["tasks"]["shakespeare_cloze"]["accuracy"]
+    assert accuracy == pytest.approx(local["tasks"]["shakespeare_cloze"]["accuracy"], abs=0.02)
 
 
 def test_malformed_json_is_400(server):
