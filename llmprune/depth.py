@@ -99,10 +99,11 @@ class DepthScores:
 
 def depth_scores(ctx: RunContext, chunk: int) -> DepthScores:
     """One streamed pass of the dense model: each layer's block influence and the last tokens' states at every
-    layer boundary."""
+    layer boundary. Under torchrun each rank streams its shard of the windows: the cosine sums are added across
+    ranks and the last tokens gathered in window order."""
     assert ctx.calib is not None
-    skeleton, cpu = ctx.skeleton, torch.device("cpu")
-    stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
+    skeleton, cpu, ranks = ctx.skeleton, torch.device("cpu"), ctx.ranks
+    stream, acts = open_stream(skeleton, ranks.part(ctx.calib.ids, chunk), ctx.device, chunk, cpu)
     dtype = stream.dtype
     boundaries: list[torch.Tensor] = []  # [windows, hidden] last-token states entering each layer, then the output
     influence = []
@@ -117,10 +118,12 @@ def depth_scores(ctx: RunContext, chunk: int) -> DepthScores:
                 tokens += x.shape[0] * x.shape[1]
                 last.append(x[:, -1].float())
                 acts.put(position, out)
-        boundaries.append(torch.cat(last))
+        boundaries.append(torch.cat(ranks.gather_objects(torch.cat(last))))
+        cosines, tokens = ranks.sum_numbers(cosines, tokens)
         influence.append(1 - cosines / tokens)
         skeleton.unload_layer(index)
-    boundaries.append(torch.cat([acts.get(position)[:, -1].float() for position in range(len(acts))]))
+    ends = torch.cat([acts.get(position)[:, -1].float() for position in range(len(acts))])
+    boundaries.append(torch.cat(ranks.gather_objects(ends)))
     stream.close()
     return DepthScores(influence, boundaries)
 
@@ -128,10 +131,11 @@ def depth_scores(ctx: RunContext, chunk: int) -> DepthScores:
 def greedy_search(ctx: RunContext, chunk: int, remove: int) -> list[dict]:
     """BlockPruner-style search: `remove` steps, each removing the layer whose removal gives the lowest loss on
     the calibration windows. Each candidate is a streamed forward from the embeddings through the kept layers
-    (one layer in memory at a time); returns the steps: the layer removed and the perplexity after it."""
+    (one layer in memory at a time); returns the steps: the layer removed and the perplexity after it. Under
+    torchrun each rank scores its shard of the windows and the losses are added across ranks."""
     assert ctx.calib is not None
     skeleton, cpu = ctx.skeleton, torch.device("cpu")
-    stream, start = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
+    stream, start = open_stream(skeleton, ctx.ranks.part(ctx.calib.ids, chunk), ctx.device, chunk, cpu)
     removed: list[int] = []
     steps = []
     total = sum(skeleton.num_layers - step for step in range(remove))  # candidates over all steps
@@ -145,7 +149,7 @@ def greedy_search(ctx: RunContext, chunk: int, remove: int) -> list[dict]:
                     if index != candidate:
                         stream.forward(index, skeleton.load_layer(index, ctx.device, stream.dtype), acts)
                         skeleton.unload_layer(index)
-                nll, tokens = stream.nll(acts)
+                nll, tokens = ctx.ranks.sum_numbers(*stream.nll(acts))
                 if best is None or nll < best[0]:
                     best = (nll, candidate)
                 bar.update(1)
@@ -211,11 +215,15 @@ def least_squares_repair(ctx: RunContext, chunk: int, spans: list[tuple[int, int
     projection's inputs and R the residual the span would have added (the dense hidden state entering layer e
     minus layer p's output), so that layer p's output approximates what layer e would have seen. The spans may
     overlap (a search's candidates): each is its own fit. Layer p's inputs are held (float32, CPU) until its
-    last span ends."""
+    last span ends.
+
+    Each chunk's products are taken in float32 and added in float64, so the sums do not depend on how the
+    windows are grouped: under torchrun each rank streams its shard and the sums are added across ranks (in rank
+    order), and the fit equals one process's."""
     from llmprune.structured.arch import structure_of
 
     assert ctx.calib is not None
-    skeleton, cpu = ctx.skeleton, torch.device("cpu")
+    skeleton, cpu, ranks = ctx.skeleton, torch.device("cpu"), ctx.ranks
     down = structure_of(skeleton.config).down
     spans = sorted({(first, end) for first, end in spans if first > 0})
     if not spans:
@@ -223,7 +231,7 @@ def least_squares_repair(ctx: RunContext, chunk: int, spans: list[tuple[int, int
     ends: dict[int, list[int]] = {}  # p -> the ends of its spans
     for first, end in spans:
         ends.setdefault(first - 1, []).append(end)
-    stream, acts = open_stream(skeleton, ctx.calib.ids, ctx.device, chunk, cpu)
+    stream, acts = open_stream(skeleton, ranks.part(ctx.calib.ids, chunk), ctx.device, chunk, cpu)
     held: dict[int, tuple[list, list, torch.Tensor]] = {}  # p -> (a per chunk, p's output per chunk, A^T A)
     sums: dict[tuple[int, int], list] = {}  # span -> [R^T A, ||R||²]
 
@@ -232,9 +240,10 @@ def least_squares_repair(ctx: RunContext, chunk: int, spans: list[tuple[int, int
             inputs, outputs, _ = held[p]
             rta, rtr = 0.0, 0.0
             for position, (a, out) in enumerate(zip(inputs, outputs)):
-                r = (acts.get(position)[:, SKIP:].double() - out.double()).flatten(0, -2)
-                rta, rtr = rta + r.T @ a.double(), rtr + float(r.pow(2).sum())
-            sums[(p + 1, index)] = [rta, rtr, held[p][2]]
+                r = (acts.get(position)[:, SKIP:].float() - out).flatten(0, -2)
+                rta, rtr = rta + (r.T @ a).double(), rtr + float(r.pow(2).sum())
+            (rtr,) = ranks.sum_numbers(rtr)
+            sums[(p + 1, index)] = [ranks.sum_(rta), rtr, held[p][2]]
             if index == max(ends[p]):
                 del held[p]
 
@@ -257,7 +266,7 @@ def least_squares_repair(ctx: RunContext, chunk: int, spans: list[tuple[int, int
                 acts.put(position, out)
         if handle is not None:
             handle.remove()
-            held[index] = (captured, outputs, sum(a.double().T @ a.double() for a in captured))
+            held[index] = (captured, outputs, ranks.sum_(sum((a.T @ a).double() for a in captured)))
         skeleton.unload_layer(index)
     close(last)
     stream.close()
@@ -280,6 +289,7 @@ class DepthBody(RemovalBody):
 
     kind = "depth"
     sections = ("removal",)
+    distributed = True  # the scores, the search's losses and the repair's sums are added across ranks
 
     def check_model(self, ctx: RunContext) -> None:
         if self.method.values["depth_repair"]:
@@ -314,7 +324,7 @@ class DepthBody(RemovalBody):
                 repaired, self.repairs = {r.key: r.weight for r in repairs}, [r.as_dict() for r in repairs]
         scored = time.perf_counter()
         skeleton = ctx.skeleton
-        for new, old in enumerate(self.kept):
+        for new, old in enumerate(self.kept if ctx.ranks.main else []):  # rank 0 writes
             source, target = f"{skeleton.layers_prefix}.{old}.", f"{skeleton.layers_prefix}.{new}."
             tensors = skeleton.stored(  # the repaired down projection, if any, replaces the layer's own
                 {

@@ -7,6 +7,7 @@ perplexity, wall time, peak RSS and achieved sparsity.
 
     python scripts/bench_prune.py [--samples 128] [--seqlen 512] [--eval-samples 32] [--out bench-out]
     python scripts/bench_prune.py --study one-shot [--seeds 0 1 2] [--only alps:2:4 ...] [--out bench-out]
+        [--write BENCHMARKS.md [--section bench_one_shot]]
 
 The study keeps every finished run in OUT/one-shot.jsonl and skips it when run again, so a long study can be
 continued; its runs go in the order of STUDY (the targets' pairs first), seed by seed within each pair, so
@@ -87,7 +88,7 @@ def one_shot_study(args) -> None:
                     f"{row['process_s']:.0f} s  peak {row['peak_rss_gib']:.2f} GiB",
                     flush=True,
                 )
-    publish_table(study_table(args, done), "bench_one_shot", write=args.write)
+    publish_table(study_table(args, done), args.section, write=args.write)
 
 
 def study_table(args, done: dict) -> str:
@@ -138,6 +139,9 @@ def main() -> None:
     parser.add_argument("--write", help="update this Markdown file's bench_prune section (e.g. BENCHMARKS.md)")
     parser.add_argument("--study", choices=("methods", "one-shot"), default="methods")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds (one-shot study)")
+    parser.add_argument(
+        "--section", default="bench_one_shot", help="the --write file's section for the one-shot study's table"
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
     args = parser.parse_args()
     if args.study == "one-shot":

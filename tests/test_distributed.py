@@ -143,6 +143,28 @@ def test_structured_two_ranks_equal_one_process(wide, corpus_file, tmp_path):
     assert report["structured"]["mask_tuning"] and report["distributed"]["world_size"] == 2
 
 
+def test_depth_two_ranks_equal_one_process(tiny_models, corpus_file, tmp_path):
+    """Depth removal by the perplexity search (block influence and last-token states from the scoring pass,
+    every candidate's loss summed across ranks), then the least-squares repair (its sums added across ranks):
+    the same layers removed, the same repaired weights."""
+    model = tiny_models("llama", layers=4)
+    args = [*_args(model, corpus_file, tmp_path / "one", "depth", "--depth-criterion", "perplexity"), "--no-eval"]
+    at = args.index("--sparsity")
+    args[at : at + 2] = ["--remove", "0.5"]
+    _one_process(args)
+    args[args.index("--output") + 1] = str(tmp_path / "two")
+    double = _run(2, args)
+    assert double.returncode == 0, double.stdout[-3000:]
+    one, two = (json.loads((tmp_path / name / "llmprune.json").read_text())["depth"] for name in ("one", "two"))
+    assert one["removed_layers"] == two["removed_layers"] and one["search"] == two["search"]
+    assert one["block_influence"] == two["block_influence"] and one["repairs"] == two["repairs"]
+    assert one["repairs"], one  # a removed span after layer 0: its repair ran on both sides
+    assert json.loads((tmp_path / "one" / "config.json").read_text()) == json.loads(
+        (tmp_path / "two" / "config.json").read_text()
+    )
+    _assert_same_model(tmp_path / "one", tmp_path / "two")
+
+
 @pytest.mark.parametrize(("arch", "method"), [("mixtral", "reap"), ("qwen2_moe", "sparsegpt")])
 def test_moe_two_ranks_equal_one_process(arch, method, tiny_models, corpus_file, tmp_path):
     """REAP's saliencies (counts and gate-weighted norms summed across ranks) keep the same experts; SparseGPT's
@@ -268,7 +290,7 @@ def test_launches_refused_before_any_collective(model, corpus_file, monkeypatch,
 
     two = Ranks(rank=1, world=2, backend="gloo")
     refused = {
-        "does not run across torchrun ranks": dict(method="depth", remove=0.5),
+        "does not run across torchrun ranks": dict(target_speedup=2.0),
         "--eval-tasks under torchrun": dict(method="wanda", eval_tasks="arc_easy"),
         "--plan-only under torchrun": dict(method="sparsegpt", plan_only=True),
     }
