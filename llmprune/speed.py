@@ -125,15 +125,15 @@ def masked_perplexity(
     replace: dict[str, torch.Tensor],
 ) -> float:
     """Perplexity of `ids` through the kept layers (with the `replace` weights: a depth repair) with the removed
-    heads and neurons masked (streamed)."""
+    heads and neurons masked (streamed; under torchrun each rank streams its shard and the losses are added)."""
     skeleton = ctx.skeleton
-    stream, acts = open_stream(skeleton, ids, ctx.device, chunk, torch.device("cpu"))
+    stream, acts = open_stream(skeleton, ctx.ranks.part(ids, chunk), ctx.device, chunk, torch.device("cpu"))
     for index in kept:
         layer = skeleton.load_layer(index, ctx.device, stream.dtype, replace)
         with StudentMasks(layer, structure, shape, cuts[index], ctx.device):
             stream.forward(index, layer, acts)
         skeleton.unload_layer(index)
-    nll, tokens = stream.nll(acts)
+    nll, tokens = ctx.ranks.sum_numbers(*stream.nll(acts))
     stream.close()
     return math.exp(nll / tokens)
 
@@ -148,6 +148,7 @@ class SpeedBody(Body):
 
     kind = "speed"
     sections = ("speed", "structured")
+    distributed = True  # rank 0 times the cost model and the result; every statistic is summed across ranks
 
     def __init__(self, settings, method: type) -> None:
         super().__init__(settings, method)
@@ -172,6 +173,9 @@ class SpeedBody(Body):
             )
         if ctx.skeleton.num_layers < 2:
             raise LLMPruneError("--target-speedup needs a model of at least 2 decoder layers")
+        width = self.method.values["width_method"]
+        if ctx.ranks.active and not STRUCTURED[width].distributed:
+            raise LLMPruneError(f"--width-method {width} does not run across torchrun ranks yet; run it as one process")
 
     def timing(self) -> Timing:
         v = self.method.values
@@ -181,12 +185,15 @@ class SpeedBody(Body):
         """The cost model and the candidate cuts, before any weight is read: an unreachable target is refused
         with no output folder."""
         assert ctx.calib is not None
-        self.chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
+        chunk = self.settings.common.batch_size or default_chunk(ctx.calib.count, ctx.calib.seqlen, ctx.device)
+        self.chunk = ctx.ranks.chunk_for(ctx.calib.count, chunk)  # every rank gets whole chunks of windows
         shape = self.shape
         self.dense = DecodeShape(ctx.skeleton.num_layers, shape.kv_heads, shape.intermediate)
         self.groups = allowed_groups(shape.kv_heads) if self.structure.heads else [shape.kv_heads]
         self.arch = Architecture(ctx.skeleton.config.get_text_config().to_dict(), self.structure, shape)
-        self.costs = decode_costs(self.arch, self.dense, ctx.save_dtype, ctx.device, self.timing(), min(self.groups))
+        self.costs = ctx.ranks.decide(  # timed on rank 0 alone: every rank must search the same cuts
+            lambda: decode_costs(self.arch, self.dense, ctx.save_dtype, ctx.device, self.timing(), min(self.groups))
+        )
         neurons = allowed_neurons(shape.intermediate, self.settings.structured.neuron_multiple)
         self.cuts = candidate_cuts(self.costs, self.dense, self.target, self.groups, neurons)
         if not self.cuts:
@@ -208,7 +215,7 @@ class SpeedBody(Body):
         width = STRUCTURED[values["width_method"]]()
         ranking = width.rank(
             RankInputs(skeleton, ctx.calib.ids, self.structure, shape, ctx.device, self.chunk, writer.work,
-                       ctx.progress, False)
+                       ctx.progress, False, ctx.ranks)
         )  # fmt: skip
         scored = time.perf_counter()
         self.candidates, repairs = self.search(ctx, depth, ranking)
@@ -224,18 +231,13 @@ class SpeedBody(Body):
         self.layer_reports = tune_and_write(
             skeleton, ctx.calib.ids, cuts, self.structure, shape, ctx.device, self.chunk, writer, ctx.save_dtype,
             settings.mask_tuning, settings.tuning_damping, ctx.progress, kept=self.kept,
-            replace={repair.key: repair.weight} if repair else None,
+            replace={repair.key: repair.weight} if repair else None, ranks=ctx.ranks,
         )  # fmt: skip
         written = time.perf_counter()
         self.measured = None
         if values["measure_speedup"]:
             small = DecodeShape(len(self.kept), best.kv_groups, best.neurons)
-            try:  # two whole random-weight models: a model too large to hold twice keeps its prediction only
-                self.measured = measured_speedup(
-                    self.arch, self.dense, small, ctx.save_dtype, ctx.device, self.timing()
-                )
-            except (MemoryError, torch.OutOfMemoryError) as exc:
-                log.warning("the whole shapes do not fit to be timed (%s); the report keeps the prediction", exc)
+            self.measured = ctx.ranks.decide(lambda: self.measure(ctx, small))  # timed on rank 0 alone
         self.timings = {
             "score_seconds": round(scored - started, 2),
             "search_seconds": round(searched - scored, 2),
@@ -243,6 +245,14 @@ class SpeedBody(Body):
             "measure_seconds": round(time.perf_counter() - written, 2),
             "prune_seconds": round(time.perf_counter() - started, 2),
         }
+
+    def measure(self, ctx: RunContext, small: DecodeShape) -> dict | None:
+        """The dense and the cut shapes timed whole (random weights); None when two such models do not fit."""
+        try:
+            return measured_speedup(self.arch, self.dense, small, ctx.save_dtype, ctx.device, self.timing())
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            log.warning("the whole shapes do not fit to be timed (%s); the report keeps the prediction", exc)
+            return None
 
     def search(
         self, ctx: RunContext, depth: DepthScores, ranking: Ranking
@@ -253,6 +263,7 @@ class SpeedBody(Body):
         assert ctx.calib is not None
         values = self.method.values
         ids = ctx.calib.ids[: values["search_windows"]]
+        chunk = ctx.ranks.chunk_for(len(ids), self.chunk)  # every rank gets whole chunks of the searched windows
         chosen = spaced(self.cuts, values["max_candidates"])
         spans = {d: depth.closest_span(d) for d, *_ in chosen if d}
         repairs, self.repair_note = {}, None
@@ -269,7 +280,7 @@ class SpeedBody(Body):
             cuts = choose_cuts(Counts(g, self.shape.group_size, n), self.shape, ranking)
             repair = repairs.get(_span(removed)) if removed else None
             replace = {repair.key: repair.weight} if repair else {}
-            ppl = masked_perplexity(ctx, ids, kept, cuts, self.chunk, self.structure, self.shape, replace)
+            ppl = masked_perplexity(ctx, ids, kept, cuts, chunk, self.structure, self.shape, replace)
             candidates.append(Candidate(removed, g, n, predicted, ppl))
         return candidates, repairs
 

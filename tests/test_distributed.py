@@ -165,6 +165,33 @@ def test_depth_two_ranks_equal_one_process(tiny_models, corpus_file, tmp_path):
     _assert_same_model(tmp_path / "one", tmp_path / "two")
 
 
+def test_speed_search_two_ranks_equal_one_process(tiny_models, corpus_file, tmp_path, monkeypatch):
+    """--target-speedup: the cost model is rank 0's (fixed here, in the cache, so that one process and the ranks
+    search the same cuts), every candidate's loss, the depth scores and repair, FLAP's moments and the mask
+    tuning are summed across ranks: the same cut, the same weights."""
+    from tests.helpers.costs import fixed_costs, write_costs
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    model = tiny_models("llama", layers=8, inter=256)
+    write_costs(model, fixed_costs(layer=1.0, neuron=1 / 256))  # 2x needs layers and neurons removed
+    args = _args(model, corpus_file, tmp_path / "one", "wanda", "--no-eval")
+    at = args.index("--method")
+    args[at : at + 4] = ["--target-speedup", "2.0", "--search-windows", "4", "--neuron-multiple", "32"]
+    args[args.index("--samples") + 1] = "12"  # 756 tokens: enough to fit the depth repair of a 256-wide FFN
+    _one_process([*args, "--no-measure-speedup"])
+    args[args.index("--output") + 1] = str(tmp_path / "two")
+    double = _run(2, [*args, "--no-measure-speedup"])
+    assert double.returncode == 0, double.stdout[-3000:]
+    one, two = (json.loads((tmp_path / name / "llmprune.json").read_text())["speed"] for name in ("one", "two"))
+    assert one["removed_layers"] and one["kept"]["intermediate"] < 256
+    for key in ("candidates", "removed_layers", "kept", "repair"):
+        assert one[key] == two[key], key
+    assert json.loads((tmp_path / "one" / "config.json").read_text()) == json.loads(
+        (tmp_path / "two" / "config.json").read_text()
+    )
+    _assert_same_model(tmp_path / "one", tmp_path / "two")
+
+
 @pytest.mark.parametrize(("arch", "method"), [("mixtral", "reap"), ("qwen2_moe", "sparsegpt")])
 def test_moe_two_ranks_equal_one_process(arch, method, tiny_models, corpus_file, tmp_path):
     """REAP's saliencies (counts and gate-weighted norms summed across ranks) keep the same experts; SparseGPT's
@@ -283,22 +310,26 @@ def test_killed_rank_resumes_to_the_same_output(tiny_models, corpus_file, tmp_pa
 def test_launches_refused_before_any_collective(model, corpus_file, monkeypatch, capsys, tmp_path):
     """What a launch cannot do is refused from the arguments alone, on every rank alike (each rank runs these
     checks before it talks to the others): lm-eval's tasks (every rank would run them in full), a method that
-    does not run distributed, --eval-tasks, --plan-only; and WORLD_SIZE without torchrun."""
+    does not run distributed (every built-in one does; a plugin's body may not), --eval-tasks, --plan-only; and
+    WORLD_SIZE without torchrun."""
     from llmprune.engine.ranks import Ranks
     from llmprune.run import KINDS, all_methods, check_launch, make_settings
     from tests.helpers.cli import one_error_line, run_main
 
     two = Ranks(rank=1, world=2, backend="gloo")
     refused = {
-        "does not run across torchrun ranks": dict(target_speedup=2.0),
+        "does not run across torchrun ranks": dict(method="depth", remove=0.5),  # a body that says it cannot
         "--eval-tasks under torchrun": dict(method="wanda", eval_tasks="arc_easy"),
         "--plan-only under torchrun": dict(method="sparsegpt", plan_only=True),
     }
     for message, options in refused.items():
         settings = make_settings(str(model), **options)
         kind, method = all_methods()[settings.method]
+        body = KINDS[kind][1](settings, method)
+        if settings.method == "depth":
+            body.distributed = False
         with pytest.raises(LLMPruneError, match=message):
-            check_launch(settings, KINDS[kind][1](settings, method), two)
+            check_launch(settings, body, two)
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_main(["eval", model, "--tasks", "arc_easy"], capsys)
     assert code == 2 and "runs as one process" in one_error_line(err)

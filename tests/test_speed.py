@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,10 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import llmprune
 from llmprune.costmodel import (
     Architecture,
-    DecodeCosts,
     DecodeShape,
     Timing,
-    cache_key,
     decode_costs,
     fit,
     random_model,
@@ -26,20 +23,8 @@ from llmprune.costmodel import (
 from llmprune.errors import LLMPruneError
 from llmprune.speed import candidate_cuts, spaced
 from llmprune.structured.arch import Shape, structure_of
+from tests.helpers.costs import fixed_costs, write_costs
 from tests.helpers.vllm_generate import greedy, transformers_greedy
-
-
-def _costs(base=0.0, layer=1.0, group=0.0, neuron=0.0) -> DecodeCosts:
-    return DecodeCosts(base, layer, group, neuron, measured={}, timing=asdict(Timing()), device="cpu")
-
-
-def _write_costs(folder, costs: DecodeCosts) -> None:
-    """Put a cost model in the cache where a default run on `folder`'s architecture (float32, CPU) looks for it."""
-    text = AutoConfig.from_pretrained(folder).get_text_config().to_dict()
-    key = cache_key(text, torch.float32, torch.device("cpu"), Timing())
-    path = llmprune.costmodel.cache_root() / "costs" / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(costs.as_dict()))
 
 
 def _arch(config) -> Architecture:
@@ -55,14 +40,14 @@ def _token_file(path, windows=6, seqlen=24, vocab=512):
 
 def test_the_fit_recovers_the_parts_of_a_linear_cost():
     dense = DecodeShape(8, 4, 512)
-    truth = _costs(base=3.0, layer=0.5, group=0.25, neuron=0.002)
+    truth = fixed_costs(base=3.0, layer=0.5, group=0.25, neuron=0.002)
     shapes = [DecodeShape(2, 4, 512), DecodeShape(8, 4, 512), DecodeShape(8, 4, 256), DecodeShape(8, 2, 512)]
     times = {shape: truth.step(shape) for shape in shapes}
     assert fit(dense, times, 2, 8, 256, 2) == pytest.approx((3.0, 0.5, 0.25, 0.002))
 
 
 def test_candidate_cuts_are_the_widest_per_depth_until_full_width_reaches_the_target():
-    costs = _costs(layer=1.0, neuron=1 / 1024)  # a full layer costs 2, its FFN half of it
+    costs = fixed_costs(layer=1.0, neuron=1 / 1024)  # a full layer costs 2, its FFN half of it
     dense = DecodeShape(10, 2, 1024)
     cuts = candidate_cuts(costs, dense, 1.25, [2], [256, 512, 768, 1024])
     # 10 layers x 2 = 20; 20 / 1.25 = 16 is the budget: L' (1 + n/1024) <= 16
@@ -87,7 +72,7 @@ def test_a_noisy_fit_keeps_its_parts_positive_within_the_layer():
 
 
 def test_candidate_cuts_cover_every_group_count_and_spacing_keeps_the_ends():
-    costs = _costs(layer=1.0, group=0.25, neuron=1 / 1024)  # a dense layer: 1 + 4 x 0.25 + 1 = 3
+    costs = fixed_costs(layer=1.0, group=0.25, neuron=1 / 1024)  # a dense layer: 1 + 4 x 0.25 + 1 = 3
     dense = DecodeShape(6, 4, 1024)
     cuts = candidate_cuts(costs, dense, 1.5, [2, 4], [256, 512, 768, 1024])
     # budget 18 / 1.5 = 12: L' (1 + g/4 + n/1024) <= 12; 4 groups need a layer gone, 2 groups do not
@@ -138,7 +123,7 @@ def test_a_combined_cut_is_the_dense_model_without_those_layers_and_units(tiny_m
     folder = tiny_models("llama", layers=8, inter=256)
     ids = _token_file(tmp_path / "tokens.safetensors", windows=24)  # 552 tokens: enough to fit the depth repair
     # every layer costs 1 + n/256: width alone reaches at most 2/1.25 = 1.6x, so 2x needs layers and neurons
-    _write_costs(folder, _costs(layer=1.0, neuron=1 / 256))
+    write_costs(folder, fixed_costs(layer=1.0, neuron=1 / 256))
     out = tmp_path / "out"
     report = llmprune.prune(str(folder), target_speedup=2.0, calibration=str(tmp_path / "tokens.safetensors"),
                             no_eval=True, quiet=True, output=str(out), neuron_multiple=32, mask_tuning=False,
@@ -182,7 +167,7 @@ def test_a_cut_of_layers_and_kv_groups_loads_with_explicit_head_dim(tmp_path, mo
     folder = tmp_path / "qwen2"
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     # only KV groups cost time: 4 groups x 2 layers = 8; 2.5x needs one layer with 2 groups (2: 4x)
-    _write_costs(folder, _costs(layer=0.0, group=1.0))
+    write_costs(folder, fixed_costs(layer=0.0, group=1.0))
     ids = _token_file(tmp_path / "tokens.safetensors")
     out = tmp_path / "out"
     report = llmprune.prune(str(folder), target_speedup=2.5, calibration=str(tmp_path / "tokens.safetensors"),
@@ -214,7 +199,7 @@ def test_a_cut_of_layers_and_kv_groups_loads_with_explicit_head_dim(tmp_path, mo
 def test_bad_targets_are_one_line_and_no_output(options, message, tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
     folder = tiny_models("llama", layers=4)
-    _write_costs(folder, _costs(base=1.0, layer=1.0))  # at most (1 + 4) / (1 + 1) = 2.5x
+    write_costs(folder, fixed_costs(base=1.0, layer=1.0))  # at most (1 + 4) / (1 + 1) = 2.5x
     _token_file(tmp_path / "tokens.safetensors")
     out = tmp_path / "out"
     with pytest.raises(LLMPruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -230,7 +215,7 @@ def test_smollm2_cut_in_depth_and_width_gives_the_same_greedy_tokens_in_transfor
     """A combined cut of the real model (layers removed and every kept layer narrowed, mask tuning on) loads in
     stock transformers and in vLLM, which continue greedily alike, with the parameter count the report claims."""
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
-    _write_costs(smollm2, _costs(layer=1.0, neuron=1 / 1536))  # width alone reaches at most 1.92x
+    write_costs(smollm2, fixed_costs(layer=1.0, neuron=1 / 1536))  # width alone reaches at most 1.92x
     out = tmp_path / "smol-speed"
     report = llmprune.prune(str(smollm2), target_speedup=2.5, max_candidates=1, calibration=str(corpus_file),
                             samples=8, seqlen=128, eval_samples=4, max_ppl_increase=float("inf"), quiet=True,
