@@ -6,7 +6,7 @@ The runs alternate (single, ranks, single, ranks, ...) so that a noisy machine s
 are taken within each repeat.
 
     python scripts/bench_distributed.py --model smollm2-135m-gguf --out bench-dist [--ranks 2] [--threads 2]
-        [--repeats 1] [--write BENCHMARKS.md]
+        [--repeats 1] [--samples 128] [--write BENCHMARKS.md [--section bench_distributed]]
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-distributed"))
     parser.add_argument("--write", default=None)
+    parser.add_argument("--section", default="bench_distributed", help="the --write file's section for the table")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     common = [args.model, "--method", args.method, "--sparsity", args.sparsity, "--calibration", args.calibration,
@@ -122,7 +123,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         (args.out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     command = "python scripts/bench_distributed.py " + " ".join(sys.argv[1:])
-    publish_table(table(rows, args, command), "bench_distributed", args.out, args.write)
+    publish_table(table(rows, args, command), args.section, args.out, args.write)
 
 
 if __name__ == "__main__":
