@@ -88,6 +88,19 @@ def _assert_same_model(one: Path, two: Path) -> None:
         assert torch.equal(first[key], second[key]), key
 
 
+def _one_and_two_ranks(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """`args` run as one process into tmp_path/one and as 2 ranks into tmp_path/two (whatever its --output says):
+    the same config and the same tensors, bit for bit. Returns both reports."""
+    at = args.index("--output") + 1
+    one, two = tmp_path / "one", tmp_path / "two"
+    _one_process([*args[:at], str(one), *args[at + 1 :]])
+    double = _run(2, [*args[:at], str(two), *args[at + 1 :]])
+    assert double.returncode == 0, double.stdout[-3000:]
+    assert json.loads((one / "config.json").read_text()) == json.loads((two / "config.json").read_text())
+    _assert_same_model(one, two)
+    return json.loads((one / "llmprune.json").read_text()), json.loads((two / "llmprune.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def wide(tiny_models) -> Path:
     """A 3-layer tiny Llama wide enough for 2:4 and SparseGPT's blocks."""
@@ -96,13 +109,7 @@ def wide(tiny_models) -> Path:
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    _one_process(_args(wide, corpus_file, one, method))
-    double = _run(2, _args(wide, corpus_file, two, method))
-    assert double.returncode == 0, double.stdout[-3000:]
-    _assert_same_model(one, two)
-    report_one = json.loads((one / "llmprune.json").read_text())
-    report_two = json.loads((two / "llmprune.json").read_text())
+    report_one, report_two = _one_and_two_ranks(_args(wide, corpus_file, tmp_path, method), tmp_path)
     masks = [[m["zeros"] for m in layer["modules"]] for layer in report_one["layers"]]
     assert masks == [[m["zeros"] for m in layer["modules"]] for layer in report_two["layers"]]
     assert report_two["distributed"] == {"world_size": 2, "backend": "gloo", "reduce_dtype": "float64"}
@@ -115,7 +122,8 @@ def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
     assert report_one["perplexity"]["pruned_detail"]["tokens"] == report_two["perplexity"]["pruned_detail"]["tokens"]
     assert not list(tmp_path.glob(".*partial"))
     if method == "sparsegpt":  # `llmprune eval` splits its windows the same way
-        command = ["eval", str(two), "--dataset", str(corpus_file), "--samples", "6", "--seqlen", "64", "--json"]
+        command = ["eval", str(tmp_path / "two"), "--dataset", str(corpus_file), "--samples", "6", "--seqlen", "64"]
+        command.append("--json")
         evaluated = _run(2, command)
         assert evaluated.returncode == 0, evaluated.stdout[-2000:]
         result = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
@@ -133,13 +141,7 @@ def test_structured_two_ranks_equal_one_process(wide, corpus_file, tmp_path):
     """Kwon's Fisher combined with FLAP's fluctuation (per-chunk mask gradients gathered, their squares and the
     input moments summed), then mask tuning (normal equations summed): the same heads and neurons kept, the
     same tuned weights."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    _one_process(_structured_args(wide, corpus_file, one))
-    double = _run(2, _structured_args(wide, corpus_file, two))
-    assert double.returncode == 0, double.stdout[-3000:]
-    assert json.loads((one / "config.json").read_text()) == json.loads((two / "config.json").read_text())
-    _assert_same_model(one, two)
-    report = json.loads((two / "llmprune.json").read_text())
+    _, report = _one_and_two_ranks(_structured_args(wide, corpus_file, tmp_path), tmp_path)
     assert report["structured"]["mask_tuning"] and report["distributed"]["world_size"] == 2
 
 
@@ -148,48 +150,32 @@ def test_depth_two_ranks_equal_one_process(tiny_models, corpus_file, tmp_path):
     every candidate's loss summed across ranks), then the least-squares repair (its sums added across ranks):
     the same layers removed, the same repaired weights."""
     model = tiny_models("llama", layers=4)
-    args = [*_args(model, corpus_file, tmp_path / "one", "depth", "--depth-criterion", "perplexity"), "--no-eval"]
+    args = [*_args(model, corpus_file, tmp_path, "depth", "--depth-criterion", "perplexity"), "--no-eval"]
     at = args.index("--sparsity")
     args[at : at + 2] = ["--remove", "0.5"]
-    _one_process(args)
-    args[args.index("--output") + 1] = str(tmp_path / "two")
-    double = _run(2, args)
-    assert double.returncode == 0, double.stdout[-3000:]
-    one, two = (json.loads((tmp_path / name / "llmprune.json").read_text())["depth"] for name in ("one", "two"))
+    one, two = (report["depth"] for report in _one_and_two_ranks(args, tmp_path))
     assert one["removed_layers"] == two["removed_layers"] and one["search"] == two["search"]
     assert one["block_influence"] == two["block_influence"] and one["repairs"] == two["repairs"]
     assert one["repairs"], one  # a removed span after layer 0: its repair ran on both sides
-    assert json.loads((tmp_path / "one" / "config.json").read_text()) == json.loads(
-        (tmp_path / "two" / "config.json").read_text()
-    )
-    _assert_same_model(tmp_path / "one", tmp_path / "two")
 
 
 def test_speed_search_two_ranks_equal_one_process(tiny_models, corpus_file, tmp_path, monkeypatch):
-    """--target-speedup: the cost model is rank 0's (fixed here, in the cache, so that one process and the ranks
-    search the same cuts), every candidate's loss, the depth scores and repair, FLAP's moments and the mask
-    tuning are summed across ranks: the same cut, the same weights."""
+    """--target-speedup: the cost model is rank 0's (fixed here, in the cache under the one thread each run
+    has, so that one process and the ranks search the same cuts), every candidate's loss, the depth scores and
+    repair, FLAP's moments and the mask tuning are summed across ranks: the same cut, the same weights."""
     from tests.helpers.costs import fixed_costs, write_costs
 
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
     model = tiny_models("llama", layers=8, inter=256)
-    write_costs(model, fixed_costs(layer=1.0, neuron=1 / 256))  # 2x needs layers and neurons removed
-    args = _args(model, corpus_file, tmp_path / "one", "wanda", "--no-eval")
+    write_costs(model, fixed_costs(layer=1.0, neuron=1 / 256), threads=1)  # 2x needs layers and neurons removed
+    args = _args(model, corpus_file, tmp_path, "wanda", "--no-eval", "--no-measure-speedup")
     at = args.index("--method")
     args[at : at + 4] = ["--target-speedup", "2.0", "--search-windows", "4", "--neuron-multiple", "32"]
     args[args.index("--samples") + 1] = "12"  # 756 tokens: enough to fit the depth repair of a 256-wide FFN
-    _one_process([*args, "--no-measure-speedup"])
-    args[args.index("--output") + 1] = str(tmp_path / "two")
-    double = _run(2, [*args, "--no-measure-speedup"])
-    assert double.returncode == 0, double.stdout[-3000:]
-    one, two = (json.loads((tmp_path / name / "llmprune.json").read_text())["speed"] for name in ("one", "two"))
+    one, two = (report["speed"] for report in _one_and_two_ranks(args, tmp_path))
     assert one["removed_layers"] and one["kept"]["intermediate"] < 256
     for key in ("candidates", "removed_layers", "kept", "repair"):
         assert one[key] == two[key], key
-    assert json.loads((tmp_path / "one" / "config.json").read_text()) == json.loads(
-        (tmp_path / "two" / "config.json").read_text()
-    )
-    _assert_same_model(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.parametrize(("arch", "method"), [("mixtral", "reap"), ("qwen2_moe", "sparsegpt")])
@@ -197,17 +183,11 @@ def test_moe_two_ranks_equal_one_process(arch, method, tiny_models, corpus_file,
     """REAP's saliencies (counts and gate-weighted norms summed across ranks) keep the same experts; SparseGPT's
     per-expert Hessians, fed on each rank by the tokens routed there, sum to one process's."""
     model = tiny_models(arch, layers=2)
-    args = [*_args(model, corpus_file, tmp_path / "one", method), "--no-eval"]
+    args = [*_args(model, corpus_file, tmp_path, method), "--no-eval"]
     if method == "reap":
         at = args.index("--sparsity")
         args[at : at + 2] = ["--remove", "0.5"]
-    _one_process(args)
-    double = _run(2, [*args[: args.index("--output")], "--output", str(tmp_path / "two"), "--no-eval"])
-    assert double.returncode == 0, double.stdout[-3000:]
-    assert json.loads((tmp_path / "one" / "config.json").read_text()) == json.loads(
-        (tmp_path / "two" / "config.json").read_text()
-    )
-    _assert_same_model(tmp_path / "one", tmp_path / "two")
+    _one_and_two_ranks(args, tmp_path)
 
 
 def _rank_env(rank: int, port: int) -> dict:
