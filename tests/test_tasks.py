@@ -6,11 +6,13 @@ test_serve.py, on the servers that module starts anyway."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 import llmprune
 from llmprune.cli import main
+from llmprune.eval.tasks import task_manager
 from llmprune.export.card import read_front_matter
 from llmprune.export.gate import quality_gate
 from tests.helpers.serving import ROOT
@@ -95,6 +97,18 @@ def test_bad_task_flags_are_one_line(tiny_run, capsys, tmp_path):
         assert main(argv) == 2, case
         err = capsys.readouterr().err
         assert err.startswith("llmprune: error: ") and message in err and err.count("\n") == 1, (case, err)
+
+
+def test_tasks_in_the_include_path_are_indexed_alone(tmp_path):
+    """A plain task found in the include path is loaded from an index of that folder alone, kept for the run's
+    second model; a group there (which may name lm-eval's own tasks) gets lm-eval's whole index."""
+    local = task_manager((TASK,), str(TASKS))
+    assert set(local.all_tasks) == {TASK}
+    assert task_manager((TASK,), str(TASKS)) is local
+    shutil.copytree(TASKS / TASK, tmp_path / TASK)
+    (tmp_path / "cloze_group.yaml").write_text(f"group: cloze_group\ntask:\n  - {TASK}\n")
+    whole = task_manager(("cloze_group",), str(tmp_path))
+    assert {"cloze_group", TASK, "arc_easy"} <= set(whole.all_tasks)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ perplexity), which holds the whole model, or, when the model does not fit the de
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 
 from llmprune.errors import LLMPruneError
@@ -38,9 +39,8 @@ def task_accuracy(
     `stream`: score layer by layer (None: only when the whole model does not fit the device's free memory)."""
     require_lm_eval()
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(tuple(tasks), include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (nor in {include_path})" if include_path else " (a local task needs --include-path DIR)"
@@ -85,6 +85,22 @@ def task_accuracy(
         "backend": backend,
         "lm_eval_version": lm_eval.__version__,
     }
+
+
+@lru_cache(maxsize=4)
+def task_manager(tasks: tuple[str, ...], include_path: str | None = None):
+    """lm-eval's index of the tasks it can load. Indexing lm-eval's own task configs (about 15,000) takes 20-40 s
+    on a small machine, so when every task asked for is a plain task in `include_path` (which takes precedence
+    over lm-eval's own anyway) only that folder is indexed; a group or tag there, which may name lm-eval's own
+    tasks, and any task not there get the whole index. Kept per process: a prune run scores two models."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        entries = [local.task_index.get(task) for task in tasks]
+        if all(entry is not None and entry.kind.name == "TASK" for entry in entries):
+            return local
+    return TaskManager(include_path=include_path)
 
 
 def _number(value) -> float | None:
