@@ -337,11 +337,12 @@ def _run(ctx: RunContext, body: Body, writer: OutputFolder, state: RunState, sta
 
 def task_results(dense: Path, pruned: Path, publish: Publish, device: torch.device) -> dict:
     """--eval-tasks: lm-eval's accuracy of the dense source and of the pruned folder, task by task."""
-    from llmprune.eval.tasks import task_accuracy
+    from llmprune.eval.tasks import task_accuracy, task_manager
     from llmprune.settings import parse_tasks
 
     names = parse_tasks(publish.eval_tasks)
     options = dict(include_path=publish.eval_tasks_path, limit=publish.eval_tasks_limit, device=str(device))
+    options["manager"] = task_manager(names, publish.eval_tasks_path)  # indexed once for both models
     log.info("task accuracy (lm-eval) of dense and pruned on %s", ", ".join(names))
     scores = {which: task_accuracy(path, names, **options) for which, path in (("dense", dense), ("pruned", pruned))}
     results = {

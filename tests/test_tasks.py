@@ -100,14 +100,12 @@ def test_bad_task_flags_are_one_line(tiny_run, capsys, tmp_path):
 
 
 def test_tasks_in_the_include_path_are_indexed_alone(tmp_path):
-    """A plain task found in the include path is loaded from an index of that folder alone, kept for the run's
-    second model; a group there (which may name lm-eval's own tasks) gets lm-eval's whole index."""
-    local = task_manager((TASK,), str(TASKS))
-    assert set(local.all_tasks) == {TASK}
-    assert task_manager((TASK,), str(TASKS)) is local
+    """A plain task found in the include path is loaded from an index of that folder alone; a group there (which
+    may name lm-eval's own tasks) gets lm-eval's whole index."""
+    assert set(task_manager([TASK], str(TASKS)).all_tasks) == {TASK}
     shutil.copytree(TASKS / TASK, tmp_path / TASK)
     (tmp_path / "cloze_group.yaml").write_text(f"group: cloze_group\ntask:\n  - {TASK}\n")
-    whole = task_manager(("cloze_group",), str(tmp_path))
+    whole = task_manager(["cloze_group"], str(tmp_path))
     assert {"cloze_group", TASK, "arc_easy"} <= set(whole.all_tasks)
 
 

@@ -10,7 +10,6 @@ perplexity), which holds the whole model, or, when the model does not fit the de
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
 
 from llmprune.errors import LLMPruneError
@@ -33,14 +32,16 @@ def task_accuracy(
     batch_size: int | None = None,
     model_name: str | None = None,
     stream: bool | None = None,
+    manager=None,
 ) -> dict:
     """Accuracy of each task on the model in `folder` (or served at `base_url`, tokenized with the folder's
     tokenizer), with lm-eval's standard error: {"tasks": {name: {"metric", "accuracy", "stderr", "samples"}}}.
-    `stream`: score layer by layer (None: only when the whole model does not fit the device's free memory)."""
+    `stream`: score layer by layer (None: only when the whole model does not fit the device's free memory).
+    `manager`: a `task_manager` already built for these tasks (a prune run scores two models)."""
     require_lm_eval()
     import lm_eval
 
-    manager = task_manager(tuple(tasks), include_path)
+    manager = manager or task_manager(tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (nor in {include_path})" if include_path else " (a local task needs --include-path DIR)"
@@ -87,12 +88,12 @@ def task_accuracy(
     }
 
 
-@lru_cache(maxsize=4)
-def task_manager(tasks: tuple[str, ...], include_path: str | None = None):
+def task_manager(tasks: list[str], include_path: str | None = None):
     """lm-eval's index of the tasks it can load. Indexing lm-eval's own task configs (about 15,000) takes 20-40 s
     on a small machine, so when every task asked for is a plain task in `include_path` (which takes precedence
     over lm-eval's own anyway) only that folder is indexed; a group or tag there, which may name lm-eval's own
-    tasks, and any task not there get the whole index. Kept per process: a prune run scores two models."""
+    tasks, and any task not there get the whole index. Built per call, never cached in the process: a service
+    worker runs many jobs, and a task's YAML may change between them."""
     from lm_eval.tasks import TaskManager
 
     if include_path:
