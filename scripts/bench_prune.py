@@ -1,6 +1,7 @@
 """Benchmark: every method x {50% unstructured, 2:4} on SmolLM2-135M, 128 x 512-token calibration windows;
 with --study one-shot, SparseGPT against ALPS (50%, 60%, 2:4) and uniform against OWL sparsity (SparseGPT and
-Wanda at 50/60/70%) over several calibration seeds.
+Wanda at 50/60/70%) over several calibration seeds, then OWL's sensitivity to its two knobs at 70% (SparseGPT: M
+3 and 10 at the paper's λ 0.08, λ 0.04 at its M 5).
 
 Each configuration runs in a fresh process (so peak RSS is its own); prints a Markdown table of
 perplexity, wall time, peak RSS and achieved sparsity.
@@ -36,18 +37,25 @@ STUDY = [
     (("wanda", "0.7", "uniform"), ("wanda", "0.7", "owl")),
     (("wanda", "0.6", "uniform"), ("wanda", "0.6", "owl")),
     (("wanda", "0.5", "uniform"), ("wanda", "0.5", "owl")),
+    (("sparsegpt", "0.7", "uniform"), ("sparsegpt", "0.7", "owl-m3")),
+    (("sparsegpt", "0.7", "uniform"), ("sparsegpt", "0.7", "owl-m10")),
+    (("sparsegpt", "0.7", "uniform"), ("sparsegpt", "0.7", "owl-l0.04")),
 ]
+# a profile's knobs away from the paper's defaults: owl-m3 is --owl-m 3, owl-l0.04 is --owl-lambda 0.04
+KNOBS = {"m": "owl_m", "l": "owl_lambda"}
 
 
 def label(config: tuple) -> str:
     method, amount, profile = config
-    return f"{method}:{amount}" + (":owl" if profile == "owl" else "")
+    return f"{method}:{amount}" + ("" if profile == "uniform" else f":{profile}")
 
 
 def study_flags(config: tuple) -> list[str]:
     method, amount, profile = config
     shape = flags(pattern=amount) if ":" in amount else flags(sparsity=amount)
-    return [*flags(method=method), *shape, *flags(sparsity_profile=profile)]
+    name, *knobs = profile.split("-")
+    tuned = {KNOBS[knob[0]]: knob[1:] for knob in knobs}
+    return [*flags(method=method), *shape, *flags(sparsity_profile=name, **tuned)]
 
 
 def one_shot_study(args) -> None:
