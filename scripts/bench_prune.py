@@ -8,11 +8,11 @@ perplexity, wall time, peak RSS and achieved sparsity.
 
     python scripts/bench_prune.py [--samples 128] [--seqlen 512] [--eval-samples 32] [--out bench-out]
     python scripts/bench_prune.py --study one-shot [--seeds 0 1 2] [--only alps:2:4 ...] [--out bench-out]
-        [--write BENCHMARKS.md [--section bench_one_shot]]
+        [--write BENCHMARKS.md [--section bench_one_shot]] [--table-only]
 
 The study keeps every finished run in OUT/one-shot.jsonl and skips it when run again, so a long study can be
 continued; its runs go in the order of STUDY (the targets' pairs first), seed by seed within each pair, so
-each pair's runs are interleaved on this noisy machine.
+each pair's runs are interleaved on this noisy machine. --table-only publishes what is kept and runs nothing.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def one_shot_study(args) -> None:
         for seed in args.seeds:
             for config in pair:
                 if (label(config), seed) in done or (args.only and label(config) not in args.only):
+                    continue
+                if args.table_only:
+                    print(f"not run (--table-only): {label(config)} seed {seed}", file=sys.stderr)
                     continue
                 argv = [args.model, *study_flags(config), *flags(calibration=args.calibration, seed=seed), *sizes]
                 measured, report = measure_llmprune(argv, out / "run", evaluate=True, check=label(config))
@@ -149,6 +152,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds (one-shot study)")
     parser.add_argument(
         "--section", default="bench_one_shot", help="the --write file's section for the one-shot study's table"
+    )
+    parser.add_argument(
+        "--table-only", action="store_true", help="one-shot study: publish the kept runs' table, run nothing missing"
     )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
     args = parser.parse_args()
