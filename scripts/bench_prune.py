@@ -158,6 +158,8 @@ def main() -> None:
     )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra llmprune flags")
     args = parser.parse_args()
+    if args.table_only and args.study != "one-shot":
+        parser.error("--table-only is for --study one-shot")
     if args.study == "one-shot":
         one_shot_study(args)
         return

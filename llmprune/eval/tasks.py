@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmprune.errors import LLMPruneError
 from llmprune.models import remote_code
 from llmprune.settings import require_lm_eval
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 log = logging.getLogger(__name__)
 METRICS = ("acc", "acc_norm", "exact_match")  # the first a task reports is its accuracy
@@ -32,7 +36,7 @@ def task_accuracy(
     batch_size: int | None = None,
     model_name: str | None = None,
     stream: bool | None = None,
-    manager=None,
+    manager: TaskManager | None = None,
 ) -> dict:
     """Accuracy of each task on the model in `folder` (or served at `base_url`, tokenized with the folder's
     tokenizer), with lm-eval's standard error: {"tasks": {name: {"metric", "accuracy", "stderr", "samples"}}}.
@@ -41,7 +45,8 @@ def task_accuracy(
     require_lm_eval()
     import lm_eval
 
-    manager = manager or task_manager(tasks, include_path)
+    if manager is None:
+        manager = task_manager(tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (nor in {include_path})" if include_path else " (a local task needs --include-path DIR)"
@@ -88,7 +93,7 @@ def task_accuracy(
     }
 
 
-def task_manager(tasks: list[str], include_path: str | None = None):
+def task_manager(tasks: list[str], include_path: str | None = None) -> TaskManager:
     """lm-eval's index of the tasks it can load. Indexing lm-eval's own task configs (about 15,000) takes 20-40 s
     on a small machine, so when every task asked for is a plain task in `include_path` (which takes precedence
     over lm-eval's own anyway) only that folder is indexed; a group or tag there, which may name lm-eval's own
