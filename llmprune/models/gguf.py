@@ -7,6 +7,7 @@ GGUF models are small on-device models, and the conversion is cached by file ide
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -35,12 +36,37 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def gguf_to_folder(path: Path, *, quiet: bool = False) -> Path:
-    """Return the cached safetensors folder for a GGUF file, converting it on first use."""
+def cache_folder(path: Path) -> Path:
+    """The folder a GGUF file converts into: named by the file's name, size and first and last MiB."""
     path = path.resolve()
-    target = cache_root() / "gguf" / f"{path.stem}-{_fingerprint(path)}"
+    return cache_root() / "gguf" / f"{path.stem}-{_fingerprint(path)}"
+
+
+def gguf_to_folder(path: Path, *, quiet: bool = False) -> Path:
+    """Return the cached safetensors folder for a GGUF file, converting it on first use.
+
+    Processes that start on the same new file at once (jobs of the service, ranks, parallel tests) take turns
+    through a lock file: the first converts, the others wait and then find the folder.
+    """
+    target = cache_folder(path)
     if (target / "config.json").is_file():
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.with_name(target.name + ".lock"), "a")  # noqa: SIM115  (closed by the `with` below)
+    except OSError as exc:
+        raise LLMPruneError(
+            f"cannot write the GGUF cache {target.parent} ({exc.strerror}): set LLMPRUNE_CACHE to a writable folder"
+        ) from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder's process ends
+        if not (target / "config.json").is_file():
+            _convert(path.resolve(), target, quiet=quiet)
+    return target
+
+
+def _convert(path: Path, target: Path, *, quiet: bool) -> None:
+    """Dequantize `path` into `target` (under the caller's lock), through a `.partial` folder renamed at the end."""
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError as exc:
@@ -70,7 +96,6 @@ def gguf_to_folder(path: Path, *, quiet: bool = False) -> Path:
     tokenizer.save_pretrained(partial)
     del model
     os.replace(partial, target)
-    return target
 
 
 def _save_dequantized(model, folder: Path) -> None:
