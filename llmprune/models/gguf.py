@@ -48,6 +48,7 @@ def gguf_to_folder(path: Path, *, quiet: bool = False) -> Path:
     Processes that start on the same new file at once (jobs of the service, ranks, parallel tests) take turns
     through a lock file: the first converts, the others wait and then find the folder.
     """
+    path = path.resolve()
     target = cache_folder(path)
     if (target / "config.json").is_file():
         return target
@@ -61,7 +62,7 @@ def gguf_to_folder(path: Path, *, quiet: bool = False) -> Path:
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder's process ends
         if not (target / "config.json").is_file():
-            _convert(path.resolve(), target, quiet=quiet)
+            _convert(path, target, quiet=quiet)
     return target
 
 
