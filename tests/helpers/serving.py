@@ -35,8 +35,12 @@ class Server:
         environ = {**os.environ, **(env or {})}
         environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), environ.get("PYTHONPATH")) if p)
         command = [sys.executable, "-m", "llmprune", "serve", str(model), "--port", str(self.port), *flags]
+        # Its own process group (stopped whole below) but not its own session: with the kernel's autogroup
+        # scheduling a new session is a CPU group of its own, and on 2 cores vLLM's busy engine-core and
+        # worker processes then starve the API process in their group, which answers one request at a time
+        # (each stream's headers only after the one before ends; measured with stock vLLM as well).
         self.process = subprocess.Popen(
-            command, stdout=self.log_file, stderr=subprocess.STDOUT, env=environ, start_new_session=True
+            command, stdout=self.log_file, stderr=subprocess.STDOUT, env=environ, process_group=0
         )
 
     def headers(self, key: str | None = None) -> dict[str, str]:
