@@ -87,6 +87,20 @@ def test_plan_peak_is_the_largest_phase_and_counts_what_each_phase_holds(tiny_mo
     assert plans["parallel"]["phases"]["layer solve"]["statistics (Hessian)"] == every_group
 
 
+def test_evaluation_plans_its_layer_pass_and_its_head_apart(tiny_models, corpus_file):
+    """The evaluation runs every layer over its windows, then the head over slices of the last hidden states once
+    the last layer is unloaded: the layer's weights and chunk temporaries and the logits are never held at once."""
+    folder = tiny_models("llama", layers=2, **WIDE)
+    common = dict(calibration=str(corpus_file), samples=8, seqlen=64, plan_only=True, output="unused")
+    plan = llmprune.prune(str(folder), method="wanda", eval_samples=16, **common)["memory_plan"]
+    forward, head = plan["phases"]["eval forward"], plan["phases"]["eval head"]
+    assert forward["eval activations"] == head["eval activations"] == 16 * 64 * WIDE["hidden"] * 4
+    assert {"layer weights", "chunk temporaries"} <= set(forward) and "logits of a slice" not in forward
+    assert "logits of a slice" in head and not {"layer weights", "chunk temporaries"} & set(head)
+    totals = {name: sum(parts.values()) for name, parts in plan["phases"].items()}
+    assert plan["peak_bytes"] == max(totals.values())
+
+
 def test_impossible_budget_is_refused_before_any_weight_is_read(tiny_models, corpus_file, tmp_path, monkeypatch):
     folder = tiny_models("llama", layers=4, **WIDE)
     monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: (_ for _ in ()).throw(AssertionError("weight read")))
@@ -270,7 +284,7 @@ def test_a_tied_head_is_held_and_planned_once(tiny_models, corpus_file, tmp_path
     )["memory_plan"]
     table = WIDE["vocab"] * WIDE["hidden"] * 4
     assert plan["phases"]["begin"]["embeddings"] == table + WIDE["hidden"] * 4  # the matrix and the final norm
-    assert plan["phases"]["eval"]["embeddings and head"] == table + WIDE["hidden"] * 4
+    assert plan["phases"]["eval forward"]["embeddings and head"] == table + WIDE["hidden"] * 4
 
 
 def test_inverse_dtype_flag_and_the_float32_adaptation_comes_before_a_change_of_order(tiny_models, corpus_file):

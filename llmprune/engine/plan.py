@@ -230,7 +230,8 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     A layer goes through three sub-phases that never overlap: the forward (chunk temporaries), the
     solves (one Linear's workspace at a time) and the write (the layer in the save dtype). What lives
     across them (the layer's weights, the statistics, the activations) is counted in each; the peak is
-    the largest sub-phase, not their sum.
+    the largest sub-phase, not their sum. The evaluation likewise runs every layer over its windows, then
+    the head over slices of the last hidden states once the last layer is gone.
     """
     c = torch.finfo(req.compute_dtype).bits // 8
     a = torch.finfo(choice.act_dtype).bits // 8
@@ -294,12 +295,14 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     phases = {"begin": begin, "layer forward": forward, "layer solve": solve, "layer write": write}
     if req.eval_windows:
         positions = min(req.seqlen, logit_positions(1, geo.vocab))
-        phases["eval"] = {
+        evaluated = {
             "embeddings and head": rest + geo.head_params * c,
             "eval activations": req.eval_windows * req.seqlen * d * c,
-            "layer weights": geo.layer_params * c,
-            "chunk temporaries": temporaries,
-            "logits of a slice": positions * geo.vocab * 4 * 3,  # logits, their float32 copy, log-softmax
+        }
+        phases["eval forward"] = {**evaluated, "layer weights": geo.layer_params * c, "chunk temporaries": temporaries}
+        phases["eval head"] = {  # logits, their float32 copy, log-softmax
+            **evaluated,
+            "logits of a slice": positions * geo.vocab * 4 * 3,
         }
     host: dict[str, int] = {}
     if on_gpu:
