@@ -300,10 +300,8 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
             "eval activations": req.eval_windows * req.seqlen * d * c,
         }
         phases["eval forward"] = {**evaluated, "layer weights": geo.layer_params * c, "chunk temporaries": temporaries}
-        phases["eval head"] = {  # logits, their float32 copy, log-softmax
-            **evaluated,
-            "logits of a slice": positions * geo.vocab * 4 * 3,
-        }
+        logits = positions * geo.vocab * 4 * 3  # a slice's logits, their float32 copy, log-softmax
+        phases["eval head"] = {**evaluated, "logits of a slice": logits}
     host: dict[str, int] = {}
     if on_gpu:
         if choice.activations == "host":
