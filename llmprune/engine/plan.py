@@ -294,12 +294,12 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     }
     phases = {"begin": begin, "layer forward": forward, "layer solve": solve, "layer write": write}
     if req.eval_windows:
-        positions = min(req.seqlen, logit_positions(1, geo.vocab))
         evaluated = {
             "embeddings and head": rest + geo.head_params * c,
             "eval activations": req.eval_windows * req.seqlen * d * c,
         }
         phases["eval forward"] = {**evaluated, "layer weights": geo.layer_params * c, "chunk temporaries": temporaries}
+        positions = min(req.seqlen, logit_positions(1, geo.vocab))
         logits = positions * geo.vocab * 4 * 3  # a slice's logits, their float32 copy, log-softmax
         phases["eval head"] = {**evaluated, "logits of a slice": logits}
     host: dict[str, int] = {}
