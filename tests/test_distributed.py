@@ -112,6 +112,9 @@ def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
     report_one, report_two = _one_and_two_ranks(_args(wide, corpus_file, tmp_path, method), tmp_path)
     masks = [[m["zeros"] for m in layer["modules"]] for layer in report_one["layers"]]
     assert masks == [[m["zeros"] for m in layer["modules"]] for layer in report_two["layers"]]
+    # SparseGPT's rows are split across the ranks, which add up the error's terms over their rows
+    errors = [m["error"] for layer in report_one["layers"] for m in layer["modules"]]
+    assert [m["error"] for layer in report_two["layers"] for m in layer["modules"]] == pytest.approx(errors, rel=1e-5)
     assert report_two["distributed"] == {"world_size": 2, "backend": "gloo", "reduce_dtype": "float64"}
     assert [peak["rank"] for peak in report_two["peak_memory"]["ranks"]] == [0, 1]
     assert all(peak["rss_bytes"] > 0 for peak in report_two["peak_memory"]["ranks"])
@@ -129,6 +132,64 @@ def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
         result = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
         assert result["world_size"] == 2 and result["windows"] == 6
         assert result["perplexity"] == pytest.approx(report_two["perplexity"]["pruned"], rel=1e-6)
+
+
+ROW_SPLIT = """
+import sys, torch
+from llmprune.engine.ranks import joined
+from llmprune.methods import Hessian, InputStats, Pattern
+from llmprune.methods.sparsegpt import SparseGPT
+
+with joined(torch.device("cpu"), "float64") as ranks:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 96, generator=g)  # 37 rows: blocks of 18 and 19
+    x = torch.randn(256, 96, generator=g) * torch.linspace(0.1, 3.0, 96)
+    stats = InputStats(96, (Hessian,), torch.device("cpu"))
+    stats.add(x)
+    stats.finish()
+    solved = {}
+    for pattern in (Pattern(0.5), Pattern(0.73), Pattern.parse("2:4", None)):
+        block = ranks.row_block(weight.shape[0])
+        assert (block.start, block.stop) == ((0, 18), (18, 37))[ranks.rank]
+        result = SparseGPT(blocksize=32).prune(weight[block.start : block.stop], stats, pattern, rows=block)
+        whole = torch.zeros_like(weight)
+        whole[block.start : block.stop] = result.weight
+        solved[pattern.tag] = ranks.gather_rows_(whole)
+    torch.save(solved, f"{sys.argv[1]}/rank{ranks.rank}.pt")
+"""
+
+
+def test_a_linears_rows_split_across_ranks_solve_as_one(tmp_path):
+    """SparseGPT solved as 2 gloo ranks' blocks of a weight's rows (unstructured masks chosen across both blocks, a
+    block of columns at a time; 2:4 row by row) gathers to the very weight one solve of the whole gives."""
+    from llmprune.methods import Hessian, InputStats, Pattern
+    from llmprune.methods.sparsegpt import SparseGPT
+
+    script = tmp_path / "row_split.py"
+    script.write_text(ROW_SPLIT)
+    proc = subprocess.run(
+        [*TORCHRUN, "--nproc-per-node=2", str(script), str(tmp_path)], env=_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 96, generator=g)
+    x = torch.randn(256, 96, generator=g) * torch.linspace(0.1, 3.0, 96)
+    stats = InputStats(96, (Hessian,), torch.device("cpu"))
+    stats.add(x)
+    stats.finish()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rank in (0, 1):
+            solved = torch.load(tmp_path / f"rank{rank}.pt")
+            assert list(solved) == ["50", "73", "2of4"]
+            for tag, weight_of_ranks in solved.items():
+                pattern = Pattern.parse("2:4", None) if tag == "2of4" else Pattern(int(tag) / 100)
+                one = SparseGPT(blocksize=32).prune(weight, stats, pattern)
+                assert torch.equal(weight_of_ranks, one.weight), (rank, tag)
+                assert int((weight_of_ranks == 0).sum()) == int(one.mask.sum())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _structured_args(model: Path, corpus: Path, output: Path) -> list[str]:

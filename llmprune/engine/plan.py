@@ -22,6 +22,7 @@ GiB = 2**30
 BOOKKEEPING = 16 * 2**20  # Python objects, reports, file buffers
 PAGE = 4096  # a row of the embedding table read alone backs at most ceil(row / PAGE) + 1 pages
 THREAD_BYTES = 8 * 2**20  # per lockstep chunk thread: its OpenMP team, BLAS buffers and malloc arena (measured ~7 MiB)
+SELECTION_COLUMNS = 128  # the columns a row-split solve chooses its mask over at once (SparseGPT's default block)
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ class Request:
     embedding_rows: int | None = None  # distinct calibration ids: the table rows a CPU forward reads
     parallel_only: bool = False  # MoE experts: their statistics are fed in the parallel order only
     stats_dtype: torch.dtype = torch.float32  # --reduce-dtype: float64 sums hold twice the float32 statistics
+    row_shards: int = 1  # ranks a Linear's rows are split across (a method that solves rows alone, under torchrun)
 
     @property
     def inverse(self) -> bool:
@@ -257,13 +259,17 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     statistics = sum(req.statistics_bytes(w, c) for w in widths)
     # one solve at a time: the method's own buffers, then the pruned weight rounded to the save dtype and back
     roundtrip = req.save_dtype.itemsize + c if req.save_dtype != req.compute_dtype else 0
-    workspace = max(
-        (
-            req.method.workspace_bytes(rows, cols, req.compute_dtype, choice.inverse_dtype) + rows * cols * roundtrip
-            for rows, cols in geo.shapes
-        ),
-        default=0,
-    )
+
+    def one_solve(rows: int, cols: int) -> int:
+        mine = -(-rows // req.row_shards)  # a rank's block of the rows (all of them in one process)
+        own = req.method.workspace_bytes(mine, cols, req.compute_dtype, choice.inverse_dtype) + mine * cols * roundtrip
+        if req.row_shards == 1:
+            return own
+        # then the whole weight the ranks gather, and the scores of a block of columns stacked from every rank for
+        # the mask's choice (the scores, their copy in the selection, its mask)
+        return own + rows * cols * c + rows * SELECTION_COLUMNS * (4 + 4 + 1)
+
+    workspace = max((one_solve(rows, cols) for rows, cols in geo.shapes), default=0)
     # writing a layer: a CPU copy in the save dtype (unless it already is one) plus the serialized bytes
     saved = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
     write_buffer = saved + (saved if on_gpu or req.save_dtype != req.compute_dtype else 0)

@@ -32,7 +32,7 @@ from llmprune.engine.stream import LayerStream
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import PruningMethod
 from llmprune.methods.magnitude import Magnitude
-from llmprune.methods.statistics import InputStats
+from llmprune.methods.statistics import InputStats, ratio
 from llmprune.models.moe import ExpertProjection, MoeBlock, expert_projections, moe_blocks, projection_names
 from llmprune.pattern import Pattern
 from llmprune.settings import ORDERS
@@ -386,8 +386,9 @@ class LayerPruner:
         """Prune every member of each group with the group's shared statistics (summed across ranks first).
 
         With several solver devices (GPUs), a group's members are solved concurrently, one per device, each on its
-        own copy of the shared statistics. With several ranks, the members of all `groups` are dealt out to the
-        ranks, and each solved weight is broadcast from the rank that solved it."""
+        own copy of the shared statistics. With several ranks, a method that solves rows alone (SparseGPT) has each
+        member's rows split across the ranks, which then gather the solved rows; for other methods the members of
+        all `groups` are dealt out to the ranks, and each solved weight is broadcast from the rank that solved it."""
         for group in groups:
             for name in group.names:
                 pattern.check_width(targets[name].in_features, f"{prefix}.{name}")
@@ -395,7 +396,8 @@ class LayerPruner:
         covered = [g for g in groups if g.stats is not None or not self.method.statistics]
         jobs = [(group, name) for group in covered for name in group.names]
         mine = {}
-        if self.ranks.active:
+        split = self.ranks.active and self.method.splits_rows
+        if self.ranks.active and not split:
             rank = self.ranks.rank
             mine = {k: self._solve(targets, *job, pattern) for k, job in enumerate(jobs) if self.ranks.owner(k) == rank}
         devices = self.devices or [None]
@@ -403,6 +405,10 @@ class LayerPruner:
         for group in groups:
             if group not in covered:  # an expert no calibration token was routed to
                 self._uncovered(targets, group.names, prefix, reports, pattern)
+            elif split:
+                for name in group.names:
+                    solved = self._solve(targets, group, name, pattern, split=True)
+                    self._record(targets, group, name, solved, prefix, reports)
             elif self.ranks.active:
                 for name in group.names:
                     solved = self._share(targets[name], mine.pop(position, None), position)
@@ -434,24 +440,40 @@ class LayerPruner:
         name: str,
         pattern: Pattern,
         device: torch.device | None = None,
+        split: bool = False,
     ) -> _Solved:
         """Solve one member of a group (on `device` when given): the weight as it will be saved, and its error where
-        a statistic gives it exactly."""
+        a statistic gives it exactly. With `split`, this rank solves its block of the rows and the ranks gather the
+        whole weight (a collective: every rank calls it for the same member)."""
         module = targets[name]
         started = time.perf_counter()
         dense, stats = module.weight.data, group.stats
         weight = dense
         if device is not None and device != weight.device:
             weight, stats = weight.to(device), stats.to(device) if stats is not None else None
-        result = self.method.prune(weight, stats, pattern)
+        block = self.ranks.row_block(dense.shape[0]) if split else None
+        if block is not None:
+            result = self.method.prune(weight[block.start : block.stop], stats, pattern, rows=block)
+        else:
+            result = self.method.prune(weight, stats, pattern)
         final = result.weight.to(dense.device)
         saved = None
         if result.saved is not None:  # quantized: the checkpoint holds these exact values as codes and scales
+            assert block is None, "a quantized weight is solved whole"
             saved = {k: v.cpu() for k, v in result.saved.items()}
         elif self.save_dtype is not None and final.dtype != self.save_dtype:
             final = final.to(self.save_dtype).to(dense.dtype)  # propagate what will be saved
-        error = group.stats.relative_error(dense, final) if group.stats is not None else None
         pruned = int(result.mask.sum())
+        if block is None:
+            error = group.stats.relative_error(dense, final) if group.stats is not None else None
+        else:  # every rank's rows, in every rank's copy; the error's terms summed over the ranks' rows
+            mine = slice(block.start, block.stop)
+            terms = group.stats.error_terms(dense[mine], final) if group.stats is not None else None
+            totals = self.ranks.sum_numbers(pruned, *(terms or (0.0, 0.0)))
+            pruned, error = int(totals[0]), ratio(*totals[1:]) if terms is not None else None
+            whole = torch.empty_like(dense)
+            whole[mine] = final
+            final = self.ranks.gather_rows_(whole)
         return _Solved(final, pruned, result.info, saved, error, time.perf_counter() - started)
 
     def _share(self, module: Target, solved: _Solved | None, position: int) -> _Solved:

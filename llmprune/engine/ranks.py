@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from llmprune.errors import LLMPruneError
+from llmprune.methods import masks
+from llmprune.methods.base import RowBlock
 
 log = logging.getLogger("llmprune")
 T = TypeVar("T")
@@ -83,6 +85,32 @@ class Ranks:
                 "raise --samples or start fewer ranks"
             )
         return min(chunk, count // self.world) if -(-count // chunk) < self.world else chunk
+
+    def rows(self, total: int) -> tuple[int, int]:
+        """This rank's rows [start, stop) of a weight of `total` rows: contiguous, as even as they divide."""
+        return self.rank * total // self.world, (self.rank + 1) * total // self.world
+
+    def row_block(self, total: int) -> RowBlock:
+        """This rank's rows of a weight of `total` rows for a method that solves rows alone: its `lowest` stacks
+        every rank's scores in row order and picks on the whole, as one solve of the whole weight would."""
+        start, stop = self.rows(total)
+
+        def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+            whole = torch.empty(total, *scores.shape[1:], dtype=scores.dtype, device=scores.device)
+            whole[start:stop] = scores
+            self.gather_rows_(whole)
+            return masks.lowest_global(whole, count)[start:stop]
+
+        return RowBlock(start, stop, total, lowest)
+
+    def gather_rows_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (contiguous, every rank's own rows filled as `rows` splits them) completed with the other
+        ranks' rows, on every rank."""
+        for source in range(self.world):
+            start, stop = Ranks(source, self.world).rows(tensor.shape[0])
+            if stop > start:
+                self.broadcast_(tensor[start:stop], source)
+        return tensor
 
     def owner(self, position: int) -> int:
         """The rank that solves the `position`-th job of a list every rank walks in the same order."""

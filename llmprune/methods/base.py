@@ -10,11 +10,13 @@ the memory plan). Adding a method is one new file and one line in `llmprune.meth
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from llmprune.methods import masks
 from llmprune.methods.statistics import InputStats, Statistic
 from llmprune.pattern import Pattern
 from llmprune.settings import Configurable
@@ -31,6 +33,24 @@ class Pruned:
     saved: dict[str, torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """The rows [start, stop) of a weight of `total` rows that one solve is given (the engine splits a Linear's rows
+    across ranks), and `lowest(scores, count)`: the mask of the `count` lowest of the scores of every block's rows,
+    returned for these rows (on several ranks a collective, the scores stacked in row order; the same bits as one
+    solve of the whole weight)."""
+
+    start: int
+    stop: int
+    total: int
+    lowest: Callable[[torch.Tensor, int], torch.Tensor]
+
+    @classmethod
+    def whole(cls, rows: int) -> RowBlock:
+        """Every row of a weight of `rows` rows: one solve, as without ranks."""
+        return cls(0, rows, rows, masks.lowest_global)
+
+
 class PruningMethod(Configurable, ABC):
     """Subclass, set `name`, `statistics` and `options`, implement `prune`."""
 
@@ -40,6 +60,10 @@ class PruningMethod(Configurable, ABC):
     # memory plan may choose float32 for "auto" under a tight budget (None: the method inverts nothing)
     inverse_option: ClassVar[str | None] = None
     workspace_label: ClassVar[str] = "method workspace"  # what the memory plan calls one solve's buffers
+    # whether `prune` solves a block of a weight's rows alone (its `rows` keyword, a RowBlock): the rows interact
+    # only through `RowBlock.lowest`. Under torchrun the engine then splits each Linear's rows across the ranks
+    # rather than dealing out whole Linears, so the layer's largest solve no longer runs on one rank.
+    splits_rows: ClassVar[bool] = False
 
     @classmethod
     def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:

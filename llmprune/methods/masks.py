@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.methods.base import Pattern
+from llmprune.pattern import Pattern
 
 
 def spread_counts(total: float, parts: int, device: torch.device | None = None) -> torch.Tensor:

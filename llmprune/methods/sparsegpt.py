@@ -16,7 +16,7 @@ import torch
 
 from llmprune.errors import LLMPruneError
 from llmprune.methods import masks
-from llmprune.methods.base import Pruned, PruningMethod
+from llmprune.methods.base import Pruned, PruningMethod, RowBlock
 from llmprune.methods.grid import Grid
 from llmprune.methods.statistics import Hessian, InputStats
 from llmprune.pattern import Pattern
@@ -82,6 +82,7 @@ class SparseGPT(PruningMethod):
     statistics = (Hessian,)
     workspace_label = "SparseGPT workspace"
     inverse_option = "inverse_dtype"
+    splits_rows = True  # given the inverse factor, rows are solved alone; unstructured masks pick per block
     options = (
         DAMPENING,
         Option("blocksize", 128, "SparseGPT block size (default 128)", type=int, minimum=1),
@@ -119,8 +120,10 @@ class SparseGPT(PruningMethod):
         lapack = 2 * n * 256 * 8
         return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
-    def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:
-        return self.solve(weight, stats, pattern)
+    def prune(
+        self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern, rows: RowBlock | None = None
+    ) -> Pruned:
+        return self.solve(weight, stats, pattern, rows=rows)
 
     def solve(
         self,
@@ -130,6 +133,7 @@ class SparseGPT(PruningMethod):
         grid: Grid | None = None,
         held: torch.Tensor | None = None,
         order: torch.Tensor | None = None,
+        rows: RowBlock | None = None,
     ) -> Pruned:
         """The OBS sweep. With a `grid`, each kept weight is also rounded onto it as its column is visited and
         the error of both is pushed onto the columns not yet visited (the paper's joint sparsification and
@@ -137,14 +141,18 @@ class SparseGPT(PruningMethod):
         here, a group at a time, from its weights as the sweep reaches it. With a `held` mask the pruned set is that
         mask instead of one chosen here (GPTQ on the output of another method). With an `order` (a permutation of
         the columns, `activation_order`) the sweep visits the columns in it, against a grid fitted beforehand in the
-        original column order (GPTQ's activation order with static groups; a held mask, or nothing pruned)."""
+        original column order (GPTQ's activation order with static groups; a held mask, or nothing pruned). With
+        `rows`, `weight` is that block of the whole weight's rows: an unstructured block of columns prunes its share
+        of the whole weight's count, chosen by `rows.lowest` over every block's scores."""
         assert stats is not None and (order is None or (held is not None or pattern.sparsity == 0))
+        assert rows is None or (grid is None and order is None), "a grid or an order solves whole weights"
         hessian = stats[Hessian].matrix.to(weight.device)
         key = ("sparsegpt inverse", self.dampening, self.inverse_dtype, weight.device, order is not None)
         ordered = (lambda: hessian[order][:, order]) if order is not None else (lambda: hessian)
         hinv, info = stats.derived(key, lambda: inverse_factor(ordered(), self.dampening, self.inverse_dtype))
         w = weight.float().clone()
-        rows, cols = w.shape
+        height, cols = w.shape
+        rows = rows or RowBlock.whole(height)
         w[:, torch.diagonal(hessian) == 0] = 0.0
         if order is not None:
             w, held = w[:, order], held[:, order] if held is not None else None
@@ -166,8 +174,8 @@ class SparseGPT(PruningMethod):
             elif pattern.is_nm:
                 mask1 = torch.zeros_like(w1, dtype=torch.bool)
             else:
-                count = round(pattern.sparsity * rows * i2) - round(pattern.sparsity * rows * i1)
-                mask1 = masks.lowest_global(w1.pow(2) / d.pow(2).unsqueeze(0), count)
+                count = round(pattern.sparsity * rows.total * i2) - round(pattern.sparsity * rows.total * i1)
+                mask1 = rows.lowest(w1.pow(2) / d.pow(2).unsqueeze(0), count)
             if grid is not None and grid.group < cols and order is None:
                 grid.fit(w1.masked_fill(mask1, 0.0), i1)
             for i in range(i2 - i1):
@@ -184,7 +192,7 @@ class SparseGPT(PruningMethod):
                 err1[:, i] = err
             w[:, i1:i2] = w1.masked_fill(mask1, 0.0)
             mask[:, i1:i2] = mask1
-            for r in range(0, rows, UPDATE_ROWS):  # the lazy update, a chunk of rows at a time
+            for r in range(0, height, UPDATE_ROWS):  # the lazy update, a chunk of rows at a time
                 w[r : r + UPDATE_ROWS, i2:].sub_(err1[r : r + UPDATE_ROWS] @ below[:, i2:])
         if order is not None:
             back = torch.argsort(order)

@@ -21,7 +21,7 @@ class Statistic(ABC):
     """One accumulated statistic of a Linear's inputs (width `dim`)."""
 
     label: ClassVar[str] = "statistics"  # its name in the memory plan
-    exact_error: ClassVar[bool] = False  # whether `relative_error` computes the reconstruction error exactly
+    exact_error: ClassVar[bool] = False  # whether `error_terms` computes the reconstruction error exactly
 
     @classmethod
     @abstractmethod
@@ -36,9 +36,10 @@ class Statistic(ABC):
     def to(self, device: torch.device) -> Statistic:
         """A copy on another device (for a solve on a second GPU)."""
 
-    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor) -> float | None:
-        """‖(W - W')X‖² / ‖WX‖² over the inputs X it summarizes, when it can tell exactly (else None: the
-        engine measures the error on a sample of the inputs). Statistics with `exact_error` implement it."""
+    def error_terms(self, dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float] | None:
+        """(‖(W - W')X‖², ‖WX‖²) over the inputs X it summarizes, when it can tell exactly (else None: the engine
+        measures the error on a sample of the inputs). Sums over W's rows, so blocks of rows add up (ranks that
+        split a weight's rows add theirs). Statistics with `exact_error` implement it."""
         return None
 
     def buffers(self) -> list[torch.Tensor]:
@@ -129,8 +130,8 @@ class Hessian(Statistic):
     def to(self, device: torch.device) -> Hessian:
         return Hessian.of(self.matrix.to(device))
 
-    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor, rows: int = 256) -> float:
-        """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), summed `rows` output rows at a time (O(rows · n), no copy of W)."""
+    def error_terms(self, dense: torch.Tensor, pruned: torch.Tensor, rows: int = 256) -> tuple[float, float]:
+        """(tr(ΔW H ΔWᵀ), tr(W H Wᵀ)), summed `rows` output rows at a time (O(rows · n), no copy of W)."""
         h = self.matrix
         base = diff = 0.0
         for start in range(0, dense.shape[0], rows):
@@ -138,7 +139,12 @@ class Hessian(Statistic):
             delta = w - pruned[start : start + rows].float()
             base += float(((w @ h) * w).sum())
             diff += float(((delta @ h) * delta).sum())
-        return diff / base if base > 0 else 0.0
+        return diff, base
+
+
+def ratio(diff: float, base: float) -> float:
+    """The relative error from its terms (0 for a weight that computes nothing)."""
+    return diff / base if base > 0 else 0.0
 
 
 def _mirror_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
@@ -189,12 +195,17 @@ class InputStats:
     def exact_error(self) -> bool:
         return any(value.exact_error for value in self.values.values())
 
-    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor) -> float | None:
-        """The reconstruction error from the first statistic that gives it exactly (None if none does)."""
+    def error_terms(self, dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float] | None:
+        """The reconstruction error's terms from the first statistic that gives them exactly (None if none does)."""
         for value in self.values.values():
             if value.exact_error:
-                return value.relative_error(dense, pruned)
+                return value.error_terms(dense, pruned)
         return None
+
+    def relative_error(self, dense: torch.Tensor, pruned: torch.Tensor) -> float | None:
+        """The reconstruction error ‖(W - W')X‖² / ‖WX‖² (None where no statistic gives it exactly)."""
+        terms = self.error_terms(dense, pruned)
+        return None if terms is None else ratio(*terms)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
