@@ -3,8 +3,9 @@
 Every rank streams the same decoder layer; the calibration (and evaluation) windows are split across ranks
 in contiguous shards of whole chunks, so each rank holds and forwards only its share of the activations. The
 statistics are summed across ranks in rank order (all-gather, then added 0, 1, 2, ... on every rank), so every
-rank gets the same bits whatever the timing; the solves of a layer are split across ranks and their results
-broadcast; rank 0 writes. gloo on CPUs, NCCL on GPUs.
+rank gets the same bits whatever the timing; the solves of a layer are split across ranks (a Linear's rows, for a
+method that solves rows alone; else whole Linears) and their results gathered; rank 0 writes. gloo on CPUs, NCCL
+on GPUs.
 
 A process not started by torchrun (no WORLD_SIZE, or WORLD_SIZE=1) is one rank, and every method here is a
 no-op: the single-process engine is the same code.
