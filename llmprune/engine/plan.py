@@ -226,6 +226,24 @@ class Request:
         return next((kind.label for kind in self.method.statistics if kind.label != "statistics"), "statistics")
 
 
+def solve_bytes(req: Request, rows: int, cols: int, inverse_dtype: torch.dtype) -> int:
+    """Peak bytes of one solve of a [rows, cols] weight beyond the layer and its statistics: the method's own buffers,
+    then the pruned weight rounded to the save dtype and back. Under ranks that split a Linear's rows, a rank's
+    block of the rows, then the gathered whole weight."""
+    c = req.compute_dtype.itemsize
+    roundtrip = req.save_dtype.itemsize + c if req.save_dtype != req.compute_dtype else 0
+    mine = -(-rows // req.row_shards)  # a rank's block of the rows (all of them in one process)
+    own = req.method.workspace_bytes(mine, cols, req.compute_dtype, inverse_dtype) + mine * cols * roundtrip
+    if req.row_shards == 1:
+        return own
+    # during the sweep, the scores of a block of columns stacked from every rank for the mask's choice (the scores,
+    # their copy in the selection, its mask); after it, the factor, the rank's solved rows and mask, and the whole
+    # weight the ranks gather
+    sweep = own + rows * SELECTION_COLUMNS * (4 + 4 + 1)
+    gather = cols * cols * inverse_dtype.itemsize + mine * cols * (c + 1) + rows * cols * c
+    return max(sweep, gather)
+
+
 def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) -> tuple[dict, dict]:
     """Per-phase component bytes on the compute device, and host bytes (GPU runs).
 
@@ -257,19 +275,11 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     # statistics: one group at a time in the sequential order, every group at once in the parallel one
     widths = (geo.max_in,) if sequential or not geo.group_inputs else geo.group_inputs
     statistics = sum(req.statistics_bytes(w, c) for w in widths)
-    # one solve at a time: the method's own buffers, then the pruned weight rounded to the save dtype and back
-    roundtrip = req.save_dtype.itemsize + c if req.save_dtype != req.compute_dtype else 0
-
-    def one_solve(rows: int, cols: int) -> int:
-        mine = -(-rows // req.row_shards)  # a rank's block of the rows (all of them in one process)
-        own = req.method.workspace_bytes(mine, cols, req.compute_dtype, choice.inverse_dtype) + mine * cols * roundtrip
-        if req.row_shards == 1:
-            return own
-        # then the whole weight the ranks gather, and the scores of a block of columns stacked from every rank for
-        # the mask's choice (the scores, their copy in the selection, its mask)
-        return own + rows * cols * c + rows * SELECTION_COLUMNS * (4 + 4 + 1)
-
-    workspace = max((one_solve(rows, cols) for rows, cols in geo.shapes), default=0)
+    # one solve at a time
+    workspace = max(
+        (solve_bytes(req, rows, cols, choice.inverse_dtype) for rows, cols in geo.shapes),
+        default=0,
+    )
     # writing a layer: a CPU copy in the save dtype (unless it already is one) plus the serialized bytes
     saved = geo.layer_params * torch.finfo(req.save_dtype).bits // 8
     write_buffer = saved + (saved if on_gpu or req.save_dtype != req.compute_dtype else 0)

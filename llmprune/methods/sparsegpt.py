@@ -111,13 +111,15 @@ class SparseGPT(PruningMethod):
         """Peak bytes one solve holds beyond the Hessian and the layer: the shared factor (n x n), the float32
         working weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the
         OBS loop (a block of the factor's rows, the block's weights, errors, scores and mask selection, and
-        one lazy update's row chunk), and LAPACK's own panel buffers while it factors (MKL keeps about 5 MiB
-        for each of potrf and potri at n = 4096 and about 14 MiB at n = 8960 in float64, so 2 x n x 256
-        elements of 8 bytes are budgeted). Counted by the memory plan; a test measures one solve."""
+        one lazy update's row chunk), and LAPACK's own panel buffers while it factors. MKL's depend on its
+        threads: beyond the n x n float64 factor, potrf + potri + potrf held 12 MiB at n = 4096 and 27 MiB at
+        n = 8192 on 2 threads, but 38.5 MiB at n = 4096 (7 at 2048, 19 at 8192) on 1 thread, which is what
+        torchrun gives each rank; so 2 x n x 640 elements of 8 bytes are budgeted (40 MiB at n = 4096).
+        Counted by the memory plan; a test measures one solve."""
         e = rows * n
         result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
         loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
-        lapack = 2 * n * 256 * 8
+        lapack = 2 * n * 640 * 8
         return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
     def prune(
