@@ -4,6 +4,7 @@ one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -190,6 +191,63 @@ def test_a_linears_rows_split_across_ranks_solve_as_one(tmp_path):
                 assert int((weight_of_ranks == 0).sum()) == int(one.mask.sum())
     finally:
         torch.set_num_threads(threads)
+
+
+PEAK_OF_A_RANKS_SOLVE = """
+import json, sys, torch
+from llmprune.engine.devices import current_rss, peak_rss, return_freed_memory, trim_heap, warm_up_kernels
+from llmprune.engine.ranks import joined
+from llmprune.methods import Hessian, InputStats, Pattern
+from llmprune.methods.sparsegpt import SparseGPT
+
+n = rows = int(sys.argv[1])
+with joined(torch.device("cpu")) as ranks:
+    return_freed_memory()
+    g = torch.Generator().manual_seed(0)
+    stats = InputStats(n, (Hessian,), torch.device("cpu"))
+    stats.add(torch.randn(2048, n, generator=g))
+    stats.finish()
+    weight = torch.randn(rows, n, generator=g)
+    warm_up_kernels()
+    stats[Hessian].matrix
+    ranks.gather_rows_(torch.zeros(rows, 128))  # the collectives' own buffers are the process's, not the solve's
+    trim_heap()
+    ranks.barrier()
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    base = current_rss()
+    # what the engine's row-split solve does: its rows, their error terms, then the whole weight gathered
+    block = ranks.row_block(rows)
+    mine = weight[block.start : block.stop]
+    result = SparseGPT(inverse_dtype=torch.float64).prune(mine, stats, Pattern(0.5), rows=block)
+    stats.error_terms(mine, result.weight)
+    whole = torch.empty_like(weight)
+    whole[block.start : block.stop] = result.weight
+    ranks.gather_rows_(whole)
+    print(json.dumps({"rank": ranks.rank, "peak": peak_rss() - base}))
+"""
+
+
+def test_a_ranks_row_split_solve_stays_within_its_plan(tmp_path):
+    """Measured on each of 2 gloo ranks, one thread each (VmHWM reset before the solve): a rank's share of a
+    2048 x 2048 SparseGPT solve, rows split, with the gather of the whole weight, adds at most the plan's per-rank
+    solve bytes, which are below one process's."""
+    from llmprune.engine.plan import Request, solve_bytes
+    from llmprune.methods.sparsegpt import SparseGPT
+
+    n = 2048
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_OF_A_RANKS_SOLVE)
+    command = [*TORCHRUN, "--nproc-per-node=2", str(script), str(n)]
+    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    peaks = {p["rank"]: p["peak"] for p in map(json.loads, (line for line in proc.stdout.splitlines() if "{" in line))}
+    assert sorted(peaks) == [0, 1]
+    one = Request(windows=1, seqlen=1, eval_windows=0, chunk=1, order="parallel", park="auto", method=SparseGPT,
+                  compute_dtype=torch.float32, model_dtype=torch.float32, save_dtype=torch.float32)  # fmt: skip
+    bound = solve_bytes(dataclasses.replace(one, row_shards=2), n, n, torch.float64)
+    for peak in peaks.values():
+        assert n * n * 8 <= peak <= bound, (peaks, bound)  # it held the factor; within the plan
+    assert bound < solve_bytes(one, n, n, torch.float64)
 
 
 def _structured_args(model: Path, corpus: Path, output: Path) -> list[str]:

@@ -237,10 +237,11 @@ def solve_bytes(req: Request, rows: int, cols: int, inverse_dtype: torch.dtype) 
     if req.row_shards == 1:
         return own
     # during the sweep, the scores of a block of columns stacked from every rank for the mask's choice (the scores,
-    # their copy in the selection, its mask); after it, the factor, the rank's solved rows and mask, and the whole
-    # weight the ranks gather
-    sweep = own + rows * SELECTION_COLUMNS * (4 + 4 + 1)
-    gather = cols * cols * inverse_dtype.itemsize + mine * cols * (c + 1) + rows * cols * c
+    # and the selection's copy, int64 indices and mask); after it, what outlives the sweep (the factor and LAPACK's
+    # kept buffers: the method's workspace for no rows), the rank's solved rows and mask, and the gathered weight
+    sweep = own + rows * SELECTION_COLUMNS * (4 + 4 + 8 + 1)
+    kept = req.method.workspace_bytes(0, cols, req.compute_dtype, inverse_dtype)
+    gather = kept + mine * cols * (c + 1) + rows * cols * c
     return max(sweep, gather)
 
 
