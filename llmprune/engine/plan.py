@@ -22,7 +22,8 @@ GiB = 2**30
 BOOKKEEPING = 16 * 2**20  # Python objects, reports, file buffers
 PAGE = 4096  # a row of the embedding table read alone backs at most ceil(row / PAGE) + 1 pages
 THREAD_BYTES = 8 * 2**20  # per lockstep chunk thread: its OpenMP team, BLAS buffers and malloc arena (measured ~7 MiB)
-SELECTION_COLUMNS = 128  # the columns a row-split solve chooses its mask over at once (SparseGPT's default block)
+SELECTION_COLUMNS = 128  # the columns a row-split solve chooses its mask over at once (SparseGPT's default block;
+# a larger --blocksize is not planned for, here or in SparseGPT.workspace_bytes)
 
 
 @dataclass(frozen=True)

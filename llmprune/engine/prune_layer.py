@@ -396,7 +396,7 @@ class LayerPruner:
         covered = [g for g in groups if g.stats is not None or not self.method.statistics]
         jobs = [(group, name) for group in covered for name in group.names]
         mine = {}
-        split = self.ranks.active and self.method.splits_rows
+        split = self.ranks.active and self.method.solves_rows()
         if self.ranks.active and not split:
             rank = self.ranks.rank
             mine = {k: self._solve(targets, *job, pattern) for k, job in enumerate(jobs) if self.ranks.owner(k) == rank}
@@ -463,7 +463,8 @@ class LayerPruner:
             saved = {k: v.cpu() for k, v in result.saved.items()}
         elif self.save_dtype is not None and final.dtype != self.save_dtype:
             final = final.to(self.save_dtype).to(dense.dtype)  # propagate what will be saved
-        pruned = int(result.mask.sum())
+        pruned, info = int(result.mask.sum()), result.info
+        del result  # its weight (when rounded to the save dtype) and mask are not needed beside the gathered weight
         if block is None:
             error = group.stats.relative_error(dense, final) if group.stats is not None else None
         else:  # every rank's rows, in every rank's copy; the error's terms summed over the ranks' rows
@@ -474,7 +475,7 @@ class LayerPruner:
             whole = torch.empty_like(dense)
             whole[mine] = final
             final = self.ranks.gather_rows_(whole)
-        return _Solved(final, pruned, result.info, saved, error, time.perf_counter() - started)
+        return _Solved(final, pruned, info, saved, error, time.perf_counter() - started)
 
     def _share(self, module: Target, solved: _Solved | None, position: int) -> _Solved:
         """The solve of job `position` on every rank: its owner broadcasts the weight and the report's values."""

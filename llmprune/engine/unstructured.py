@@ -162,7 +162,7 @@ class UnstructuredBody(Body):
             model_dtype=ctx.skeleton.dtype,
             save_dtype=ctx.save_dtype,
             stats_dtype=ranks.reduce_dtype,
-            row_shards=ranks.world if self.method_class.splits_rows else 1,
+            row_shards=ranks.world if self.method_class.solves_rows() else 1,
         )
         budget, host_budget = self.budgets
         plan = make_plan(

@@ -9,6 +9,7 @@ the memory plan). Adding a method is one new file and one line in `llmprune.meth
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +38,8 @@ class Pruned:
 class RowBlock:
     """The rows [start, stop) of a weight of `total` rows that one solve is given (the engine splits a Linear's rows
     across ranks), and `lowest(scores, count)`: the mask of the `count` lowest of the scores of every block's rows,
-    returned for these rows (on several ranks a collective, the scores stacked in row order; the same bits as one
-    solve of the whole weight)."""
+    returned for these rows (on several ranks a collective, the scores stacked in row order, so every rank chooses
+    alike and as one solve of the whole weight would from the same scores)."""
 
     start: int
     stop: int
@@ -64,6 +65,12 @@ class PruningMethod(Configurable, ABC):
     # only through `RowBlock.lowest`. Under torchrun the engine then splits each Linear's rows across the ranks
     # rather than dealing out whole Linears, so the layer's largest solve no longer runs on one rank.
     splits_rows: ClassVar[bool] = False
+
+    @classmethod
+    def solves_rows(cls) -> bool:
+        """Whether the engine may give `prune` a block of rows: `splits_rows`, and a `prune` that takes `rows` (a
+        subclass that overrides `prune` without it solves whole weights, whatever it inherits)."""
+        return cls.splits_rows and "rows" in inspect.signature(cls.prune).parameters
 
     @classmethod
     def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:

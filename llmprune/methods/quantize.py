@@ -29,7 +29,6 @@ def quantizing(method: type[PruningMethod], scheme: QuantScheme, scale_dtype: to
 
     class Quantizing(method):  # type: ignore[valid-type, misc]
         statistics = tuple(dict.fromkeys((*method.statistics, Hessian)))
-        splits_rows = False  # the grid and the activation order are fit over the whole weight
 
         def __init__(self, **values) -> None:
             super().__init__(**values)
