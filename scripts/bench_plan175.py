@@ -183,19 +183,21 @@ def main() -> None:
     row_bytes = 12 * OPT175**2 * (2 + 4)  # the layer's weights in float16, and their scores in float32
     plans = []
     for n in (1, 2, 4, 8):
+        hessians_gather = hessian_bytes * (n - 1) / LINK_BYTES_S
+        rows_gather = row_bytes * (n - 1) / n / LINK_BYTES_S
         parts = {
             "forward": gpu_forward * cpu_forward / n,
             "statistics": gpu_extra * cpu_statistics / n,
             "factors": gpu_extra * cpu_factors,
             "rows": gpu_extra * cpu_rows / n,
-            "all-gather": 0.0 if n == 1 else (hessian_bytes * (n - 1) + row_bytes * (n - 1) / n) / LINK_BYTES_S,
+            "all-gather": hessians_gather + rows_gather,
         }
         per_layer = sum(parts.values())
         owned = [0.0] * n  # the other way, for comparison: whole Linears dealt out round-robin, factors included
         for position, f in enumerate(modules.values()):
             owned[position % n] += at(f, OPT175)
-        dealt = sum(parts.values()) - parts["factors"] - parts["rows"] + gpu_extra * max(owned)
-        dealt = per_layer if n == 1 else dealt - row_bytes * (n - 1) / n / LINK_BYTES_S
+        dealt = parts["forward"] + parts["statistics"] + hessians_gather + gpu_extra * max(owned)
+        dealt = per_layer if n == 1 else dealt  # one process: q/k/v share their factor
         memory = rank_memory(n, args.shape_folder) if args.shape_folder else None
         plans.append({"gpus": n, "s_per_layer": per_layer, "hours": per_layer * LAYERS175 / 3600, "parts": parts,
                       "memory": memory, "dealt_s_per_layer": dealt})  # fmt: skip
