@@ -120,6 +120,10 @@ def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
     assert [peak["rank"] for peak in report_two["peak_memory"]["ranks"]] == [0, 1]
     assert all(peak["rss_bytes"] > 0 for peak in report_two["peak_memory"]["ranks"])
     assert "ranks" not in report_one["peak_memory"]
+    # a rank plans its shard of the windows (chunks of 2): the 8 calibration ones as 4 + 4, the 6 held-out as 4 + 2
+    one, two = report_one["memory_plan"]["phases"], report_two["memory_plan"]["phases"]
+    assert two["begin"]["calibration activations"] * 8 == one["begin"]["calibration activations"] * 4
+    assert two["eval head"]["eval activations"] * 6 == one["eval head"]["eval activations"] * 4
     # the evaluation windows were split too: the same perplexities, summed across ranks
     for which in ("dense", "pruned"):
         assert report_two["perplexity"][which] == pytest.approx(report_one["perplexity"][which], rel=1e-6)

@@ -149,7 +149,7 @@ class UnstructuredBody(Body):
         request = Request(
             windows=shard_windows(calib.count, chunk, ranks.world),  # each rank holds its shard of the activations
             seqlen=calib.seqlen,
-            eval_windows=ctx.eval_windows.count if ctx.eval_windows else 0,
+            eval_windows=shard_windows(ctx.eval_windows.count, chunk, ranks.world) if ctx.eval_windows else 0,
             chunk=chunk,
             order=settings.unstructured.order,
             parallel_only=self.moe,
