@@ -408,7 +408,9 @@ def test_launches_refused_before_any_collective(model, corpus_file, monkeypatch,
     refused = {
         "does not run across torchrun ranks": dict(method="depth", remove=0.5),  # a body that says it cannot
         "--eval-tasks under torchrun": dict(method="wanda", eval_tasks="arc_easy"),
-        "--plan-only under torchrun": dict(method="sparsegpt", plan_only=True),
+        "--plan-only under torchrun: .* as one process with --samples 64 --eval-samples 5$": dict(
+            method="sparsegpt", plan_only=True, samples=128, eval_samples=9
+        ),
     }
     for message, options in refused.items():
         settings = make_settings(str(model), **options)
