@@ -177,12 +177,8 @@ def check_launch(settings: Settings, body: Body, ranks: Ranks) -> None:
     if settings.publish.eval_tasks:
         raise LLMPruneError("--eval-tasks under torchrun: run `llmprune eval OUTPUT --tasks ...` once the run is done")
     if settings.unstructured.plan_only:
-        common, world = settings.common, ranks.world
-        shard = f"--samples {-(-common.samples // world)}"
-        if common.eval_samples:
-            shard += f" --eval-samples {-(-common.eval_samples // world)}"
         raise LLMPruneError(
-            f"--plan-only under torchrun: a rank's plan is one process's on its shard; run as one process with {shard}"
+            f"--plan-only under torchrun: plan one rank as one process with --plan-only --plan-ranks {ranks.world}"
         )
     ranks.agree("arguments", {k: v for k, v in settings.flat().items() if k != "command"})
 

@@ -263,6 +263,15 @@ class Unstructured:
         affects_result=False,
     )
     plan_only: bool = setting(False, "print the memory plan and exit (reads no weights)", affects_result=False)
+    plan_ranks: int = setting(
+        1,
+        "with --plan-only: plan one rank of a torchrun launch of N ranks (its shard of the windows, its rows of "
+        "each solve), from one process",
+        type=int,
+        minimum=1,
+        metavar="N",
+        affects_result=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -626,6 +635,8 @@ def validate(settings: Settings, kind: str, sections: tuple[str, ...], method_op
     if speedup is not None and not speedup > 1:
         raise LLMPruneError(f"--target-speedup must be more than 1 (got {speedup})")
     if "unstructured" in sections:
+        if unstructured.plan_ranks > 1 and not unstructured.plan_only:
+            raise LLMPruneError("--plan-ranks plans one rank of a torchrun launch: it needs --plan-only")
         pattern = Pattern.parse(unstructured.pattern, unstructured.sparsity)
         check_profile(unstructured, pattern)
         if publish.save_format == PACKED_FORMAT and str(pattern) != "2:4":

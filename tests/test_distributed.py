@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import llmprune
 from llmprune.errors import LLMPruneError
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -117,6 +118,12 @@ def test_two_ranks_equal_one_process(method, wide, corpus_file, tmp_path):
     errors = [m["error"] for layer in report_one["layers"] for m in layer["modules"]]
     assert [m["error"] for layer in report_two["layers"] for m in layer["modules"]] == pytest.approx(errors, rel=1e-5)
     assert report_two["distributed"] == {"world_size": 2, "backend": "gloo", "reduce_dtype": "float64"}
+    # one process plans one rank of the launch as the launch's ranks planned themselves (--plan-only --plan-ranks 2)
+    planned = llmprune.prune(str(wide), method=method, sparsity=0.5, calibration=str(corpus_file), samples=8, seqlen=64,
+                             batch_size=2, eval_samples=6, reduce_dtype="float64", plan_only=True, plan_ranks=2,
+                             output=str(tmp_path / "plan"), quiet=True)["memory_plan"]  # fmt: skip
+    assert planned["phases"] == report_two["memory_plan"]["phases"] != report_one["memory_plan"]["phases"]
+    assert planned["choice"] == report_two["memory_plan"]["choice"]
     assert [peak["rank"] for peak in report_two["peak_memory"]["ranks"]] == [0, 1]
     assert all(peak["rss_bytes"] > 0 for peak in report_two["peak_memory"]["ranks"])
     assert "ranks" not in report_one["peak_memory"]
@@ -237,6 +244,36 @@ def test_a_ranks_row_split_solve_stays_within_its_plan(tmp_path):
     for peak in peaks.values():
         assert n * n * 8 <= peak <= bound, (peaks, bound)  # it held the factor; within the plan
     assert bound < solve_bytes(one, n, n, torch.float64)
+
+
+def test_a_ranks_plan_holds_the_largest_shard_at_the_chunk_it_streams():
+    """The ranks' shards cover every window once, in order and in whole chunks (but the last), and a rank's plan
+    counts the largest, at the chunk the run streams, not the one first asked for: 5 calibration and 10 held-out
+    windows on 2 ranks are 0 + 5 and 5 + 5 in chunks of 5, but 2 + 3 and 4 + 6 in chunks of 2 (what a smaller
+    chunk the plan picks to fit its budget, or chunk_for's, deals)."""
+    from llmprune.engine.plan import Choice, Geometry, Request, estimate
+    from llmprune.engine.ranks import Ranks, largest_shard
+    from llmprune.methods.wanda import Wanda
+
+    for world in range(1, 5):
+        for count in range(1, 31):
+            for chunk in range(1, 10):
+                parts = [Ranks(rank=r, world=world).part(torch.arange(count), chunk) for r in range(world)]
+                assert torch.equal(torch.cat(parts), torch.arange(count))
+                assert all(len(p) % chunk == 0 for p in parts if len(p) and p[-1] != count - 1)
+                assert largest_shard(count, chunk, world) == max(len(p) for p in parts)
+    d = 16
+    geo = Geometry(layers=2, hidden=d, intermediate=32, heads=2, kv_heads=2, head_dim=8, vocab=64, layer_params=3000,
+                   rest_params=1024, head_params=0, table_rows=64, table_width=d, max_in=32, shapes=((32, 16),),
+                   group_inputs=(16,), eager_attention=False)  # fmt: skip
+    f32 = torch.float32
+    request = Request(windows=5, seqlen=8, eval_windows=10, chunk=5, order="parallel", park="auto", method=Wanda,
+                      compute_dtype=f32, model_dtype=f32, save_dtype=f32, world=2)  # fmt: skip
+    for chunk, calibration, held_out in ((5, 5, 5), (2, 3, 6)):
+        choice = Choice(chunk, "device", f32, "parallel", "memory", torch.float64)
+        phases, _ = estimate(geo, request, choice, torch.device("cpu"))
+        assert phases["begin"]["calibration activations"] == calibration * 8 * d * 4
+        assert phases["eval head"]["eval activations"] == held_out * 8 * d * 4
 
 
 def _structured_args(model: Path, corpus: Path, output: Path) -> list[str]:
@@ -408,8 +445,8 @@ def test_launches_refused_before_any_collective(model, corpus_file, monkeypatch,
     refused = {
         "does not run across torchrun ranks": dict(method="depth", remove=0.5),  # a body that says it cannot
         "--eval-tasks under torchrun": dict(method="wanda", eval_tasks="arc_easy"),
-        "--plan-only under torchrun: .* as one process with --samples 64 --eval-samples 5$": dict(
-            method="sparsegpt", plan_only=True, samples=128, eval_samples=9
+        "--plan-only under torchrun: plan one rank as one process with --plan-only --plan-ranks 2$": dict(
+            method="sparsegpt", plan_only=True
         ),
     }
     for message, options in refused.items():
@@ -429,4 +466,8 @@ def test_launches_refused_before_any_collective(model, corpus_file, monkeypatch,
         [*_args(model, corpus_file, tmp_path / "alone", "wanda"), "--solver-devices", "cpu"], capsys
     )
     assert code == 2 and "start the ranks with torchrun" in one_error_line(err)
+    assert not (tmp_path / "alone").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    code, _, err = run_main([*_args(model, corpus_file, tmp_path / "alone", "wanda"), "--plan-ranks", "2"], capsys)
+    assert code == 2 and "--plan-ranks plans one rank of a torchrun launch: it needs --plan-only" in one_error_line(err)
     assert not (tmp_path / "alone").exists()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmprune.engine.ranks import largest_shard
 from llmprune.engine.stream import logit_positions
 from llmprune.errors import LLMPruneError
 from llmprune.methods.base import PruningMethod
@@ -189,7 +190,8 @@ def _ceil_mib(size: int) -> str:
 
 @dataclass
 class Request:
-    """What the run asks for, before adaptation."""
+    """What the run asks for, before adaptation. Window counts are the run's; under torchrun each rank holds its
+    shard of them, in whole chunks of the chunk size the plan chooses."""
 
     windows: int
     seqlen: int
@@ -208,6 +210,7 @@ class Request:
     parallel_only: bool = False  # MoE experts: their statistics are fed in the parallel order only
     stats_dtype: torch.dtype = torch.float32  # --reduce-dtype: float64 sums hold twice the float32 statistics
     row_shards: int = 1  # ranks a Linear's rows are split across (a method that solves rows alone, under torchrun)
+    world: int = 1  # torchrun ranks the windows are split across
 
     @property
     def inverse(self) -> bool:
@@ -257,7 +260,8 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     """
     c = torch.finfo(req.compute_dtype).bits // 8
     a = torch.finfo(choice.act_dtype).bits // 8
-    tokens = req.windows * req.seqlen
+    windows = largest_shard(req.windows, choice.chunk, req.world)  # this rank's calibration windows
+    tokens = windows * req.seqlen
     chunk_tokens = choice.chunk * req.seqlen
     d, inter = geo.hidden, geo.intermediate
     on_gpu = device.type == "cuda"
@@ -290,7 +294,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     held = {"layer weights": geo.layer_params * c}
     if sequential:
         held["barrier state (all chunks)"] = max(stash, store)
-        chunks = -(-req.windows // choice.chunk)
+        chunks = -(-windows // choice.chunk)
         held["chunk threads"] = chunks * THREAD_BYTES if chunks > 1 else 0
     elif store:
         held["calibration activations"] = store
@@ -314,7 +318,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     if req.eval_windows:
         evaluated = {
             "embeddings and head": rest + geo.head_params * c,
-            "eval activations": req.eval_windows * req.seqlen * d * c,
+            "eval activations": largest_shard(req.eval_windows, choice.chunk, req.world) * req.seqlen * d * c,
         }
         phases["eval forward"] = {**evaluated, "layer weights": geo.layer_params * c, "chunk temporaries": temporaries}
         positions = min(req.seqlen, logit_positions(1, geo.vocab))

@@ -38,6 +38,20 @@ GATHER_BYTES = 64 << 20  # the most one all-gather step moves per rank (the summ
 REDUCE_DTYPES = ("float32", "float64")
 
 
+def shard_bounds(count: int, chunk: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank `rank`'s windows [start, stop) of `count` among `world` ranks: the chunks of `chunk` windows dealt
+    out in contiguous runs, the later ranks taking one more where they do not divide evenly."""
+    chunks = -(-count // chunk)
+    first, last = rank * chunks // world, (rank + 1) * chunks // world
+    return min(first * chunk, count), min(last * chunk, count)
+
+
+def largest_shard(count: int, chunk: int, world: int) -> int:
+    """The most windows of `count` any of `world` ranks holds in chunks of `chunk` (all of them for one rank):
+    what a rank's memory plan counts."""
+    return max(stop - start for start, stop in (shard_bounds(count, chunk, rank, world) for rank in range(world)))
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the launch: rank, world size, backend, and the dtype statistics are summed in."""
@@ -69,9 +83,7 @@ class Ranks:
     def shard(self, count: int, chunk: int) -> tuple[int, int]:
         """This rank's windows [start, stop) of `count`: contiguous runs of whole chunks of `chunk` windows, so
         each rank forwards exactly the chunks one process would (the same batch shapes, the same bits)."""
-        chunks = -(-count // chunk)
-        first, last = self.rank * chunks // self.world, (self.rank + 1) * chunks // self.world
-        return min(first * chunk, count), min(last * chunk, count)
+        return shard_bounds(count, chunk, self.rank, self.world)
 
     def part(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
         """This rank's windows of `ids` (its shard, as `shard` says; all of them for one rank)."""

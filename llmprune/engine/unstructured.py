@@ -5,7 +5,6 @@ killed run resumes."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import torch
@@ -28,6 +27,7 @@ from llmprune.engine.owl import layer_outlier_ratios, owl_profile
 from llmprune.engine.parking import Parking
 from llmprune.engine.plan import Geometry, MemoryPlan, Request, choice_from_dict, choice_to_dict, make_plan
 from llmprune.engine.prune_layer import LayerPruner, TargetRule, find_targets
+from llmprune.engine.ranks import largest_shard
 from llmprune.engine.resume import RunState
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
@@ -48,12 +48,6 @@ def parse_budgets(text: str | None, device: torch.device) -> tuple[int, int | No
     if device.type != "cuda":
         return budget, None
     return budget, values["cpu"] if "cpu" in values else available_memory(torch.device("cpu"))
-
-
-def shard_windows(count: int, chunk: int, world: int) -> int:
-    """The most windows one rank holds: shards are whole chunks, so the largest has ceil(chunks / world) of them."""
-    chunks = math.ceil(count / chunk)
-    return min(count, math.ceil(chunks / world) * chunk)
 
 
 def inverse_request(method: type[PruningMethod], values: dict) -> torch.dtype | None:
@@ -145,11 +139,14 @@ class UnstructuredBody(Body):
     def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
         assert ctx.calib is not None
         settings, calib, ranks = self.settings, ctx.calib, ctx.ranks
+        planned = ranks if ranks.active else dataclasses.replace(ranks, world=settings.unstructured.plan_ranks)
         chunk = settings.common.batch_size or default_chunk(calib.count, calib.seqlen, ctx.device)
+        chunk = planned.chunk_for(calib.count, chunk)  # every rank gets whole chunks of windows
         request = Request(
-            windows=shard_windows(calib.count, chunk, ranks.world),  # each rank holds its shard of the activations
+            windows=calib.count,  # each rank holds its shard of the activations (and of the held-out windows)
+            world=planned.world,
             seqlen=calib.seqlen,
-            eval_windows=shard_windows(ctx.eval_windows.count, chunk, ranks.world) if ctx.eval_windows else 0,
+            eval_windows=ctx.eval_windows.count if ctx.eval_windows else 0,
             chunk=chunk,
             order=settings.unstructured.order,
             parallel_only=self.moe,
@@ -162,7 +159,7 @@ class UnstructuredBody(Body):
             model_dtype=ctx.skeleton.dtype,
             save_dtype=ctx.save_dtype,
             stats_dtype=ranks.reduce_dtype,
-            row_shards=ranks.world if self.method_class.solves_rows() else 1,
+            row_shards=planned.world if self.method_class.solves_rows() else 1,
         )
         budget, host_budget = self.budgets
         plan = make_plan(
@@ -171,6 +168,13 @@ class UnstructuredBody(Body):
         if ranks.active:  # every rank streams chunks of the same size, in the order rank 0's plan chose
             choice = ranks.broadcast_object(plan.choice)
             plan.choice = dataclasses.replace(choice, chunk=ranks.chunk_for(calib.count, choice.chunk))
+        if planned.active:
+            shards = [f"{largest_shard(calib.count, plan.choice.chunk, planned.world)} of {calib.count} calibration"]
+            if ctx.eval_windows:
+                shards.append(f"{largest_shard(ctx.eval_windows.count, plan.choice.chunk, planned.world)} of "
+                              f"{ctx.eval_windows.count} held-out")  # fmt: skip
+            rows = f", 1/{planned.world} of each Linear's rows" if request.row_shards > 1 else ""
+            plan.notes.append(f"one rank of {planned.world}: {' and '.join(shards)} windows at most{rows}")
         if saved is not None:
             plan.choice = choice_from_dict(saved.choice)
             plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
