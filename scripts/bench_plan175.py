@@ -18,8 +18,8 @@ Each part is fitted as a power law of H (log-log least squares), then:
   one), then solves its 1/N of the rows. The rows' part of a solve is its measured time less its factor's.
 - for comparison, the other way ranks can share solves (other methods'): whole Linears dealt out round-robin
   (q, k, v, out, fc1, fc2), each with its own factor, so a layer waits for the rank that has fc2.
-- memory per GPU: the engine's own plan (`--plan-only`) for one rank's shard of 128 / N windows, as one process
-  (its solve holds whole weights; a rank's holds 1/N of fc2's rows and the gathered weight: under 1 GiB apart).
+- memory per GPU: the engine's own plan for one rank of N (`--plan-only --plan-ranks N`: its shard of the 128
+  windows, its 1/N of each Linear's rows and the gathered weight).
 
     python scripts/bench_plan175.py --out bench-plan [--widths 1024 2048 4096] [--write BENCHMARKS.md]
     python scripts/bench_plan175.py --out bench-plan --measured bench-plan/rows.json  # re-plan, no measuring
@@ -125,19 +125,15 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def rank_memory(ranks: int, folder: Path) -> float | None:
-    """GPU GiB per rank from the engine's plan for one rank's shard (an OPT-175B shape checkpoint at `folder`)."""
+    """GPU GiB per rank from the engine's plan for one rank of `ranks` (`--plan-only --plan-ranks`) on an OPT-175B
+    shape checkpoint at `folder`."""
     if not (folder / "config.json").exists():
         return None
-    from safetensors.torch import load_file, save_file
-
     import llmprune
 
-    ids = load_file(str(folder / "calibration.safetensors"))
-    shard = folder.parent / f"calibration-{ranks}.safetensors"
-    key = next(iter(ids))
-    save_file({key: ids[key][: 128 // ranks].contiguous()}, str(shard))
-    result = llmprune.prune(str(folder), method="sparsegpt", calibration=str(shard), no_eval=True, plan_only=True,
-                            device="cuda", max_memory="cuda=80GB,cpu=2TB", output="unused", quiet=True)  # fmt: skip
+    result = llmprune.prune(str(folder), method="sparsegpt", calibration=str(folder / "calibration.safetensors"),
+                            no_eval=True, plan_only=True, plan_ranks=ranks, device="cuda",
+                            max_memory="cuda=80GB,cpu=2TB", output="unused", quiet=True)  # fmt: skip
     return result["memory_plan"]["peak_bytes"] / 2**30
 
 
@@ -154,10 +150,14 @@ def main() -> None:
     if args.measured:
         measured = json.loads(args.measured.read_text())
         rows, llama = measured["opt"], measured["llama7b"]
+        about = measured.get("about", f"Measured (when and where not recorded in {args.measured.name})")
+        about += f"; planned {date.today()} from those measurements"
     else:
         rows = [measure("opt", h, opt_shapes(h), args.tokens) for h in args.widths]
         llama = measure("llama", 4096, llama7b_shapes(), args.tokens)
-    (args.out / "rows.json").write_text(json.dumps({"opt": rows, "llama7b": llama}, indent=1))
+        about = f"Measured {date.today()} on {machine()}, float32, {torch.get_num_threads()} threads"
+    saved = {"about": about.split("; planned")[0], "opt": rows, "llama7b": llama}
+    (args.out / "rows.json").write_text(json.dumps(saved, indent=1))
     hs = [r["h"] for r in rows]
     forward = fit(hs, [r["forward_s_per_token"] for r in rows])
     statistics = fit(hs, [r["statistics_s_per_token"] for r in rows])
@@ -210,8 +210,7 @@ def main() -> None:
         return "-" if value is None else f"{value:.1f}"
 
     lines = [
-        f"Measured {date.today()} on {machine()}, float32, {torch.get_num_threads()} threads. Command: "
-        f"`python scripts/bench_plan175.py {' '.join(sys.argv[1:])}`.",
+        f"{about}. Command: `python scripts/bench_plan175.py {' '.join(sys.argv[1:])}`.",
         "",
         "| layer | H | forward ms / 1k tokens | Hessians ms / 1k tokens | SparseGPT solves s (of which fc2 / down) |",
         "|---|---|---|---|---|",
