@@ -363,13 +363,15 @@ def task_results(dense: Path, pruned: Path, publish: Publish, device: torch.devi
 
 def fingerprint_of(ctx: RunContext, body: Body) -> dict:
     """What a resumed run must match: the settings the result depends on, with the model, the windows and the
-    dtype by what they resolved to, and what the body resolved (pattern, forward dtype)."""
+    dtype by what they resolved to, and what the body resolved (pattern, forward dtype). `--plan-ranks N` plans
+    as a launch of N ranks would, resuming its run included."""
+    world = ctx.ranks.world if ctx.ranks.active else ctx.settings.unstructured.plan_ranks
     resolved = {
         "model": folder_identity(ctx.folder),
         "calibration": ctx.calib.fingerprint(),
         "eval": ctx.eval_windows.fingerprint() if ctx.eval_windows else None,
         "dtype": str(ctx.save_dtype),
-        **({"world_size": ctx.ranks.world} if ctx.ranks.active else {}),  # the shards of windows each rank holds
+        **({"world_size": world} if world > 1 else {}),  # the shards of windows each rank holds
         **body.fingerprint(ctx),
     }
     return make_fingerprint(**{**ctx.settings.fingerprint_parts(body.sections), **resolved})

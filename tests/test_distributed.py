@@ -470,4 +470,9 @@ def test_launches_refused_before_any_collective(model, corpus_file, monkeypatch,
     monkeypatch.delenv("WORLD_SIZE")
     code, _, err = run_main([*_args(model, corpus_file, tmp_path / "alone", "wanda"), "--plan-ranks", "2"], capsys)
     assert code == 2 and "--plan-ranks plans one rank of a torchrun launch: it needs --plan-only" in one_error_line(err)
+    planned = [*_args(model, corpus_file, tmp_path / "alone", "wanda"), "--plan-only", "--plan-ranks", "2"]
+    code, _, err = run_main([*planned, "--solver-devices", "cpu"], capsys)
+    assert code == 2 and "--solver-devices: under torchrun every rank solves" in one_error_line(err)
+    code, _, err = run_main([*planned[:-1], "9"], capsys)  # 8 windows
+    assert code == 2 and "9 ranks need at least 9 windows and the run has 8" in one_error_line(err)
     assert not (tmp_path / "alone").exists()

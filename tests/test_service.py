@@ -164,6 +164,8 @@ def test_concurrent_bad_submissions_are_refused_and_nothing_is_queued(service, t
     assert all(400 <= a.status_code < 500 for a in answers), [a.text for a in answers]
     assert "--sparsity must be in [0, 1) (got 1.5)" in post(bodies[2]).json()["error"]["message"]
     assert "--allow-remote-code" in post(bodies[-1]).json()["error"]["message"]
+    planned = post(json.dumps({"model": model, "plan_ranks": 2}).encode()).json()["error"]["message"]
+    assert planned == "plan_ranks is set by the service, not by a job"
     assert service.call("GET", "/v1/prune-jobs").json()["data"] == before
 
 

@@ -93,12 +93,13 @@ class UnstructuredBody(Body):
         check_forward_mix(self.cdtype, self.fdtype)
         if ctx.device.type == "cpu" and self.fdtype == torch.bfloat16 and not cpu_has_native_bf16():
             log.info("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
-        if ctx.ranks.active and self.settings.unstructured.solver_devices:
+        as_ranks = ctx.ranks.active or self.settings.unstructured.plan_ranks > 1  # a launch, or the plan of one
+        if as_ranks and self.settings.unstructured.solver_devices:
             raise LLMPruneError(
                 "--solver-devices: under torchrun every rank solves its share of each layer on its own GPU; "
                 "drop the flag (or run one process with --solver-devices)"
             )
-        self.solvers = [] if ctx.ranks.active else self.solvers
+        self.solvers = [] if as_ranks else self.solvers
         self.targets = self._check_targets(ctx)
         self.moe = any(isinstance(m, ExpertProjection) for targets in self.targets for m in targets.values())
         if self.moe and self.scheme is not None:
@@ -168,6 +169,9 @@ class UnstructuredBody(Body):
         if ranks.active:  # every rank streams chunks of the same size, in the order rank 0's plan chose
             choice = ranks.broadcast_object(plan.choice)
             plan.choice = dataclasses.replace(choice, chunk=ranks.chunk_for(calib.count, choice.chunk))
+        if saved is not None:
+            plan.choice = choice_from_dict(saved.choice)
+            plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
         if planned.active:
             shards = [f"{largest_shard(calib.count, plan.choice.chunk, planned.world)} of {calib.count} calibration"]
             if ctx.eval_windows:
@@ -175,9 +179,6 @@ class UnstructuredBody(Body):
                               f"{ctx.eval_windows.count} held-out")  # fmt: skip
             rows = f", 1/{planned.world} of each Linear's rows" if request.row_shards > 1 else ""
             plan.notes.append(f"one rank of {planned.world}: {' and '.join(shards)} windows at most{rows}")
-        if saved is not None:
-            plan.choice = choice_from_dict(saved.choice)
-            plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
         if is_absent(ctx.device):
             plan.notes.append(
                 f"planned for {ctx.device}, which this machine does not have: the GPU defaults (layers in "

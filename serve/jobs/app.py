@@ -19,7 +19,7 @@ from llmprune_serve.jobs.store import STATUSES, TERMINAL, JobStore
 
 TICK_SECONDS = 0.25
 # run-local flags a job may not set: the service owns its output's life cycle and its worker's manners
-SERVICE_OWNED = ("resume", "overwrite", "quiet", "plan_only", "command")
+SERVICE_OWNED = ("resume", "overwrite", "quiet", "plan_only", "plan_ranks", "command")
 
 
 def bearer(request: Request) -> str | None:
