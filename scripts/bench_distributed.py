@@ -2,11 +2,17 @@
 with T / R threads each (gloo on the CPU), on the same run: wall time, pruning time, each rank's peak RSS, the
 perplexity, and how many weights the two runs prune alike.
 
+With `--project N [N ...]` it runs nothing but the engine's memory plan (`--plan-only`, reads no weights): for
+each calibration size N, one process's planned peak (the plan's peak plus the interpreter overhead it measured)
+against one rank's (`--plan-ranks R`: its shard of the windows, its rows of each solve), to show from how many
+windows the ranks' split of the activations outweighs what every rank holds whole.
+
 The runs alternate (single, ranks, single, ranks, ...) so that a noisy machine slows both alike; the ratios
 are taken within each repeat.
 
     python scripts/bench_distributed.py --model smollm2-135m-gguf --out bench-dist [--ranks 2] [--threads 2]
         [--repeats 1] [--samples 128] [--write BENCHMARKS.md [--section bench_distributed]]
+    python scripts/bench_distributed.py --project 128 512 1024 [--write BENCHMARKS.md --section bench_rank_plan]
 """
 
 from __future__ import annotations
@@ -66,6 +72,62 @@ def mask_agreement(one: Path, two: Path) -> float:
     return same / total
 
 
+def planned_peak(args, samples: int, plan_ranks: int) -> dict:
+    """The memory plan of one rank of `plan_ranks` calibrating on `samples` windows (`--plan-only --plan-ranks`),
+    planned in a fresh interpreter, whose libraries are the overhead the plan measures, as in a real run."""
+    call = (f"import json, llmprune; r = llmprune.prune({args.model!r}, method={args.method!r}, "
+            f"sparsity={float(args.sparsity)}, calibration={args.calibration!r}, samples={samples}, "
+            f"seqlen={args.seqlen}, eval_samples={args.eval_samples}, plan_only=True, plan_ranks={plan_ranks}, "
+            f"output={str(args.out / 'unused')!r}, quiet=True); print(json.dumps(r['memory_plan']))")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", call], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"planning {samples} windows for one rank of {plan_ranks} failed ({done.returncode}): {last}")
+    plan = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"peak": plan["peak_bytes"], "overhead": plan["overhead_bytes"], "phase": peak_phase(plan)}
+
+
+def peak_phase(plan: dict) -> str:
+    """The phase whose planned bytes are the largest."""
+    return max(plan["phases"], key=lambda name: sum(plan["phases"][name].values()))
+
+
+def projection(args) -> list[dict]:
+    """For each --project size: one process's planned peak against one rank's (its shard of the windows)."""
+    rows = []
+    for samples in args.project:
+        one, rank = planned_peak(args, samples, 1), planned_peak(args, samples, args.ranks)
+        row = {"samples": samples, "one": one, "rank": rank,
+               "ratio": (rank["peak"] + rank["overhead"]) / (one["peak"] + one["overhead"])}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def projection_table(rows: list[dict], args, command: str) -> str:
+    mib = 1 << 20
+    lines = [
+        f"Planned {date.today()} on {machine()}. Command: `{command}`.",
+        "",
+        f"{args.model}, {args.method} {args.sparsity}, calibration N x {args.seqlen} tokens, {args.ranks} ranks; "
+        "the engine's memory plan (`--plan-only`, and `--plan-ranks` for one rank: its shard of the N "
+        f"calibration and {args.eval_samples} held-out windows, its rows of each solve), no weights read. Planned "
+        "peak: the plan's peak plus the interpreter and libraries it measured before planning (MiB).",
+        "",
+        "| N windows | one process: plan + overhead | peak phase | a rank: plan + overhead | peak phase | "
+        "rank / one process |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        one, rank = row["one"], row["rank"]
+        lines.append(
+            f"| {row['samples']} | {one['peak'] / mib:.0f} + {one['overhead'] / mib:.0f} | {one['phase']} | "
+            f"{rank['peak'] / mib:.0f} + {rank['overhead'] / mib:.0f} | {rank['phase']} | {row['ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], args, command: str) -> str:
     lines = [
         f"Measured {date.today()} on {machine()}. Command: `{command}`.",
@@ -104,9 +166,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-distributed"))
     parser.add_argument("--write", default=None)
-    parser.add_argument("--section", default="bench_distributed", help="the --write file's section for the table")
+    parser.add_argument("--section", default=None, help="the --write file's section for the table (default: "
+                        "bench_distributed, or bench_rank_plan with --project)")  # fmt: skip
+    parser.add_argument(
+        "--project",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="plan only: one process against a rank for each calibration size N (runs nothing)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/bench_distributed.py " + " ".join(sys.argv[1:])
+    args.section = args.section or ("bench_rank_plan" if args.project else "bench_distributed")
+    if args.project:
+        publish_table(projection_table(projection(args), args, command), args.section, args.out, args.write)
+        return
     common = [args.model, "--method", args.method, "--sparsity", args.sparsity, "--calibration", args.calibration,
               "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--eval-samples", str(args.eval_samples),
               "--quiet"]  # fmt: skip
@@ -122,7 +198,6 @@ def main() -> None:
             rows.append({**row, "repeat": repeat})
             print(json.dumps(rows[-1]), flush=True)
         (args.out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    command = "python scripts/bench_distributed.py " + " ".join(sys.argv[1:])
     publish_table(table(rows, args, command), args.section, args.out, args.write)
 
 
