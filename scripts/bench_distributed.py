@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--max-ppl-increase", default=None, help="passed on to llmprune (its quality gate's limit)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="threads of the one process (split among ranks)")
     parser.add_argument("--repeats", type=int, default=1)
@@ -186,6 +187,8 @@ def main() -> None:
     common = [args.model, "--method", args.method, "--sparsity", args.sparsity, "--calibration", args.calibration,
               "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--eval-samples", str(args.eval_samples),
               "--quiet"]  # fmt: skip
+    if args.max_ppl_increase:
+        common += ["--max-ppl-increase", args.max_ppl_increase]
     rows = []
     for repeat in range(args.repeats):
         single = launch(1, args.threads, common, args.out / "one", args.out / f"one-{repeat}.log")
