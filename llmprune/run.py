@@ -365,7 +365,7 @@ def fingerprint_of(ctx: RunContext, body: Body) -> dict:
     """What a resumed run must match: the settings the result depends on, with the model, the windows and the
     dtype by what they resolved to, and what the body resolved (pattern, forward dtype). `--plan-ranks N` plans
     as a launch of N ranks would, resuming its run included."""
-    world = ctx.ranks.world if ctx.ranks.active else ctx.settings.unstructured.plan_ranks
+    world = ctx.ranks.planned(ctx.settings.unstructured.plan_ranks).world
     resolved = {
         "model": folder_identity(ctx.folder),
         "calibration": ctx.calib.fingerprint(),

@@ -14,6 +14,7 @@ no-op: the single-process engine is the same code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -69,6 +70,11 @@ class Ranks:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def planned(self, plan_ranks: int) -> Ranks:
+        """The launch a run plans for: these ranks under torchrun, else one process planning as one of `plan_ranks`
+        (`--plan-ranks`; 1 is this process alone)."""
+        return self if self.active else dataclasses.replace(self, world=plan_ranks)
 
     def describe(self) -> dict:
         """The report's record of the launch."""

@@ -4,7 +4,6 @@ killed run resumes."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -93,7 +92,7 @@ class UnstructuredBody(Body):
         check_forward_mix(self.cdtype, self.fdtype)
         if ctx.device.type == "cpu" and self.fdtype == torch.bfloat16 and not cpu_has_native_bf16():
             log.info("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX); a float32 forward is faster")
-        as_ranks = ctx.ranks.active or self.settings.unstructured.plan_ranks > 1  # a launch, or the plan of one
+        as_ranks = ctx.ranks.planned(self.settings.unstructured.plan_ranks).active  # a launch, or the plan of one
         if as_ranks and self.settings.unstructured.solver_devices:
             raise LLMPruneError(
                 "--solver-devices: under torchrun every rank solves its share of each layer on its own GPU; "
@@ -140,7 +139,7 @@ class UnstructuredBody(Body):
     def plan(self, ctx: RunContext, saved: RunState | None) -> dict | None:
         assert ctx.calib is not None
         settings, calib, ranks = self.settings, ctx.calib, ctx.ranks
-        planned = ranks if ranks.active else dataclasses.replace(ranks, world=settings.unstructured.plan_ranks)
+        planned = ranks.planned(settings.unstructured.plan_ranks)
         chunk = settings.common.batch_size or default_chunk(calib.count, calib.seqlen, ctx.device)
         chunk = planned.chunk_for(calib.count, chunk)  # every rank gets whole chunks of windows
         request = Request(
@@ -166,9 +165,8 @@ class UnstructuredBody(Body):
         plan = make_plan(
             Geometry.of(ctx.skeleton, self.targets), request, ctx.device, budget, host_budget, ctx.overhead
         )
-        if ranks.active:  # every rank streams chunks of the same size, in the order rank 0's plan chose
-            choice = ranks.broadcast_object(plan.choice)
-            plan.choice = dataclasses.replace(choice, chunk=ranks.chunk_for(calib.count, choice.chunk))
+        if ranks.active:  # every rank streams rank 0's chunks (chunk_for's size, or a half that still deals each
+            plan.choice = ranks.broadcast_object(plan.choice)  # rank whole chunks) in the order rank 0's plan chose
         if saved is not None:
             plan.choice = choice_from_dict(saved.choice)
             plan.adaptations.append(f"resuming at layer {saved.next_layer} with the saved choices")
