@@ -153,6 +153,7 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
         log.info("quantized checkpoint: vLLM's kernels for it take no float32 inputs everywhere, serving in bfloat16")
         dtype = "bfloat16"
     if kind == "vllm":
+        _check_vllm_cpu(skeleton.checkpoint)
         return _serve_vllm(config, dtype, engine_flags, tokenizer, context, report, mode)
     settings = EngineSettings(
         folder=config.folder,
@@ -172,6 +173,16 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
     if service.fatal is not None:
         raise LLMPruneError(f"engine {kind} failed to start: {service.fatal}")
     return 0
+
+
+def _check_vllm_cpu(checkpoint) -> None:
+    """Where vLLM will run on this CPU (no CUDA, as vllm_namespace decides), what of the checkpoint it cannot run."""
+    import torch
+
+    from llmprune_serve.vllm_cpu import check_quantized_on_cpu
+
+    if not torch.cuda.is_available():
+        check_quantized_on_cpu(checkpoint)
 
 
 def _serve_vllm(config: ServeConfig, dtype: str, engine_flags: list[str], tokenizer, context, report, mode) -> int:

@@ -74,15 +74,19 @@ def compute_dtype(device: torch.device, weights: torch.dtype, forward: torch.dty
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo's first `flags` line); empty where that file is not readable."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return frozenset(next((line for line in handle if line.startswith("flags")), "").split()[2:])
+    except OSError:
+        return frozenset()
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): oneDNN's bf16 matmuls then
     run about twice as fast as float32 ones; without it they are emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def parse_forward_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
