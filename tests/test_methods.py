@@ -185,7 +185,7 @@ def test_one_solve_at_n_4096_stays_within_its_bound(dtype, threads):
     inverse = getattr(torch, dtype)
     bound = SparseGPT.workspace_bytes(rows, n, torch.float32, inverse)
     weight_buffers = rows * n * (4 + 1)  # the float32 working weight (returned) and the mask
-    lapack = n * 1280 * 8  # MKL's panel buffers on one thread (38.5 MiB measured at n = 4096)
+    lapack = n * 1536 * 8  # MKL's panel buffers on one thread (up to 40.4 MiB measured at n = 4096)
     assert bound <= 1.25 * n * n * inverse.itemsize + weight_buffers + 64 * n * 128 + lapack
     assert measured <= bound, (measured / 2**20, bound / 2**20)
     assert measured >= n * n * inverse.itemsize  # it did hold the factor (the reading measures something)

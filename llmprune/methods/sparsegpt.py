@@ -112,14 +112,15 @@ class SparseGPT(PruningMethod):
         working weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the
         OBS loop (a block of the factor's rows, the block's weights, errors, scores and mask selection, and
         one lazy update's row chunk), and LAPACK's own panel buffers while it factors. MKL's depend on its
-        threads: beyond the n x n float64 factor, potrf + potri + potrf held 12 MiB at n = 4096 and 27 MiB at
-        n = 8192 on 2 threads, but 38.5 MiB at n = 4096 (7 at 2048, 19 at 8192) on 1 thread, which is what
-        torchrun gives each rank; so 2 x n x 640 elements of 8 bytes are budgeted (40 MiB at n = 4096).
-        Counted by the memory plan; a test measures one solve."""
+        threads and the CPU: beyond the n x n float64 factor, potrf + potri + potrf held 12 MiB at n = 4096 and
+        27 MiB at n = 8192 on 2 threads of an Intel Xeon, but 38.5 and 40.4 MiB at n = 4096 (7 at 2048, 19 at 8192)
+        on 1 thread, which is what torchrun gives each rank; on an AVX2 AMD EPYC, at most 1.2 MiB on 1 thread and
+        8.2 on 2 (12 fresh processes each, n = 4096). So 2 x n x 768 elements of 8 bytes are budgeted (48 MiB at
+        n = 4096, 19% over the largest seen). Counted by the memory plan; a test measures one solve."""
         e = rows * n
         result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
         loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
-        lapack = 2 * n * 640 * 8
+        lapack = 2 * n * 768 * 8
         return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
     def prune(
