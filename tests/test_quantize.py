@@ -265,6 +265,10 @@ def test_serve_start_up_check_runs_through_the_quantized_model(engine, scheme, t
         assert body["check"]["dtype"] == ("bfloat16" if engine == "vllm" else "float32")
         reply = srv.post("/v1/completions", {"prompt": "Good morrow", "max_tokens": 4})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+        if engine == "vllm":  # warned exactly where oneDNN's int8 GEMM saturates (serve/vllm_cpu.py)
+            from llmprune_serve.vllm_cpu import int8_gemm_saturates
+
+            assert ("sums int8 products in int16 with saturation" in srv.log()) == int8_gemm_saturates()
     finally:
         srv.stop()
 
@@ -311,6 +315,11 @@ def test_smollm2_quantized_runs_in_vllm_cpu_with_the_same_greedy_tokens(scheme, 
         last = err.strip().splitlines()[-1]  # vLLM's import may log first
         assert code == 2 and last.startswith("llmprune: error: vLLM-cpu cannot run 4-bit") and "no cpu_gemm" in last
         return
+    if scheme == "w4a16":  # vLLM has the kernel here: serve's check lets the folder through
+        from llmprune.models.skeleton import build_skeleton
+        from llmprune_serve.vllm_cpu import check_quantized_on_cpu
+
+        check_quantized_on_cpu(build_skeleton(out).checkpoint)
     generated = greedy(out, prompts, dtype, 8, ignore_eos=True)  # where bfloat16 ends a text varies by CPU
     model = load(out).eval()
     clear_positions = 0
