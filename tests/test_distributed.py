@@ -276,6 +276,34 @@ def test_a_ranks_plan_holds_the_largest_shard_at_the_chunk_it_streams():
         assert phases["eval head"]["eval activations"] == held_out * 8 * d * 4
 
 
+def test_a_ranks_plan_counts_the_embedding_rows_of_its_own_shard():
+    """On a CPU a rank's forward reads only the table rows of its shard's ids: the plan counts the most distinct ids
+    any rank's shard holds at the chunk it streams (a page-backed row each), not the whole calibration's."""
+    from llmprune.engine.plan import PAGE, Choice, Geometry, Request, estimate
+    from llmprune.engine.ranks import Ranks, largest_shard_rows
+    from llmprune.methods.wanda import Wanda
+
+    ids = torch.tensor([[0, 1], [0, 2], [3, 4], [5, 6], [7, 8], [9, 10]])  # 11 distinct; 3 in windows 0-1
+    for world in (1, 2, 3):
+        for chunk in (1, 2, 3):
+            parts = [Ranks(rank=r, world=world).part(ids, chunk) for r in range(world)]
+            assert largest_shard_rows(ids, chunk, world) == max(len(set(p.flatten().tolist())) for p in parts)
+    assert largest_shard_rows(ids, 2, 1) == 11 and largest_shard_rows(ids, 2, 3) == 4
+    # 2 ranks: windows 0-2 and 3-5 (5 and 6 distinct ids) in chunks of 3; 0-1 and 2-5 (3 and 8) in chunks of 2
+    d = 16
+    geo = Geometry(layers=2, hidden=d, intermediate=32, heads=2, kv_heads=2, head_dim=8, vocab=4096, layer_params=3000,
+                   rest_params=4096 * d, head_params=0, table_rows=4096, table_width=d, max_in=32, shapes=((32, 16),),
+                   group_inputs=(16,), eager_attention=False)  # fmt: skip
+    f32 = torch.float32
+    request = Request(windows=6, seqlen=2, eval_windows=0, chunk=3, order="parallel", park="auto", method=Wanda,
+                      compute_dtype=f32, model_dtype=f32, save_dtype=f32, world=2,
+                      embedding_rows=lambda chunk: largest_shard_rows(ids, chunk, 2))  # fmt: skip
+    for chunk, rows in ((3, 6), (2, 8)):
+        choice = Choice(chunk, "device", f32, "parallel", "memory", torch.float64)
+        phases, _ = estimate(geo, request, choice, torch.device("cpu"))
+        assert phases["begin"]["embeddings"] == rows * 2 * PAGE  # a 64-byte row backs at most 2 pages
+
+
 def _structured_args(model: Path, corpus: Path, output: Path) -> list[str]:
     args = _args(model, corpus, output, "fisher")
     at = args.index("--sparsity")

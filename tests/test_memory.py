@@ -87,6 +87,25 @@ def test_plan_peak_is_the_largest_phase_and_counts_what_each_phase_holds(tiny_mo
     assert plans["parallel"]["phases"]["layer solve"]["statistics (Hessian)"] == every_group
 
 
+def test_the_plan_counts_the_runs_sparsegpt_block(tiny_models, corpus_file):
+    """--blocksize reaches the plan: a solve's workspace is SparseGPT's for the block the run sweeps, the widest of
+    the layer's Linears (q, k, v, o, gate, up: 256 inputs; down: 768)."""
+    from llmprune.methods.sparsegpt import SparseGPT
+
+    folder = tiny_models("llama", layers=2, **WIDE)
+    common = dict(calibration=str(corpus_file), samples=8, seqlen=64, no_eval=True, plan_only=True, output="unused")
+    hidden, inter = WIDE["hidden"], WIDE["inter"]
+    shapes = ((hidden, hidden), (inter, hidden), (hidden, inter))
+    f32, f64 = torch.float32, torch.float64
+    for block in (128, 512):
+        plan = llmprune.prune(str(folder), method="sparsegpt", blocksize=block, **common)["memory_plan"]
+        expected = max(SparseGPT.workspace_bytes(*shape, f32, f64, {"blocksize": block}) for shape in shapes)
+        assert plan["phases"]["layer solve"]["SparseGPT workspace"] == expected
+    assert SparseGPT.workspace_bytes(hidden, inter, f32, f64, {"blocksize": 512}) > SparseGPT.workspace_bytes(
+        hidden, inter, f32, f64
+    )
+
+
 def test_evaluation_plans_its_layer_pass_and_its_head_apart(tiny_models, corpus_file):
     """The evaluation runs every layer over its windows, then the head over slices of the last hidden states once
     the last layer is unloaded: the layer's weights and chunk temporaries and the logits are never held at once."""

@@ -144,7 +144,7 @@ from llmprune.engine.devices import current_rss, peak_rss, return_freed_memory, 
 from llmprune.methods import Hessian, InputStats, Pattern
 from llmprune.methods.sparsegpt import SparseGPT
 return_freed_memory()
-n, rows, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+n, rows, dtype, block = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
 stats = InputStats(n, (Hessian,), torch.device("cpu"))
 stats.add(torch.randn(2048, n, generator=g))
@@ -154,7 +154,7 @@ stats[Hessian].matrix  # mirrored (in place) before the measurement: the Hessian
 trim_heap()
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 base = current_rss()
-result = SparseGPT(inverse_dtype=dtype).prune(weight, stats, Pattern(0.5))
+result = SparseGPT(inverse_dtype=dtype, blocksize=block).prune(weight, stats, Pattern(0.5))
 print(json.dumps({"peak": peak_rss() - base, "result": result.weight.numel() * 4 + result.mask.numel()}))
 """
 
@@ -166,22 +166,8 @@ def test_one_solve_at_n_4096_stays_within_its_bound(dtype, threads):
     and the weight is at most the plan's workspace, which is one n x n buffer of the inverse's dtype,
     the weight-sized working copy and mask, and O(n · block) elements; on one thread (a torchrun rank's
     default, where MKL's LAPACK keeps larger buffers) as on two."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     n = rows = 4096
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run(
-        [sys.executable, "-c", PEAK_OF_ONE_SOLVE, str(n), str(rows), dtype],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    measured = _peak_of_one_solve(n, rows, dtype, threads, 128)
     inverse = getattr(torch, dtype)
     bound = SparseGPT.workspace_bytes(rows, n, torch.float32, inverse)
     weight_buffers = rows * n * (4 + 1)  # the float32 working weight (returned) and the mask
@@ -189,6 +175,34 @@ def test_one_solve_at_n_4096_stays_within_its_bound(dtype, threads):
     assert bound <= 1.25 * n * n * inverse.itemsize + weight_buffers + 64 * n * 128 + lapack
     assert measured <= bound, (measured / 2**20, bound / 2**20)
     assert measured >= n * n * inverse.itemsize  # it did hold the factor (the reading measures something)
+
+
+def test_a_larger_block_is_in_the_bound():
+    """With --blocksize 1024 the OBS loop's blocks are 8 times the default's: measured at n = 2048 (one thread), the
+    solve holds more than the default block's bound, and at most the bound for its own block."""
+    n = rows = 2048
+    measured = _peak_of_one_solve(n, rows, "float32", 1, 1024)
+    assert SparseGPT.workspace_bytes(rows, n, torch.float32, torch.float32) < measured
+    assert measured <= SparseGPT.workspace_bytes(rows, n, torch.float32, torch.float32, {"blocksize": 1024})
+
+
+def _peak_of_one_solve(n: int, rows: int, dtype: str, threads: int, block: int) -> int:
+    """The bytes one SparseGPT solve adds to the peak RSS of a fresh process (PEAK_OF_ONE_SOLVE)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_OF_ONE_SOLVE, str(n), str(rows), dtype, str(block)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
 
 
 def test_hopeless_hessian_raises():

@@ -10,7 +10,9 @@ does not fit, refuses before loading weights and names the smallest budget that 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,8 +25,6 @@ GiB = 2**30
 BOOKKEEPING = 16 * 2**20  # Python objects, reports, file buffers
 PAGE = 4096  # a row of the embedding table read alone backs at most ceil(row / PAGE) + 1 pages
 THREAD_BYTES = 8 * 2**20  # per lockstep chunk thread: its OpenMP team, BLAS buffers and malloc arena (measured ~7 MiB)
-SELECTION_COLUMNS = 128  # the columns a row-split solve chooses its mask over at once (SparseGPT's default block;
-# a larger --blocksize is not planned for, here or in SparseGPT.workspace_bytes)
 
 
 @dataclass(frozen=True)
@@ -206,11 +206,13 @@ class Request:
     activations: str = "auto"  # "auto", "memory" or "disk"
     error_tokens: int = 1024
     inverse_dtype: torch.dtype | None = None  # --inverse-dtype; None: float64 unless the budget needs float32
-    embedding_rows: int | None = None  # distinct calibration ids: the table rows a CPU forward reads
+    # the table rows a CPU forward reads, for a chunk size: the most distinct ids one rank's shard holds
+    embedding_rows: Callable[[int], int] | None = None
     parallel_only: bool = False  # MoE experts: their statistics are fed in the parallel order only
     stats_dtype: torch.dtype = torch.float32  # --reduce-dtype: float64 sums hold twice the float32 statistics
     row_shards: int = 1  # ranks a Linear's rows are split across (a method that solves rows alone, under torchrun)
     world: int = 1  # torchrun ranks the windows are split across
+    method_options: Mapping[str, Any] = field(default_factory=dict)  # the run's values of the method's options
 
     @property
     def inverse(self) -> bool:
@@ -237,14 +239,15 @@ def solve_bytes(req: Request, rows: int, cols: int, inverse_dtype: torch.dtype) 
     c = req.compute_dtype.itemsize
     roundtrip = req.save_dtype.itemsize + c if req.save_dtype != req.compute_dtype else 0
     mine = -(-rows // req.row_shards)  # a rank's block of the rows (all of them in one process)
-    own = req.method.workspace_bytes(mine, cols, req.compute_dtype, inverse_dtype) + mine * cols * roundtrip
+    own = req.method.workspace_bytes(mine, cols, req.compute_dtype, inverse_dtype, req.method_options)
+    own += mine * cols * roundtrip
     if req.row_shards == 1:
         return own
     # during the sweep, the scores of a block of columns stacked from every rank for the mask's choice (the scores,
     # and the selection's copy, int64 indices and mask); after it, what outlives the sweep (the factor and LAPACK's
     # kept buffers: the method's workspace for no rows), the rank's solved rows and mask, and the gathered weight
-    sweep = own + rows * SELECTION_COLUMNS * (4 + 4 + 8 + 1)
-    kept = req.method.workspace_bytes(0, cols, req.compute_dtype, inverse_dtype)
+    sweep = own + rows * req.method.selection_columns(req.method_options) * (4 + 4 + 8 + 1)
+    kept = req.method.workspace_bytes(0, cols, req.compute_dtype, inverse_dtype, req.method_options)
     gather = kept + mine * cols * (c + 1) + rows * cols * c
     return max(sweep, gather)
 
@@ -308,7 +311,7 @@ def estimate(geo: Geometry, req: Request, choice: Choice, device: torch.device) 
     table = geo.table_rows * geo.table_width * c
     used = table
     if req.embedding_rows is not None and not on_gpu:  # only the ids' rows are read; pages are the unit
-        used = min(table, req.embedding_rows * (-(-geo.table_width * c // PAGE) + 1) * PAGE)
+        used = min(table, req.embedding_rows(choice.chunk) * (-(-geo.table_width * c // PAGE) + 1) * PAGE)
     begin = {
         "embeddings": rest - table + used,
         "calibration activations": store + streamed,

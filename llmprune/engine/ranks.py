@@ -53,6 +53,13 @@ def largest_shard(count: int, chunk: int, world: int) -> int:
     return max(stop - start for start, stop in (shard_bounds(count, chunk, rank, world) for rank in range(world)))
 
 
+def largest_shard_rows(ids: torch.Tensor, chunk: int, world: int) -> int:
+    """The most distinct token ids any of `world` ranks' shards of `ids` (one window per row) holds in chunks of
+    `chunk`: the embedding-table rows a rank's forward on a CPU reads (the whole calibration's for one rank)."""
+    bounds = (shard_bounds(ids.shape[0], chunk, rank, world) for rank in range(world))
+    return max(int(torch.unique(ids[start:stop]).numel()) for start, stop in bounds)
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the launch: rank, world size, backend, and the dtype statistics are summed in."""

@@ -4,6 +4,7 @@ killed run resumes."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -26,7 +27,7 @@ from llmprune.engine.owl import layer_outlier_ratios, owl_profile
 from llmprune.engine.parking import Parking
 from llmprune.engine.plan import Geometry, MemoryPlan, Request, choice_from_dict, choice_to_dict, make_plan
 from llmprune.engine.prune_layer import LayerPruner, TargetRule, find_targets
-from llmprune.engine.ranks import largest_shard
+from llmprune.engine.ranks import largest_shard, largest_shard_rows
 from llmprune.engine.resume import RunState
 from llmprune.errors import LLMPruneError
 from llmprune.export.writer import OutputFolder
@@ -153,7 +154,8 @@ class UnstructuredBody(Body):
             park=settings.unstructured.park,
             method=self.method_class,
             inverse_dtype=inverse_request(self.method_class, dict(settings.method_options)),
-            embedding_rows=int(torch.unique(calib.ids).numel()),
+            method_options=dict(settings.method_options),
+            embedding_rows=functools.cache(functools.partial(largest_shard_rows, calib.ids, world=planned.world)),
             activations=settings.unstructured.activations,
             compute_dtype=self.cdtype,
             model_dtype=ctx.skeleton.dtype,

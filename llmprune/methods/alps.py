@@ -22,6 +22,9 @@ moving once ρ has grown, or past `switch` steps once less than 0.03% of it move
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from llmprune.errors import LLMPruneError
@@ -137,7 +140,14 @@ class ALPS(PruningMethod):
         self.values["alps_dtype"] = self.dtype
 
     @classmethod
-    def workspace_bytes(cls, rows: int, n: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
+    def workspace_bytes(
+        cls,
+        rows: int,
+        n: int,
+        weight_dtype: torch.dtype,
+        inverse_dtype: torch.dtype,
+        options: Mapping[str, Any] | None = None,
+    ) -> int:
         """Peak bytes of one solve beyond the Hessian and the layer, the larger of two phases, plus the result in the
         weight's dtype. The eigendecomposition: H' and its eigenvectors in float64 with LAPACK's workspace (about
         2n²), then both cast to the solve dtype. The ADMM: those two n x n matrices, B₀, C, B, D, V, the restart copy

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -73,10 +73,24 @@ class PruningMethod(Configurable, ABC):
         return cls.splits_rows and "rows" in inspect.signature(cls.prune).parameters
 
     @classmethod
-    def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
+    def workspace_bytes(
+        cls,
+        rows: int,
+        cols: int,
+        weight_dtype: torch.dtype,
+        inverse_dtype: torch.dtype,
+        options: Mapping[str, Any] | None = None,
+    ) -> int:
         """Peak bytes one solve of a [rows, cols] weight holds beyond the layer and its statistics, for the
-        memory plan. Default: the scores, their sorted values and int64 indices, and the mask."""
+        memory plan, given the run's values of the method's options (those not given take their defaults).
+        Default: the scores, their sorted values and int64 indices, and the mask."""
         return 18 * rows * cols
+
+    @classmethod
+    def selection_columns(cls, options: Mapping[str, Any] | None = None) -> int:
+        """For a method that `splits_rows`: the columns whose scores a row-split solve gathers from every rank at
+        once to choose an unstructured mask (the memory plan counts them for all the rows)."""
+        return 0
 
     @abstractmethod
     def prune(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> Pruned:

@@ -8,6 +8,9 @@ With sparsity 0 this is plain GPTQ.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from llmprune.methods.base import Pruned, PruningMethod
@@ -35,13 +38,24 @@ def quantizing(method: type[PruningMethod], scheme: QuantScheme, scale_dtype: to
             self.gptq = self if joint else SparseGPT(dampening=GPTQ_DAMPENING)
 
         @classmethod
-        def workspace_bytes(cls, rows: int, cols: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype) -> int:
+        def workspace_bytes(
+            cls,
+            rows: int,
+            cols: int,
+            weight_dtype: torch.dtype,
+            inverse_dtype: torch.dtype,
+            options: Mapping[str, Any] | None = None,
+        ) -> int:
             """The method's solve, then the sweep holding the method's result (joint: one sweep), then the exact
             float32 values and their codes (at most one byte each) beside the result."""
+            # the sweep's block is a group of the scheme where it has groups, else SparseGPT's block
+            block = {"blocksize": scheme.group_size} if scheme.group_size and scheme.group_size < cols else {}
+            sweep_options = {**(options or {}), **block} if joint else block
             # the GPTQ sweep after another method factors in float64 (its "auto"), whatever that method's dtype
-            sweep = SparseGPT.workspace_bytes(rows, cols, weight_dtype, inverse_dtype if joint else torch.float64)
+            sweep_dtype = inverse_dtype if joint else torch.float64
+            sweep = SparseGPT.workspace_bytes(rows, cols, weight_dtype, sweep_dtype, sweep_options)
             if not joint:
-                own = method.workspace_bytes(rows, cols, weight_dtype, inverse_dtype)
+                own = method.workspace_bytes(rows, cols, weight_dtype, inverse_dtype, options)
                 sweep = max(own, sweep + rows * cols * (weight_dtype.itemsize + 1))
             return sweep + rows * cols * 5 + cols * cols * 4 * 2  # and a Hessian permuted for activation order
 

@@ -12,6 +12,9 @@ weight, its mask and O(n · block) elements.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from llmprune.errors import LLMPruneError
@@ -27,6 +30,7 @@ DAMPENING = Option(
     "dampening", 0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT, ALPS; default 0.01)",
     type=float, minimum=0.0,
 )  # fmt: skip
+BLOCKSIZE = 128  # the lazy-update block: the columns pruned together, and chosen over at once when unstructured
 UPDATE_ROWS = 1024  # rows of the weight per lazy-update product: a 1024 x n temporary, still GEMM-sized
 
 
@@ -85,7 +89,7 @@ class SparseGPT(PruningMethod):
     splits_rows = True  # given the inverse factor, rows are solved alone; unstructured masks pick per block
     options = (
         DAMPENING,
-        Option("blocksize", 128, "SparseGPT block size (default 128)", type=int, minimum=1),
+        Option("blocksize", BLOCKSIZE, f"SparseGPT block size (default {BLOCKSIZE})", type=int, minimum=1),
         Option(
             "inverse_dtype",
             "auto",
@@ -106,22 +110,33 @@ class SparseGPT(PruningMethod):
 
     @classmethod
     def workspace_bytes(
-        cls, rows: int, n: int, weight_dtype: torch.dtype, inverse_dtype: torch.dtype, block: int = 128
+        cls,
+        rows: int,
+        n: int,
+        weight_dtype: torch.dtype,
+        inverse_dtype: torch.dtype,
+        options: Mapping[str, Any] | None = None,
     ) -> int:
-        """Peak bytes one solve holds beyond the Hessian and the layer: the shared factor (n x n), the float32
-        working weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the
-        OBS loop (a block of the factor's rows, the block's weights, errors, scores and mask selection, and
-        one lazy update's row chunk), and LAPACK's own panel buffers while it factors. MKL's depend on its
-        threads and the CPU: beyond the n x n float64 factor, potrf + potri + potrf held 12 MiB at n = 4096 and
-        27 MiB at n = 8192 on 2 threads of an Intel Xeon, but 38.5 and 40.4 MiB at n = 4096 (7 at 2048, 19 at 8192)
-        on 1 thread, which is what torchrun gives each rank; on an AVX2 AMD EPYC, at most 1.2 MiB on 1 thread and
-        8.2 on 2 (12 fresh processes each, n = 4096). So 2 x n x 768 elements of 8 bytes are budgeted (48 MiB at
-        n = 4096, 19% over the largest seen). Counted by the memory plan; a test measures one solve."""
+        """Peak bytes one solve holds beyond the Hessian and the layer: the shared factor (n x n), the float32 working
+        weight and its mask, the result in the weight's dtype, and the O(n · block) blocks of the OBS loop (a block of
+        `blocksize` of the factor's rows, the block's weights, errors, scores and mask selection, and one lazy update's
+        row chunk), and LAPACK's own panel buffers while it factors. MKL's depend on its threads and the CPU: beyond the
+        n x n float64 factor, potrf + potri + potrf held 12 MiB at n = 4096 and 27 MiB at n = 8192 on 2 threads of an
+        Intel Xeon, but 38.5 and 40.4 MiB at n = 4096 (7 at 2048, 19 at 8192) on 1 thread, which is what torchrun gives
+        each rank; on an AVX2 AMD EPYC, at most 1.2 MiB on 1 thread and 8.2 on 2 (12 fresh processes each, n = 4096). So
+        2 x n x 768 elements of 8 bytes are budgeted (48 MiB at n = 4096, 19% over the largest seen). Counted by the
+        memory plan; a test measures one solve."""
         e = rows * n
+        block = cls.selection_columns(options)
         result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
         loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
         lapack = 2 * n * 768 * 8
         return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
+
+    @classmethod
+    def selection_columns(cls, options: Mapping[str, Any] | None = None) -> int:
+        """The block: an unstructured mask is chosen over `blocksize` columns at a time."""
+        return int((options or {}).get("blocksize", BLOCKSIZE))
 
     def prune(
         self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern, rows: RowBlock | None = None
