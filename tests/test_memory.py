@@ -88,8 +88,8 @@ def test_plan_peak_is_the_largest_phase_and_counts_what_each_phase_holds(tiny_mo
 
 
 def test_the_plan_counts_the_runs_sparsegpt_block(tiny_models, corpus_file):
-    """--blocksize reaches the plan: a solve's workspace is SparseGPT's for the block the run sweeps, the widest of
-    the layer's Linears (q, k, v, o, gate, up: 256 inputs; down: 768)."""
+    """--blocksize reaches the plan: a solve's workspace is SparseGPT's for the block the run sweeps, at most a
+    weight's width, the largest of the layer's Linears' (q, k, v, o, gate, up: 256 inputs; down: 768)."""
     from llmprune.methods.sparsegpt import SparseGPT
 
     folder = tiny_models("llama", layers=2, **WIDE)
@@ -97,10 +97,13 @@ def test_the_plan_counts_the_runs_sparsegpt_block(tiny_models, corpus_file):
     hidden, inter = WIDE["hidden"], WIDE["inter"]
     shapes = ((hidden, hidden), (inter, hidden), (hidden, inter))
     f32, f64 = torch.float32, torch.float64
-    for block in (128, 512):
+    planned = {}
+    for block in (128, 512, 10**6):  # a block past a weight's last column is the whole width
         plan = llmprune.prune(str(folder), method="sparsegpt", blocksize=block, **common)["memory_plan"]
-        expected = max(SparseGPT.workspace_bytes(*shape, f32, f64, {"blocksize": block}) for shape in shapes)
-        assert plan["phases"]["layer solve"]["SparseGPT workspace"] == expected
+        planned[block] = plan["phases"]["layer solve"]["SparseGPT workspace"]
+        expected = max(SparseGPT.workspace_bytes(o, i, f32, f64, {"blocksize": min(block, i)}) for o, i in shapes)
+        assert planned[block] == expected
+    assert planned[128] < planned[512] < planned[10**6] < 2**30
     assert SparseGPT.workspace_bytes(hidden, inter, f32, f64, {"blocksize": 512}) > SparseGPT.workspace_bytes(
         hidden, inter, f32, f64
     )

@@ -246,7 +246,7 @@ def solve_bytes(req: Request, rows: int, cols: int, inverse_dtype: torch.dtype) 
     # during the sweep, the scores of a block of columns stacked from every rank for the mask's choice (the scores,
     # and the selection's copy, int64 indices and mask); after it, what outlives the sweep (the factor and LAPACK's
     # kept buffers: the method's workspace for no rows), the rank's solved rows and mask, and the gathered weight
-    sweep = own + rows * req.method.selection_columns(req.method_options) * (4 + 4 + 8 + 1)
+    sweep = own + rows * min(req.method.selection_columns(req.method_options), cols) * (4 + 4 + 8 + 1)
     kept = req.method.workspace_bytes(0, cols, req.compute_dtype, inverse_dtype, req.method_options)
     gather = kept + mine * cols * (c + 1) + rows * cols * c
     return max(sweep, gather)

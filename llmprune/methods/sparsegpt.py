@@ -127,7 +127,7 @@ class SparseGPT(PruningMethod):
         2 x n x 768 elements of 8 bytes are budgeted (48 MiB at n = 4096, 19% over the largest seen). Counted by the
         memory plan; a test measures one solve."""
         e = rows * n
-        block = cls.selection_columns(options)
+        block = min(cls.selection_columns(options), n)  # a block past the last column stops there
         result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
         loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
         lapack = 2 * n * 768 * 8
