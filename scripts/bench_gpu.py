@@ -1,5 +1,6 @@
-"""Benchmark on a GPU: peak CUDA memory beside the memory plan, and wall time, for SparseGPT and Wanda
-on random-weight Llama models with Llama-2-7B-shaped layers (4 and 8 layers, written as shards).
+"""Benchmark on a GPU: peak CUDA memory beside the memory plan, and wall time, for SparseGPT, Wanda and ALPS
+(float32 and float64) on random-weight Llama models with Llama-2-7B-shaped layers (4 and 8 layers, written as
+shards).
 
 Each run is a whole `llmprune --device cuda` process (scripts/measure_process.py: wall time, peak
 host RSS); peak CUDA memory (torch.cuda.max_memory_allocated) and the plan come from its llmprune.json.
@@ -146,6 +147,8 @@ def main() -> None:
         "sparsegpt-2:4-8L": [str(models[8]), "--method", "sparsegpt", "--pattern", "2:4", *common],
         "sparsegpt-50%-4L-forward-float32": [str(models[4]), "--method", "sparsegpt", *common,
                                              "--forward-dtype", "float32"],
+        "alps-50%-4L": [str(models[4]), "--method", "alps", *common],  # issue 23: ALPS on a GPU, float32 (default)
+        "alps-50%-4L-float64": [str(models[4]), "--method", "alps", *common, "--alps-dtype", "float64"],
     }  # fmt: skip
     rows = []
     command = "python scripts/bench_gpu.py " + " ".join(sys.argv[1:])
