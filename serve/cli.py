@@ -7,14 +7,10 @@ import asyncio
 import logging
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llmprune.argparsing import Parser
 from llmprune.errors import LLMPruneError
 from llmprune_serve.config import DEFAULT_PORT, ServeConfig
-
-if TYPE_CHECKING:
-    from llmprune.models.checkpoint import Checkpoint
 
 log = logging.getLogger("llmprune.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -135,6 +131,7 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
     from llmprune_serve.check import check_mode, load_report
     from llmprune_serve.engines import EngineSettings, create_engine
     from llmprune_serve.service import Service
+    from llmprune_serve.vllm_cpu import check_quantized_on_cpu
 
     if is_packed(config.folder):
         raise LLMPruneError(
@@ -157,7 +154,7 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
         log.info("quantized checkpoint: vLLM's kernels for it take no float32 inputs everywhere, serving in bfloat16")
         dtype = "bfloat16"
     if kind == "vllm":
-        _check_vllm_cpu(skeleton.checkpoint)
+        check_quantized_on_cpu(skeleton.checkpoint)
         return _serve_vllm(config, dtype, engine_flags, tokenizer, context, report, mode)
     settings = EngineSettings(
         folder=config.folder,
@@ -177,16 +174,6 @@ def _serve(args: argparse.Namespace, engine_flags: list[str], kind: str, config:
     if service.fatal is not None:
         raise LLMPruneError(f"engine {kind} failed to start: {service.fatal}")
     return 0
-
-
-def _check_vllm_cpu(checkpoint: Checkpoint) -> None:
-    """Where vLLM will run on this CPU (no CUDA, as vllm_namespace decides), what of the checkpoint it cannot run."""
-    import torch
-
-    from llmprune_serve.vllm_cpu import check_quantized_on_cpu
-
-    if not torch.cuda.is_available():
-        check_quantized_on_cpu(checkpoint)
 
 
 def _serve_vllm(config: ServeConfig, dtype: str, engine_flags: list[str], tokenizer, context, report, mode) -> int:

