@@ -205,7 +205,6 @@ class Request:
     save_dtype: torch.dtype
     activations: str = "auto"  # "auto", "memory" or "disk"
     error_tokens: int = 1024
-    inverse_dtype: torch.dtype | None = None  # --inverse-dtype; None: float64 unless the budget needs float32
     # the table rows a CPU forward reads, for a chunk size: the most distinct ids one rank's shard holds
     embedding_rows: Callable[[int], int] | None = None
     parallel_only: bool = False  # MoE experts: their statistics are fed in the parallel order only
@@ -218,6 +217,13 @@ class Request:
     def inverse(self) -> bool:
         """Whether the method factors an inverse whose dtype the plan may choose (SparseGPT's Hessian's)."""
         return self.method.inverse_option is not None
+
+    @property
+    def inverse_dtype(self) -> torch.dtype | None:
+        """The inverse's dtype its option asks for (`--inverse-dtype`); None for auto: float64 unless the budget
+        needs float32."""
+        name = self.method_options.get(self.method.inverse_option) if self.inverse else None
+        return None if name in (None, "auto") else getattr(torch, name)
 
     def statistics_bytes(self, width: int, c: int) -> int:
         """One group's statistics for inputs of `width`: what the method declares, plus a sample of the inputs
@@ -246,7 +252,7 @@ def solve_bytes(req: Request, rows: int, cols: int, inverse_dtype: torch.dtype) 
     # during the sweep, the scores of a block of columns stacked from every rank for the mask's choice (the scores,
     # and the selection's copy, int64 indices and mask); after it, what outlives the sweep (the factor and LAPACK's
     # kept buffers: the method's workspace for no rows), the rank's solved rows and mask, and the gathered weight
-    sweep = own + rows * min(req.method.selection_columns(req.method_options), cols) * (4 + 4 + 8 + 1)
+    sweep = own + rows * req.method.selection_columns(cols, req.method_options) * (4 + 4 + 8 + 1)
     kept = req.method.workspace_bytes(0, cols, req.compute_dtype, inverse_dtype, req.method_options)
     gather = kept + mine * cols * (c + 1) + rows * cols * c
     return max(sweep, gather)

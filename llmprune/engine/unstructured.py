@@ -50,12 +50,6 @@ def parse_budgets(text: str | None, device: torch.device) -> tuple[int, int | No
     return budget, values["cpu"] if "cpu" in values else available_memory(torch.device("cpu"))
 
 
-def inverse_request(method: type[PruningMethod], values: dict) -> torch.dtype | None:
-    """The inverse dtype a method's option asks for; None for auto (float64 unless the budget needs float32)."""
-    name = values.get(method.inverse_option) if method.inverse_option else None
-    return None if name in (None, "auto") else getattr(torch, name)
-
-
 class UnstructuredBody(Body):
     """Prune every target Linear of every decoder layer to a sparsity pattern."""
 
@@ -153,7 +147,6 @@ class UnstructuredBody(Body):
             parallel_only=self.moe,
             park=settings.unstructured.park,
             method=self.method_class,
-            inverse_dtype=inverse_request(self.method_class, dict(settings.method_options)),
             method_options=dict(settings.method_options),
             embedding_rows=functools.cache(functools.partial(largest_shard_rows, calib.ids, world=planned.world)),
             activations=settings.unstructured.activations,

@@ -87,9 +87,10 @@ class PruningMethod(Configurable, ABC):
         return 18 * rows * cols
 
     @classmethod
-    def selection_columns(cls, options: Mapping[str, Any] | None = None) -> int:
-        """For a method that `splits_rows`: the columns whose scores a row-split solve gathers from every rank at
-        once to choose an unstructured mask (the memory plan counts them for all the rows)."""
+    def selection_columns(cls, cols: int, options: Mapping[str, Any] | None = None) -> int:
+        """For a method that `splits_rows`: the columns of a weight `cols` wide whose scores a row-split solve
+        gathers from every rank at once to choose an unstructured mask (the memory plan counts them for all the
+        rows)."""
         return 0
 
     @abstractmethod

@@ -127,16 +127,17 @@ class SparseGPT(PruningMethod):
         2 x n x 768 elements of 8 bytes are budgeted (48 MiB at n = 4096, 19% over the largest seen). Counted by the
         memory plan; a test measures one solve."""
         e = rows * n
-        block = min(cls.selection_columns(options), n)  # a block past the last column stops there
+        block = cls.selection_columns(n, options)
         result = e * weight_dtype.itemsize if weight_dtype != torch.float32 else 0
         loop = block * n * 4 + rows * block * (4 * 4 + 8 + 2) + min(UPDATE_ROWS, rows) * n * 4
         lapack = 2 * n * 768 * 8
         return n * n * inverse_dtype.itemsize + e * 4 + e + result + loop + lapack
 
     @classmethod
-    def selection_columns(cls, options: Mapping[str, Any] | None = None) -> int:
-        """The block: an unstructured mask is chosen over `blocksize` columns at a time."""
-        return int((options or {}).get("blocksize", BLOCKSIZE))
+    def selection_columns(cls, cols: int, options: Mapping[str, Any] | None = None) -> int:
+        """The block: an unstructured mask is chosen over `blocksize` columns at a time (a block past the last
+        column stops there)."""
+        return min(int((options or {}).get("blocksize", BLOCKSIZE)), cols)
 
     def prune(
         self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern, rows: RowBlock | None = None
