@@ -14,7 +14,7 @@ from llmprune.methods import ALPS, SparseGPT
 from llmprune.methods.alps import normalized_hessian, project, refit
 from llmprune.methods.statistics import Hessian, InputStats
 from llmprune.pattern import Pattern
-from tests.helpers.engine import read_output
+from tests.helpers.engine import peak_of_one_solve, read_output
 
 
 def _stats(n: int, seed: int = 0, tokens: int = 512) -> InputStats:
@@ -154,18 +154,8 @@ print(json.dumps({"peak": peak_rss() - base}))
 def test_one_solve_stays_within_its_workspace(dtype, pattern):
     """Measured in a fresh process (VmHWM reset before the solve): what one solve adds to the Hessian and the weight
     is at most the workspace the memory plan counts, and at least the eigenvectors it must hold."""
-    import subprocess
-    import sys
-
     n, rows = 1024, 2048
-    proc = subprocess.run(
-        [sys.executable, "-c", PEAK_OF_ONE_SOLVE, str(n), str(rows), dtype, pattern],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    measured = peak_of_one_solve(PEAK_OF_ONE_SOLVE, n, rows, dtype, pattern)
     solve_dtype = getattr(torch, dtype)
     bound = ALPS.workspace_bytes(rows, n, torch.float32, solve_dtype)
     assert measured <= bound, (measured / 2**20, bound / 2**20)

@@ -8,6 +8,7 @@ import torch
 from llmprune.errors import LLMPruneError
 from llmprune.methods import METHODS, Hessian, InputStats, Pattern, masks
 from llmprune.methods.sparsegpt import SparseGPT, inverse_factor
+from tests.helpers.engine import peak_of_one_solve
 from tests.helpers.reference_sparsegpt import reference_prune
 
 
@@ -167,7 +168,7 @@ def test_one_solve_at_n_4096_stays_within_its_bound(dtype, threads):
     the weight-sized working copy and mask, and O(n · block) elements; on one thread (a torchrun rank's
     default, where MKL's LAPACK keeps larger buffers) as on two."""
     n = rows = 4096
-    measured = _peak_of_one_solve(n, rows, dtype, threads, 128)
+    measured = peak_of_one_solve(PEAK_OF_ONE_SOLVE, n, rows, dtype, 128, threads=threads)
     inverse = getattr(torch, dtype)
     bound = SparseGPT.workspace_bytes(rows, n, torch.float32, inverse)
     weight_buffers = rows * n * (4 + 1)  # the float32 working weight (returned) and the mask
@@ -181,28 +182,9 @@ def test_a_larger_block_is_in_the_bound():
     """With --blocksize 1024 the OBS loop's blocks are 8 times the default's: measured at n = 2048 (one thread), the
     solve holds more than the default block's bound, and at most the bound for its own block."""
     n = rows = 2048
-    measured = _peak_of_one_solve(n, rows, "float32", 1, 1024)
+    measured = peak_of_one_solve(PEAK_OF_ONE_SOLVE, n, rows, "float32", 1024, threads=1)
     assert SparseGPT.workspace_bytes(rows, n, torch.float32, torch.float32) < measured
     assert measured <= SparseGPT.workspace_bytes(rows, n, torch.float32, torch.float32, {"blocksize": 1024})
-
-
-def _peak_of_one_solve(n: int, rows: int, dtype: str, threads: int, block: int) -> int:
-    """The bytes one SparseGPT solve adds to the peak RSS of a fresh process (PEAK_OF_ONE_SOLVE)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run(
-        [sys.executable, "-c", PEAK_OF_ONE_SOLVE, str(n), str(rows), dtype, str(block)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
 
 
 def test_hopeless_hessian_raises():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,6 +23,16 @@ def read_output(folder) -> dict[str, torch.Tensor]:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     return tensors
+
+
+def peak_of_one_solve(script: str, *args: object, threads: int | None = None) -> int:
+    """Run `script` (a PEAK_OF_ONE_SOLVE measurement) in a fresh process with `args`, on `threads` OpenMP and MKL
+    threads if given: the bytes it reports one solve added to the process's peak RSS (its last line's "peak")."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+    command = [sys.executable, "-c", script, *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
 
 
 def watch_statistics_and_solves(patch: pytest.MonkeyPatch, probe) -> list[tuple[str, object]]:
