@@ -151,6 +151,29 @@ def test_impossible_budget_is_refused_before_any_weight_is_read(tiny_models, cor
     assert plan["memory_plan"]["peak_bytes"] <= plan["memory_plan"]["budget_bytes"]
 
 
+def test_a_refusal_names_the_least_budget_and_says_whether_fewer_tokens_would_fit(tiny_models, corpus_file):
+    """The budget a refusal names is the least any configuration tried needs (the sequential order's barrier state
+    can make the last adaptation the largest): a rerun at it plans, 2 MiB less is refused. Fewer calibration
+    tokens are suggested only where one token would fit; else the refusal names what does not shrink."""
+    folder = tiny_models("llama", layers=2, context=2048, **WIDE)
+    common = dict(calibration=str(corpus_file), samples=8, no_eval=True, plan_only=True, output="unused")
+    with pytest.raises(LLMPruneError, match="use --max-memory") as long:
+        llmprune.prune(str(folder), seqlen=2048, max_memory="45MiB", **common)
+    assert long.value.args[0].endswith("or more, fewer --samples or a shorter --seqlen")
+    least = int(long.value.args[0].split("use --max-memory ")[1].split("MiB")[0])
+    plan = llmprune.prune(str(folder), seqlen=2048, max_memory=f"{least}MiB", **common)["memory_plan"]
+    assert plan["peak_bytes"] <= least * 2**20
+    with pytest.raises(LLMPruneError, match="use --max-memory"):
+        llmprune.prune(str(folder), seqlen=2048, max_memory=f"{least - 2}MiB", **common)
+    assert llmprune.prune(str(folder), seqlen=256, max_memory="45MiB", **common)["memory_plan"]["peak_bytes"]
+    with pytest.raises(LLMPruneError, match="use --max-memory") as short:
+        llmprune.prune(str(folder), seqlen=256, max_memory="30MiB", **common)
+    message = short.value.args[0]
+    assert "; fewer --samples or a shorter --seqlen would not fit: with one token the layer solve phase" in message
+    with pytest.raises(LLMPruneError, match="use --max-memory"):  # true: one window of 8 tokens is refused too
+        llmprune.prune(str(folder), **{**common, "samples": 1}, seqlen=8, max_memory="30MiB")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU this machine does not have")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_plan_only_for_a_gpu_this_machine_lacks(tiny_models, corpus_file, capsys, device):
@@ -190,6 +213,20 @@ def test_opt_175b_sparsegpt_plans_within_40_gib_of_one_gpu(opt_175b):
     tight = llmprune.prune(str(opt_175b), device="cuda", max_memory="cuda=40GiB,cpu=1TB", **common)["memory_plan"]
     assert tight["peak_bytes"] <= 40 * 2**30
     assert tight["choice"]["activations"] == "host" and tight["choice"]["inverse_dtype"] == "torch.float64"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU this machine does not have")
+def test_alps_on_opt_175b_is_refused_naming_its_workspace(opt_175b):
+    """ALPS on OPT-175B does not fit an 80 GB GPU: fc2's 49152 x 49152 eigendecomposition in float64 alone is
+    over the budget, which fewer calibration tokens would not change; the refusal says so and names the part."""
+    common = dict(calibration=str(opt_175b / "calibration.safetensors"), no_eval=True, plan_only=True, output="unused")
+    with pytest.raises(LLMPruneError, match="use --max-memory") as refused:
+        llmprune.prune(str(opt_175b), method="alps", device="cuda", max_memory="cuda=80GB,cpu=1TB", **common)
+    message = refused.value.args[0]
+    assert "fewer --samples or a shorter --seqlen would not fit" in message and message.endswith("the ALPS workspace")
+    n = 49152
+    workspace = float(message.split(", ")[-1].split(" GiB")[0]) * 2**30
+    assert workspace >= 4 * n * n * 8  # H' and its eigenvectors in float64, with LAPACK's workspace
 
 
 def test_two_pass_order_adapts_to_one_group_at_a_time(tiny_models, corpus_file):

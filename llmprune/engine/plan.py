@@ -395,7 +395,7 @@ def make_plan(
             )
         )
 
-    plan = None
+    tried: list[MemoryPlan] = []
     for applied in range(len(steps) + 1):
         base = choice
         for _, step in steps[:applied]:
@@ -403,20 +403,45 @@ def make_plan(
         adaptations[:] = [label for label, _ in steps[:applied]]
         chunk = base.chunk
         plan = plan_for(base)
+        tried.append(plan)
         while not plan.fits and chunk > 1:  # then the largest chunk that fits
             chunk = max(1, chunk // 2)
             plan = plan_for(dataclasses.replace(base, chunk=chunk))
+            tried.append(plan)
         if plan.fits:
             if chunk != base.chunk:
                 plan.adaptations.append(f"smaller chunks: {base.chunk} -> {chunk} windows")
             return plan
-    assert plan is not None
-    need = plan.peak
-    where = f"--max-memory {_ceil_mib(need)}" if plan.peak > budget else f"host memory {_ceil_mib(plan.host_peak)}"
+    # the smallest budget that works is the least any configuration tried needs (a later step can need more:
+    # the sequential order's barrier state), and the first configuration that fits it is the one a rerun takes
+    on_device = [p for p in tried if p.peak <= budget]
+    if on_device:
+        where = f"host memory {_ceil_mib(min(p.host_peak for p in on_device))}"
+        hint = ", fewer --samples or a shorter --seqlen"
+    else:
+        where = f"--max-memory {_ceil_mib(min(p.peak for p in tried))}"
+        hint = _fewer_tokens_hint(geo, req, tried, budget, device)
     raise LLMPruneError(
-        f"this run needs at least {_gib(need)} on {device} even with every adaptation "
-        f"({', '.join(adaptations + ['chunks of 1 window'])}); the budget is {_gib(budget)}: use {where} or more, "
-        "fewer --samples or a shorter --seqlen"
+        f"this run needs at least {_gib(min(p.peak for p in tried))} on {device} even with every adaptation "
+        f"({', '.join(adaptations + ['chunks of 1 window'])}); the budget is {_gib(budget)}: use {where} or more" + hint
+    )
+
+
+def _fewer_tokens_hint(geo: Geometry, req: Request, tried: list[MemoryPlan], budget: int, device: torch.device) -> str:
+    """The end of a refusal: fewer calibration tokens, unless what does not depend on them is over the budget in
+    every configuration tried (a solve's workspace, a Hessian, the layer: one window of one token would not fit
+    either); then the least of those and its largest part instead."""
+    one_token = dataclasses.replace(req, windows=1, eval_windows=min(req.eval_windows, 1), seqlen=1)
+    floors = [estimate(geo, one_token, p.choice, device)[0] for p in tried]
+    phases = min(floors, key=lambda f: max(sum(parts.values()) for parts in f.values()))
+    worst = max(phases, key=lambda name: sum(phases[name].values()))
+    floor = sum(phases[worst].values())
+    if floor <= budget:
+        return ", fewer --samples or a shorter --seqlen"
+    part, size = max(phases[worst].items(), key=lambda kv: kv[1])
+    return (
+        f"; fewer --samples or a shorter --seqlen would not fit: with one token the {worst} phase still needs "
+        f"{_gib(floor)}, {_gib(size)} of it the {part}"
     )
 
 
