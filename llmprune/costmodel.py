@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import transformers
 
 from llmprune.models.gguf import cache_root
 from llmprune.structured.arch import Shape, Structure, per_layer_lists, smaller_config
@@ -88,6 +87,8 @@ class DecodeCosts:
 def random_model(arch: Architecture, shape: DecodeShape, dtype: torch.dtype, device):
     """A random-weight causal LM of `arch` with this depth and these widths (the configs a depth or width cut
     writes, so the timed model is the one a cut produces)."""
+    import transformers
+
     text, size = arch.text_config, arch.shape.group_size
     config = per_layer_lists(text, int(text["num_hidden_layers"]), list(range(shape.layers)))
     config = smaller_config(config, arch.structure, arch.shape, shape.kv_groups * size, shape.kv_groups, shape.neurons)
@@ -166,6 +167,8 @@ def cpu_name() -> str:
 
 def cache_key(text_config: dict, dtype: torch.dtype, device: torch.device, timing: Timing) -> str:
     """What the costs depend on: the architecture's shape, dtype, device, software and timing."""
+    import transformers
+
     volatile = ("transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path")
     shape = {
         k: v

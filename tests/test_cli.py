@@ -166,3 +166,20 @@ def test_real_process_exit_code(model, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["llmprune: error: --sparsity must be in [0, 1) (got 2.0)"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["MODEL", "--sparsity", "2"], ["eval", "--help"]],
+    ids=["help", "bad-flag", "eval-help"],
+)
+def test_help_and_flag_errors_answer_before_transformers_is_imported(argv):
+    """The flags (every method's included) are parsed with torch alone: transformers, which takes most of a
+    run's start-up, is imported when a model is read, so `--help` and a bad flag answer without it."""
+    script = (
+        "import sys\nfrom llmprune.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+        "    code = exc.code\nprint(code, 'transformers' in sys.modules, file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    code, imported = proc.stderr.strip().splitlines()[-1].split()
+    assert (code, imported) == ("0" if "--help" in argv else "2", "False"), proc.stderr[-2000:]

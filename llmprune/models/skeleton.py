@@ -12,11 +12,11 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from llmprune.errors import LLMPruneError
 from llmprune.models.checkpoint import Checkpoint
@@ -24,6 +24,9 @@ from llmprune.models.compressed import CompressedCheckpoint, open_checkpoint
 from llmprune.models.fused import FusedTensor, FusedView, collect_fused, stacks_experts
 from llmprune.models.remote_code import allowed
 from llmprune.stop import stop_point
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 @dataclass
@@ -250,6 +253,8 @@ def _key_map(model: PreTrainedModel, checkpoint: Checkpoint) -> tuple[dict[str, 
 
 def read_config(folder: Path) -> PretrainedConfig:
     """Load config.json, with a clear error for unknown or broken configs."""
+    from transformers import AutoConfig
+
     trust = allowed(folder)
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust)
@@ -265,6 +270,8 @@ def config_dtype(config: PretrainedConfig, checkpoint: Checkpoint, probe_key: st
 
 def build_skeleton(folder: Path, attn_implementation: str = "sdpa") -> Skeleton:
     """Build the meta-device model for `folder` and map its tensors to the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
     folder = Path(folder)
     config = read_config(folder)
     checkpoint = open_checkpoint(folder, getattr(config, "quantization_config", None))
