@@ -24,6 +24,7 @@ from llmprune.methods.base import PruningMethod
 GiB = 2**30
 BOOKKEEPING = 16 * 2**20  # Python objects, reports, file buffers
 PAGE = 4096  # a row of the embedding table read alone backs at most ceil(row / PAGE) + 1 pages
+FEWER_TOKENS = "fewer --samples or a shorter --seqlen"  # a refusal's advice, where it would help
 THREAD_BYTES = 8 * 2**20  # per lockstep chunk thread: its OpenMP team, BLAS buffers and malloc arena (measured ~7 MiB)
 
 
@@ -134,6 +135,11 @@ class MemoryPlan:
         return max(sum(parts.values()) for parts in self.phases.values())
 
     @property
+    def worst_phase(self) -> str:
+        """The phase whose components sum to the peak."""
+        return max(self.phases, key=lambda name: sum(self.phases[name].values()))
+
+    @property
     def host_peak(self) -> int:
         return sum(self.host.values())
 
@@ -143,7 +149,7 @@ class MemoryPlan:
         return self.peak <= self.budget and host_ok
 
     def render(self) -> str:
-        worst = max(self.phases, key=lambda name: sum(self.phases[name].values()))
+        worst = self.worst_phase
         lines = [f"memory plan for {self.device} (peak in the {worst} phase; budget {_gib(self.budget)}):"]
         for name, size in sorted(self.phases[worst].items(), key=lambda kv: -kv[1]):
             lines.append(f"  {name:<28} {_gib(size):>10}")
@@ -414,34 +420,39 @@ def make_plan(
             return plan
     # the smallest budget that works is the least any configuration tried needs (a later step can need more:
     # the sequential order's barrier state), and the first configuration that fits it is the one a rerun takes
+    least = min(p.peak for p in tried)
     on_device = [p for p in tried if p.peak <= budget]
     if on_device:
         where = f"host memory {_ceil_mib(min(p.host_peak for p in on_device))}"
-        hint = ", fewer --samples or a shorter --seqlen"
+        hint = f", {FEWER_TOKENS}"
     else:
-        where = f"--max-memory {_ceil_mib(min(p.peak for p in tried))}"
-        hint = _fewer_tokens_hint(geo, req, tried, budget, device)
+        where = f"--max-memory {_ceil_mib(least)}"
+        hint = _fewer_tokens_hint(geo, req, tried, device)
     raise LLMPruneError(
-        f"this run needs at least {_gib(min(p.peak for p in tried))} on {device} even with every adaptation "
+        f"this run needs at least {_gib(least)} on {device} even with every adaptation "
         f"({', '.join(adaptations + ['chunks of 1 window'])}); the budget is {_gib(budget)}: use {where} or more" + hint
     )
 
 
-def _fewer_tokens_hint(geo: Geometry, req: Request, tried: list[MemoryPlan], budget: int, device: torch.device) -> str:
+def _fewer_tokens_hint(geo: Geometry, req: Request, tried: list[MemoryPlan], device: torch.device) -> str:
     """The end of a refusal: fewer calibration tokens, unless what does not depend on them is over the budget in
     every configuration tried (a solve's workspace, a Hessian, the layer: one window of one token would not fit
     either); then the least of those and its largest part instead."""
     one_token = dataclasses.replace(req, windows=1, eval_windows=min(req.eval_windows, 1), seqlen=1)
-    floors = [estimate(geo, one_token, p.choice, device)[0] for p in tried]
-    phases = min(floors, key=lambda f: max(sum(parts.values()) for parts in f.values()))
-    worst = max(phases, key=lambda name: sum(phases[name].values()))
-    floor = sum(phases[worst].values())
-    if floor <= budget:
-        return ", fewer --samples or a shorter --seqlen"
-    part, size = max(phases[worst].items(), key=lambda kv: kv[1])
+    floor = min(
+        (
+            MemoryPlan(p.device, p.budget, p.host_budget, p.choice, *estimate(geo, one_token, p.choice, device))
+            for p in tried
+        ),
+        key=lambda plan: plan.peak,
+    )
+    if floor.peak <= floor.budget:
+        return f", {FEWER_TOKENS}"
+    worst = floor.worst_phase
+    part, size = max(floor.phases[worst].items(), key=lambda kv: kv[1])
     return (
-        f"; fewer --samples or a shorter --seqlen would not fit: with one token the {worst} phase still needs "
-        f"{_gib(floor)}, {_gib(size)} of it the {part}"
+        f"; {FEWER_TOKENS} would not fit: with one token the {worst} phase still needs {_gib(floor.peak)}, "
+        f"{_gib(size)} of it the {part}"
     )
 
 
